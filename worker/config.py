@@ -1,0 +1,81 @@
+"""Settings from the environment (12-factor), each with an embedded default.
+
+The embedded defaults need no server: SQLite for the job table and kombu's
+filesystem transport as the broker, both under ``KLING_HOME`` (``./.kling``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BASE_URL = "https://api.modellix.ai"
+DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
+
+
+def _float(name: str, default: float | None) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
+
+
+def _int(name: str, default: int | None) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+def home() -> Path:
+    return Path(os.environ.get("KLING_HOME", ".kling")).resolve()
+
+
+def _embedded_broker() -> str:
+    return "filesystem://"
+
+
+def _embedded_database() -> str:
+    return f"sqlite:///{home() / 'jobs.sqlite'}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = field(default_factory=lambda: os.environ.get("CELERY_BROKER_URL") or _embedded_broker())
+    database_url: str = field(default_factory=lambda: os.environ.get("DATABASE_URL") or _embedded_database())
+    # repr=False: the key must never show up in a log line or a traceback.
+    api_key: str = field(default_factory=lambda: os.environ.get("MODELLIX_API_KEY", ""), repr=False)
+    base_url: str = field(default_factory=lambda: os.environ.get("MODELLIX_BASE_URL") or DEFAULT_BASE_URL)
+    submit_path: str = field(default_factory=lambda: os.environ.get("MODELLIX_SUBMIT_PATH") or DEFAULT_SUBMIT_PATH)
+    queue: str = field(default_factory=lambda: os.environ.get("KLING_QUEUE") or "kling")
+
+    connect_timeout: float = field(default_factory=lambda: _float("MODELLIX_CONNECT_TIMEOUT", 5.0))
+    read_timeout: float = field(default_factory=lambda: _float("MODELLIX_READ_TIMEOUT", 30.0))
+    # Transient errors (429/5xx/network): bounded exponential backoff with jitter.
+    max_attempts: int = field(default_factory=lambda: _int("KLING_MAX_ATTEMPTS", 6))
+    backoff_base: float = field(default_factory=lambda: _float("KLING_BACKOFF_BASE", 1.0))
+    backoff_max: float = field(default_factory=lambda: _float("KLING_BACKOFF_MAX", 60.0))
+    # 401/402: the account is blocked; jobs wait this long between tries, without limit.
+    account_retry: float = field(default_factory=lambda: _float("KLING_ACCOUNT_RETRY", 60.0))
+
+    # Status polling: first poll after poll_first seconds, each gap poll_factor times
+    # the last, at most poll_max; a task not finished poll_deadline seconds after
+    # submission fails as timed out.
+    poll_first: float = field(default_factory=lambda: _float("KLING_POLL_FIRST", 2.0))
+    poll_factor: float = field(default_factory=lambda: _float("KLING_POLL_FACTOR", 1.25))
+    poll_max: float = field(default_factory=lambda: _float("KLING_POLL_MAX", 30.0))
+    poll_deadline: float = field(default_factory=lambda: _float("KLING_POLL_DEADLINE", 900.0))
+    # A job left in `submitting` this long (worker died during the POST) is resolved
+    # by the sweeper; see tracking.resolve_interrupted.
+    submit_grace: float = field(default_factory=lambda: _float("KLING_SUBMIT_GRACE", 120.0))
+    sweep_interval: float = field(default_factory=lambda: _float("KLING_SWEEP_INTERVAL", 1.0))
+
+    # Fleet-wide API budget (unset = unlimited).
+    max_rps: float | None = field(default_factory=lambda: _float("MODELLIX_MAX_RPS", None))
+    max_in_flight: int | None = field(default_factory=lambda: _int("MODELLIX_MAX_IN_FLIGHT", None))
+    # HTTP and DB pools are sized to the worker's thread concurrency.
+    concurrency: int = field(default_factory=lambda: _int("KLING_CONCURRENCY", 32))
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("KLING_MAX_ATTEMPTS must be at least 1")
+
+
+def load() -> Settings:
+    return Settings()
