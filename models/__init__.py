@@ -1,0 +1,4 @@
+"""The job table and its queries. Nothing here imports Celery."""
+from models.job import ACTIVE, TERMINAL, Base, Job, JobStatus
+
+__all__ = ["ACTIVE", "TERMINAL", "Base", "Job", "JobStatus"]

@@ -1,0 +1,112 @@
+"""The ``jobs`` table: one row per generation job, keyed by the caller's job id."""
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, TypeDecorator, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    submitting = "submitting"
+    submitted = "submitted"
+    processing = "processing"
+    succeeded = "succeeded"
+    failed = "failed"
+    rejected = "rejected"
+    cancelled = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.rejected, JobStatus.cancelled})
+# Submitted to Modellix and not finished: what the tracker polls.
+ACTIVE = frozenset({JobStatus.submitted, JobStatus.processing})
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on every backend (SQLite hands back naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: use UTC-aware values")
+        return value.astimezone(timezone.utc).replace(tzinfo=None) if dialect.name == "sqlite" and value else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+_ACTIVE_SQL = text("status IN ('submitted', 'processing')")
+JSONDoc = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value)
+    modellix_task_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    # The validated request; inline base64 images replaced by digest and size.
+    request: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    # `metadata` is reserved on declarative classes, hence the attribute name.
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDoc)
+    result_urls: Mapped[list[str] | None] = mapped_column(JSONDoc)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Polls made so far; doubles as the claim token that keeps two workers
+    # from polling the same job at once (see models.store.claim_poll).
+    polls: Mapped[int] = mapped_column(Integer, default=0)
+    next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The raw `data` of the last Modellix answer, for post-mortems.
+    last_response: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_jobs_status_updated", "status", "updated_at"),
+        Index("ix_jobs_created_at", "created_at"),
+        # The tracker's query: active jobs whose next poll is due.
+        Index("ix_jobs_next_poll", "next_poll_at", postgresql_where=_ACTIVE_SQL, sqlite_where=_ACTIVE_SQL),
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "modellix_task_id": self.modellix_task_id,
+            "request": self.request,
+            "metadata": self.meta,
+            "result_urls": self.result_urls,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+            "attempts": self.attempts,
+            "polls": self.polls,
+            "next_poll_at": _iso(self.next_poll_at),
+            "last_response": self.last_response,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "submitted_at": _iso(self.submitted_at),
+            "finished_at": _iso(self.finished_at),
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

@@ -1,0 +1,241 @@
+"""A thin client for the Modellix kling-image-o1 API: plain requests, no Celery, no DB.
+
+Every call is one HTTP attempt; retry policy belongs to the caller, which knows
+whether it may wait. Failures are typed so callers can map them onto the job
+lifecycle without parsing strings.
+"""
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+SUCCESS = frozenset({"completed", "succeeded", "success"})
+FAILURE = frozenset({"canceled", "cancelled", "error", "failed"})
+
+
+class ModellixError(Exception):
+    """Base: `status` is the HTTP status (0 for network errors), `code` a stable short name."""
+
+    retryable = False
+    code = "api_error"
+
+    def __init__(self, message: str, status: int = 0, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+
+
+class TransientError(ModellixError):
+    """429, 5xx and network trouble: worth trying again later."""
+
+    retryable = True
+    code = "unavailable"
+
+
+class RateLimited(TransientError):
+    code = "rate_limited"
+
+
+class NetworkError(TransientError):
+    code = "network"
+
+
+class AmbiguousSubmit(ModellixError):
+    """The submit may have reached Modellix (read timeout, dropped connection):
+    retrying could create and bill a second task, so it is not retried."""
+
+    code = "submit_unknown"
+
+
+class AccountError(ModellixError):
+    """401/402: the key or the balance is wrong for every job, not this one."""
+
+    code = "account"
+
+
+class RequestRejected(ModellixError):
+    code = "bad_request"
+
+
+class NotFound(ModellixError):
+    code = "not_found"
+
+
+class ProtocolError(TransientError):
+    """An answer that does not fit the documented shape."""
+
+    code = "protocol"
+
+
+_BY_STATUS: dict[int, tuple[type[ModellixError], str]] = {
+    400: (RequestRejected, "bad_request"),
+    401: (AccountError, "unauthorized"),
+    402: (AccountError, "payment_required"),
+    404: (NotFound, "not_found"),
+    429: (RateLimited, "rate_limited"),
+}
+
+
+@dataclass(frozen=True)
+class Submission:
+    task_id: str
+    status: str
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TaskState:
+    task_id: str
+    status: str
+    raw: dict[str, Any]
+    result_urls: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status.lower() in SUCCESS
+
+    @property
+    def failed(self) -> bool:
+        return self.status.lower() in FAILURE
+
+    @property
+    def finished(self) -> bool:
+        return self.succeeded or self.failed
+
+    @property
+    def error_message(self) -> str:
+        """Modellix does not document a failed task's error shape: take what is there."""
+        for key in ("error", "error_message", "message", "reason", "fail_reason"):
+            value = self.raw.get(key)
+            if isinstance(value, dict):
+                return str(value.get("message") or value)
+            if value:
+                return str(value)
+        return f"task ended with status {self.status!r}"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After is seconds or an HTTP date; anything else is ignored."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def result_urls(data: dict[str, Any]) -> list[str]:
+    """Image URLs from `data.result.resources` (or the older `data.resources`): http(s) only."""
+    result = data.get("result")
+    resources = result.get("resources") if isinstance(result, dict) else None
+    if resources is None:
+        resources = data.get("resources")
+    urls = []
+    for item in resources or []:
+        url = item.get("url") if isinstance(item, dict) else item
+        if isinstance(url, str) and urlsplit(url).scheme in ("http", "https") and urlsplit(url).netloc:
+            urls.append(url)
+    return urls
+
+
+class ModellixClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        submit_path: str = "/api/v1/image-to-image/kling/kling-image-o1/async",
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        pool_size: int = 32,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.submit_url = self.base_url + "/" + submit_path.lstrip("/")
+        self.timeout = (connect_timeout, read_timeout)
+        self._secret = api_key
+        self.session = requests.Session()
+        # One pool for the one host we talk to, as large as the worker's concurrency,
+        # so threads never wait for (or churn) connections.
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
+
+    def __repr__(self) -> str:
+        return f"ModellixClient({self.base_url!r})"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def submit(self, body: dict[str, Any]) -> Submission:
+        data = self._call("POST", self.submit_url, json=body, submit=True)
+        task_id = data.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            # A 200 without a task id: the task may exist, but we cannot follow it.
+            raise AmbiguousSubmit("submit answered without a task_id", 200)
+        return Submission(task_id, str(data.get("status", "pending")), data)
+
+    def get_task(self, task_id: str) -> TaskState:
+        data = self._call("GET", f"{self.base_url}/api/v1/tasks/{task_id}")
+        if data.get("task_id") not in (None, task_id):
+            raise ProtocolError(f"asked for task {task_id}, got {data.get('task_id')}", 200)
+        return TaskState(task_id, str(data.get("status", "")), data, result_urls(data))
+
+    def _call(self, method: str, url: str, submit: bool = False, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.ConnectTimeout as exc:
+            raise NetworkError(f"connect timeout: {self._scrub(exc)}") from None
+        except requests.ConnectionError as exc:
+            # Refused or unresolvable means nothing was sent; anything later is ambiguous.
+            if submit and not _never_sent(exc):
+                raise AmbiguousSubmit(f"connection lost during submit: {self._scrub(exc)}") from None
+            raise NetworkError(f"connection error: {self._scrub(exc)}") from None
+        except requests.Timeout as exc:
+            if submit:
+                raise AmbiguousSubmit(f"read timeout during submit: {self._scrub(exc)}") from None
+            raise NetworkError(f"timeout: {self._scrub(exc)}") from None
+        except requests.RequestException as exc:
+            raise NetworkError(f"request failed: {self._scrub(exc)}") from None
+        return self._parse(response)
+
+    def _parse(self, response: requests.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code == 200 and isinstance(body, dict) and body.get("code", 0) == 0:
+            data = body.get("data")
+            if isinstance(data, dict):
+                return data
+            raise ProtocolError("answer without a data object", 200)
+        status = response.status_code if response.status_code != 200 else int(_get(body, "code", 500))
+        message = self._scrub(_get(body, "message", None) or f"HTTP {status}: {response.text[:200]}")
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        cls, _ = _BY_STATUS.get(status, (TransientError if status >= 500 else RequestRejected, ""))
+        raise cls(message, status, retry_after)
+
+    def _scrub(self, value: object) -> str:
+        # Error texts can echo request details; the key must never leave this object.
+        text = str(value)
+        return text.replace(self._secret, "***") if self._secret else text
+
+
+def _get(body: Any, key: str, default: Any) -> Any:
+    return body.get(key, default) if isinstance(body, dict) else default
+
+
+def _never_sent(exc: requests.ConnectionError) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("Connection refused", "Name or service not known",
+                                   "NewConnectionError", "Failed to resolve", "No route to host"))
