@@ -28,10 +28,10 @@ def _new_row(job_id: str, status: JobStatus, request: dict[str, Any], meta: dict
 
 
 def claim_for_submit(s: Session, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None,
-                     now: datetime) -> bool:
+                     now: datetime) -> int | None:
     """Create the job as `submitting`, or take over a `queued` one, in one round trip.
 
-    False means another delivery owns it or already submitted it: the caller
+    Returns the attempt number. None means another delivery owns it or already submitted it: the caller
     must not submit (this is the duplicate-submission guard).
     """
     row = _new_row(job_id, JobStatus.submitting, request, meta, now, attempts=1)
@@ -40,8 +40,9 @@ def claim_for_submit(s: Session, job_id: str, request: dict[str, Any], meta: dic
         index_elements=[Job.id],
         set_={"status": JobStatus.submitting.value, "attempts": Job.attempts + 1, "updated_at": now},
         where=Job.status == JobStatus.queued.value,
-    ).returning(Job.id)
-    return s.execute(stmt).first() is not None
+    ).returning(Job.attempts)
+    row = s.execute(stmt).first()
+    return row[0] if row else None
 
 
 def add_job(s: Session, job_id: str, status: JobStatus, request: dict[str, Any],
@@ -60,8 +61,9 @@ def transition(s: Session, job_id: str, allowed: set[JobStatus] | frozenset[JobS
     return s.execute(stmt).rowcount == 1
 
 
-def claim_poll(s: Session, job_id: str, seq: int, now: datetime, lease: float) -> str | None:
-    """Take the right to make poll number `seq` of a job; the Modellix task id if won.
+def claim_poll(s: Session, job_id: str, seq: int, now: datetime,
+               lease: float) -> tuple[str, datetime] | None:
+    """Take the right to make poll number `seq` of a job: (task id, submitted_at) if won.
 
     `polls` is the token: whoever moves it from seq to seq+1 polls, a stale or
     duplicate message finds it moved and stops. The lease pushes next_poll_at
@@ -70,9 +72,9 @@ def claim_poll(s: Session, job_id: str, seq: int, now: datetime, lease: float) -
     stmt = (update(Job)
             .where(Job.id == job_id, Job.polls == seq, Job.status.in_([a.value for a in ACTIVE]))
             .values(polls=Job.polls + 1, next_poll_at=now + timedelta(seconds=lease), updated_at=now)
-            .returning(Job.modellix_task_id).execution_options(**_NO_SYNC))
+            .returning(Job.modellix_task_id, Job.submitted_at).execution_options(**_NO_SYNC))
     row = s.execute(stmt).first()
-    return row[0] if row else None
+    return (row[0], row[1]) if row else None
 
 
 def claim_overdue_polls(s: Session, now: datetime, lease: float, limit: int) -> list[tuple[str, int]]:

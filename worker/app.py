@@ -1,0 +1,56 @@
+"""The Celery app: JSON only, and delivery settings that lose no job."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+
+from worker.config import home
+from worker.runtime import settings
+
+cfg = settings()
+app = Celery("kling_worker", broker=cfg.broker_url, include=["worker.tasks"])
+
+transport_options: dict[str, object] = {}
+if cfg.broker_url.startswith("filesystem"):
+    # The embedded broker: one folder that producers write and workers read.
+    folder = home() / "broker"
+    for sub in ("queue", "processed", "control"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    transport_options = {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
+        "store_processed": False,
+    }
+
+app.conf.update(
+    # Only JSON crosses the broker: a pickle payload would run code from anyone who can publish.
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    # The job table is the record; a result backend would be a second, weaker one.
+    task_ignore_result=True,
+    task_default_queue=cfg.queue,
+    task_routes={"kling.*": {"queue": cfg.queue}},
+    # Ack after the task ran, and requeue if the worker process dies mid-task:
+    # a killed worker's message goes back to the queue instead of vanishing.
+    # Re-running is safe because every step is idempotent on the job row.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # Each thread holds at most one unstarted message, so a dying worker strands
+    # few and a slow one does not hoard work the others could do.
+    worker_prefetch_multiplier=1,
+    # The work is waiting on HTTP: threads keep many requests in flight per
+    # process at a fraction of prefork's memory.
+    worker_pool="threads",
+    worker_concurrency=cfg.concurrency,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options=transport_options,
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        "kling-sweep": {"task": "kling.sweep", "schedule": cfg.sweep_interval},
+    },
+    beat_schedule_filename=str(Path(home()) / "celerybeat-schedule"),
+)

@@ -1,0 +1,252 @@
+"""`kling-worker`: enqueue jobs, query the job table, run migrations, the sandbox and the demo."""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+import re
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from marshmallow import ValidationError
+
+from models import TERMINAL, store
+from models.job import Job
+from worker import runtime
+
+_AGO = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        print(json.dumps(exc.messages, indent=2, ensure_ascii=False), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kling-worker", description=__doc__)
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    e = sub.add_parser("enqueue", help="send one generation job to the queue")
+    e.add_argument("prompt")
+    e.add_argument("--image", action="append", default=[], help="http(s) URL or local .png/.jpg file (repeat)")
+    e.add_argument("--element", action="append", type=int, default=[], help="element id (repeat)")
+    e.add_argument("--resolution", choices=["1k", "2k"])
+    e.add_argument("--aspect-ratio")
+    e.add_argument("-n", type=int, help="images to generate (1-9)")
+    e.add_argument("--job-id", help="idempotency key; default: the Celery task id")
+    e.add_argument("--metadata", type=json.loads, help="JSON object stored with the job")
+    e.add_argument("--no-check", action="store_true", help="skip local validation (the worker still validates)")
+    e.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    e.add_argument("--timeout", type=float, default=900.0, help="with --wait: give up after this many seconds")
+    e.set_defaults(func=cmd_enqueue)
+
+    jobs = sub.add_parser("jobs", help="query the job table").add_subparsers(required=True, metavar="ACTION")
+    ls = jobs.add_parser("list", help="recent jobs, newest first")
+    ls.add_argument("--status")
+    ls.add_argument("--since", help="ISO time or an age such as 30m, 2h, 1d")
+    ls.add_argument("--until", help="ISO time or an age")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    show = jobs.add_parser("show", help="one job in full")
+    show.add_argument("job_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+    stats = jobs.add_parser("stats", help="counts by status")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=cmd_stats)
+    cancel = jobs.add_parser("cancel", help="cancel a job that has not been submitted yet")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=cmd_cancel)
+
+    db = sub.add_parser("db", help="database").add_subparsers(required=True, metavar="ACTION")
+    db.add_parser("upgrade", help="apply the Alembic migrations").set_defaults(func=cmd_db_upgrade)
+
+    sb = sub.add_parser("sandbox", help="run the sandbox Modellix server")
+    sb.add_argument("--host", default="127.0.0.1")
+    sb.add_argument("--port", type=int, default=8080)
+    sb.add_argument("--api-key", default=None, help="default: MODELLIX_API_KEY or 'sandbox-key'")
+    sb.add_argument("--task-seconds", type=float, default=2.0)
+    sb.add_argument("--latency", type=float, default=0.0)
+    sb.add_argument("--rate-429", type=float, default=0.0)
+    sb.add_argument("--rate-500", type=float, default=0.0)
+    sb.add_argument("--rate-503", type=float, default=0.0)
+    sb.add_argument("--fail-rate", type=float, default=0.0)
+    sb.set_defaults(func=cmd_sandbox)
+
+    demo = sub.add_parser("demo", help="run the whole service embedded (SQLite, file broker, sandbox)")
+    demo.add_argument("--timeout", type=float, default=120.0)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def build_request(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = {"prompt": args.prompt}
+    if args.image:
+        request["image_list"] = [{"image": _image(value)} for value in args.image]
+    if args.element:
+        request["element_list"] = [{"element_id": value} for value in args.element]
+    for key, value in (("resolution", args.resolution), ("aspect_ratio", args.aspect_ratio), ("n", args.n)):
+        if value is not None:
+            request[key] = value
+    return request
+
+
+def _image(value: str) -> str:
+    """URLs pass through; a local file becomes a data URI."""
+    if "://" in value or value.startswith("data:"):
+        return value
+    path = Path(value)
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from worker.app import app
+    from worker.schemas import GenerationRequestSchema, MessageSchema
+
+    request = build_request(args)
+    kwargs: dict[str, Any] = {"request": request}
+    if args.job_id:
+        kwargs["job_id"] = args.job_id
+    if args.metadata is not None:
+        kwargs["metadata"] = args.metadata
+    if not args.no_check:
+        MessageSchema().load(kwargs)
+        GenerationRequestSchema().load(request)
+    result = app.send_task("kling.generate", kwargs=kwargs, queue=runtime.settings().queue)
+    job_id = args.job_id or result.id
+    print(job_id)
+    if args.wait:
+        return _wait(job_id, args.timeout)
+    return 0
+
+
+def _wait(job_id: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        with runtime.session() as s:
+            job = s.get(Job, job_id)
+            row = job.to_dict() if job else None
+        status = row["status"] if row else "queued"
+        if status != last:
+            print(f"{datetime.now():%H:%M:%S} {job_id} {status}", file=sys.stderr)
+            last = status
+        if row and row["status"] in TERMINAL:
+            _print_job(row)
+            return 0 if row["status"] == "succeeded" else 1
+        time.sleep(0.5)
+    print(f"{job_id}: still {last} after {timeout:.0f}s", file=sys.stderr)
+    return 1
+
+
+def _when(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    match = _AGO.match(value)
+    if match:
+        return datetime.now(timezone.utc) - timedelta(**{_UNITS[match[2]]: int(match[1])})
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with runtime.session() as s:
+        rows = [j.to_dict() for j in store.list_jobs(s, args.status, _when(args.since), _when(args.until), args.limit)]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    columns = ("id", "status", "modellix_task_id", "attempts", "created_at", "error_code")
+    table = [[str(r[c] or "") if c != "created_at" else (r[c] or "")[:19] for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(columns)]
+    for line in [list(columns)] + table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with runtime.session() as s:
+        job = s.get(Job, args.job_id)
+        row = job.to_dict() if job else None
+    if row is None:
+        print(f"no job {args.job_id}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(row, indent=2, ensure_ascii=False))
+    else:
+        _print_job(row)
+    return 0
+
+
+def _print_job(row: dict[str, Any]) -> None:
+    for key, value in row.items():
+        if key in ("last_response",) or value is None:
+            continue
+        shown = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+        print(f"{key:>17}: {shown}")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with runtime.session() as s:
+        counts = store.count_by_status(s)
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for status, count in sorted(counts.items()):
+            print(f"{status:>11}  {count}")
+        print(f"{'total':>11}  {sum(counts.values())}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from models import JobStatus
+    from models.job import utcnow
+
+    now = utcnow()
+    with runtime.session() as s:
+        done = store.transition(s, args.job_id, {JobStatus.queued}, now, status=JobStatus.cancelled.value,
+                                finished_at=now, error_code="cancelled", error_message="cancelled by an operator")
+    print("cancelled" if done else f"{args.job_id}: not queued, not cancelled", file=sys.stderr)
+    return 0 if done else 1
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    from models.migrate import upgrade
+
+    upgrade(runtime.settings().database_url)
+    print("database is at the latest revision", file=sys.stderr)
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from worker.sandbox import Faults, SandboxServer
+
+    faults = Faults(latency=args.latency, rate_429=args.rate_429, rate_500=args.rate_500,
+                    rate_503=args.rate_503, fail_rate=args.fail_rate)
+    key = args.api_key or runtime.settings().api_key or "sandbox-key"
+    server = SandboxServer(args.host, args.port, api_key=key, task_seconds=args.task_seconds, faults=faults)
+    print(f"sandbox Modellix API on http://{args.host}:{args.port}", file=sys.stderr)
+    server.serve_forever()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run
+
+    return run(args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Per-process resources: settings, the Modellix client, database sessions.
+
+Built on first use in each process (never inherited across a fork), because
+neither a requests Session nor a database pool survives one.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import AbstractContextManager
+from functools import lru_cache
+
+from sqlalchemy.orm import Session
+
+from models import db
+from worker.config import Settings, load
+from worker.modellix import ModellixClient
+
+_lock = threading.Lock()
+_clients: dict[int, ModellixClient] = {}
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    return load()
+
+
+def client() -> ModellixClient:
+    pid = os.getpid()
+    found = _clients.get(pid)
+    if found is None:
+        with _lock:
+            found = _clients.get(pid)
+            if found is None:
+                s = settings()
+                found = ModellixClient(s.base_url, s.api_key, s.submit_path, s.connect_timeout,
+                                       s.read_timeout, pool_size=s.concurrency + 4)
+                _clients[pid] = found
+    return found
+
+
+def session() -> AbstractContextManager[Session]:
+    s = settings()
+    return db.session(s.database_url, pool_size=s.concurrency + 4)

@@ -1,0 +1,39 @@
+"""Celery tasks: orchestration only; the work lives in submission and tracking."""
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+
+from worker import submission, tracking
+from worker.app import app
+
+
+@app.task(name="kling.generate", bind=True, max_retries=None)
+def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
+    outcome = submission.handle(args, kwargs, self.request.id)
+    if outcome.retry_in is not None:
+        # A new message with the same id and arguments; this one is acked.
+        raise self.retry(countdown=outcome.retry_in)
+    if outcome.first_poll_in is not None:
+        schedule_poll(outcome.job_id, 0, outcome.first_poll_in)
+    return outcome.status.value if outcome.status else None
+
+
+@app.task(name="kling.poll")
+def poll(job_id: str, seq: int) -> None:
+    delay = tracking.poll(job_id, seq)
+    if delay is not None:
+        schedule_poll(job_id, seq + 1, delay)
+
+
+@app.task(name="kling.sweep")
+def sweep() -> int:
+    overdue = tracking.sweep()
+    for job_id, seq in overdue:
+        schedule_poll(job_id, seq, 0)
+    return len(overdue)
+
+
+def schedule_poll(job_id: str, seq: int, delay: float) -> None:
+    poll.apply_async(kwargs={"job_id": job_id, "seq": seq}, countdown=delay)
