@@ -1,0 +1,104 @@
+"""The embedded default end to end: SQLite, the file broker, the sandbox, a worker, beat.
+
+Everything runs on this machine with no server installed. The worker runs as
+a real `celery -A worker worker` process, exactly as in production, only the
+environment differs.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import zlib
+import struct
+import uuid
+
+from models import TERMINAL
+from models.job import Job
+from worker import runtime
+from worker.config import home
+
+
+def tiny_png() -> bytes:
+    """A valid 2x2 PNG, built by hand so the demo needs no imaging library."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + b"\xff\x80\x00" * 2 for _ in range(2))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def example_jobs(run: str, sandbox_url: str) -> list[tuple[str, dict]]:
+    inline = "data:image/png;base64," + base64.b64encode(tiny_png()).decode()
+    return [
+        (f"demo-{run}-url", {"prompt": "A watercolour of <<<image_1>>> at dawn",
+                             "image_list": [{"image": f"{sandbox_url}/results/example/0.png"}],
+                             "aspect_ratio": "16:9"}),
+        (f"demo-{run}-inline", {"prompt": "The same scene as a pencil sketch: <<<image_1>>>",
+                                "image_list": [{"image": inline}], "n": 2, "resolution": "2k"}),
+        (f"demo-{run}-elements", {"prompt": "A product shot on marble", "element_list": [{"element_id": 42}]}),
+        (f"demo-{run}-invalid", {"prompt": "Refers to <<<image_3>>>", "n": 12, "negative_prompt": "blur"}),
+    ]
+
+
+def run(timeout: float = 120.0) -> int:
+    from models.migrate import upgrade
+    from worker.sandbox import SandboxServer
+
+    os.environ.setdefault("KLING_HOME", str(home()))
+    upgrade(runtime.settings().database_url)
+    api_key = "demo-" + secrets.token_hex(8)
+    sandbox = SandboxServer(api_key=api_key, task_seconds=3.0).start()
+    env = dict(os.environ, MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=api_key,
+               KLING_POLL_FIRST="1", KLING_CONCURRENCY="8")
+    print(f"sandbox Modellix API at {sandbox.url}; broker {runtime.settings().broker_url}; "
+          f"database {runtime.settings().database_url}")
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", "-B",
+                               "--loglevel=WARNING", "--without-mingle", "--without-gossip"], env=env)
+    try:
+        from worker.app import app
+
+        ids = []
+        for job_id, request in example_jobs(uuid.uuid4().hex[:6], sandbox.url):
+            app.send_task("kling.generate", kwargs={"request": request, "job_id": job_id,
+                                                   "metadata": {"source": "demo"}})
+            ids.append(job_id)
+            print(f"enqueued {job_id}")
+        rows = _watch(ids, timeout)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        sandbox.stop()
+
+    print()
+    for row in rows.values():
+        outcome = row["result_urls"] if row["status"] == "succeeded" else f"{row['error_code']}: {row['error_message']}"
+        print(f"{row['id']:<22} {row['status']:<10} {outcome}")
+    finished = all(row["status"] in TERMINAL for row in rows.values()) and len(rows) == len(ids)
+    print("\nall jobs reached an end state" if finished else "\nsome jobs did not finish in time")
+    return 0 if finished else 1
+
+
+def _watch(ids: list[str], timeout: float) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    seen: dict[str, str] = {}
+    rows: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        with runtime.session() as s:
+            rows = {j.id: j.to_dict() for j in s.query(Job).filter(Job.id.in_(ids))}
+        for job_id, row in rows.items():
+            if seen.get(job_id) != row["status"]:
+                seen[job_id] = row["status"]
+                print(f"{time.strftime('%H:%M:%S')} {job_id:<22} {row['status']}")
+        if len(rows) == len(ids) and all(r["status"] in TERMINAL for r in rows.values()):
+            break
+        time.sleep(0.3)
+    return rows
