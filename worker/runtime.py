@@ -42,3 +42,11 @@ def client() -> ModellixClient:
 def session() -> AbstractContextManager[Session]:
     s = settings()
     return db.session(s.database_url, pool_size=s.concurrency + 4)
+
+
+def reset() -> None:
+    """Forget this process's client (tests that change settings between cases)."""
+    with _lock:
+        for found in _clients.values():
+            found.close()
+        _clients.clear()

@@ -123,7 +123,7 @@ def _fail(job_id: str, exc: modellix.ModellixError, current: JobStatus) -> Outco
 
 
 def _reject(job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any]) -> Outcome:
-    message = json.dumps(errors, ensure_ascii=False, sort_keys=True)
+    message = json.dumps(errors, ensure_ascii=False)
     log.warning("job %s rejected: %s", job_id, message)
     now = utcnow()
     with runtime.session() as s:

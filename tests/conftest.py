@@ -1,0 +1,96 @@
+"""Fixtures for real components: PostgreSQL, RabbitMQ, Redis, the sandbox, worker processes.
+
+A service that is down is a skip with its reason on a laptop, and a failure
+under CI=true, where every service is required.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from models import db
+from models.migrate import upgrade
+from worker import runtime
+
+PG_ADMIN_URL = os.environ.get("KLING_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+RABBIT_URL = os.environ.get("KLING_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("KLING_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def require(host: str, port: int, name: str) -> None:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as exc:
+        message = f"{name} is not reachable on {host}:{port} ({exc})"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"required service missing in CI: {message}", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database, migrated, dropped afterwards."""
+    require("127.0.0.1", 5432, "PostgreSQL")
+    name = f"kling_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    upgrade(url)
+    yield url
+    db.dispose_all()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request) -> str:
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture
+def rabbit_url() -> str:
+    require("127.0.0.1", 5672, "RabbitMQ")
+    return RABBIT_URL
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require("127.0.0.1", 6379, "Redis")
+    return REDIS_URL
+
+
+@pytest.fixture
+def sandbox():
+    from worker.sandbox import SandboxServer
+
+    with SandboxServer(api_key="test-key-" + uuid.uuid4().hex, task_seconds=0.5) as server:
+        yield server
+
+
+@pytest.fixture
+def configure(monkeypatch):
+    """Point this process's runtime at the given settings (env vars), fresh each time."""
+
+    def apply(**env: str) -> None:
+        for key, value in env.items():
+            monkeypatch.setenv(key, str(value))
+        runtime.settings.cache_clear()
+        runtime.reset()
+
+    yield apply
+    runtime.settings.cache_clear()
+    runtime.reset()

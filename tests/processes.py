@@ -1,0 +1,77 @@
+"""Real processes for integration tests: Celery workers, beat, and a separate producer."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The producer is its own process that knows nothing of kling-worker: plain
+# Celery and a broker URL, as any other service would use.
+PRODUCER = """
+import json, sys
+from celery import Celery
+broker, queue = sys.argv[1], sys.argv[2]
+app = Celery(broker=broker)
+app.conf.task_serializer = "json"
+for line in sys.stdin:
+    kwargs = json.loads(line)
+    app.send_task("kling.generate", kwargs=kwargs, queue=queue)
+"""
+
+
+def produce(broker_url: str, queue: str, messages: list[dict], env: dict | None = None) -> None:
+    lines = "".join(json.dumps(m) + "\n" for m in messages)
+    subprocess.run([sys.executable, "-c", PRODUCER, broker_url, queue], input=lines.encode(),
+                   check=True, timeout=120, env=env)
+
+
+class Worker:
+    """One `celery -A worker worker` process (or beat) with its own environment."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, concurrency: int = 16, beat: bool = False,
+                 pool: str = "threads"):
+        self.name = f"w{uuid.uuid4().hex[:6]}"
+        self.log = log_dir / f"{self.name}.log"
+        cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel=INFO",
+               f"--hostname={self.name}@%h", f"--concurrency={concurrency}", f"--pool={pool}",
+               "--without-mingle", "--without-gossip"]
+        if beat:
+            cmd += ["-B", f"--schedule={log_dir / (self.name + '-beat')}"]
+        self._log_file = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> "Worker":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b" ready." in self.log.read_bytes():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no warm shutdown, no acks."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log_file.close()
