@@ -23,8 +23,8 @@ def _insert(s: Session):  # type: ignore[no-untyped-def]
 
 def _new_row(job_id: str, status: JobStatus, request: dict[str, Any], meta: dict[str, Any] | None,
              now: datetime, **extra: Any) -> dict[str, Any]:
-    return dict(id=job_id, status=status.value, request=request, meta=meta, attempts=0, polls=0,
-                created_at=now, updated_at=now, **extra)
+    return {"id": job_id, "status": status.value, "request": request, "meta": meta, "attempts": 0,
+            "polls": 0, "created_at": now, "updated_at": now, **extra}
 
 
 def claim_for_submit(s: Session, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None,

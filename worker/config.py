@@ -28,7 +28,7 @@ def home() -> Path:
 
 
 def _embedded_broker() -> str:
-    return "filesystem://"
+    return "filesystem://localhost/"
 
 
 def _embedded_database() -> str:
