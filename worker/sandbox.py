@@ -10,6 +10,7 @@ import json
 import random
 import re
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -242,6 +243,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
     sandbox: SandboxServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (its read timeout) is expected here, not a fault.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

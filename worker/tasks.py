@@ -4,12 +4,18 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
+from sqlalchemy.exc import OperationalError
 
 from worker import submission, tracking
 from worker.app import app
 
+# The database being briefly unreachable must not cost a job: the message is
+# retried (kept on the broker) with backoff until it comes back.
+_INFRA = {"autoretry_for": (OperationalError,), "retry_backoff": True, "retry_backoff_max": 60,
+          "retry_jitter": True, "max_retries": None}
 
-@app.task(name="kling.generate", bind=True, max_retries=None)
+
+@app.task(name="kling.generate", bind=True, **_INFRA)
 def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
     outcome = submission.handle(args, kwargs, self.request.id)
     if outcome.retry_in is not None:
@@ -20,7 +26,7 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
     return outcome.status.value if outcome.status else None
 
 
-@app.task(name="kling.poll")
+@app.task(name="kling.poll", **_INFRA)
 def poll(job_id: str, seq: int) -> None:
     delay = tracking.poll(job_id, seq)
     if delay is not None:
