@@ -1,0 +1,100 @@
+"""The CLI and the embedded default, as a user runs them: real subprocesses, no servers."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.processes import ROOT, Worker
+
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+def embedded_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "DATABASE_URL")}
+    env.update(KLING_HOME=str(tmp_path / "home"), **extra)
+    return env
+
+
+def run(args: list[str], env: dict[str, str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    done = subprocess.run(CLI + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def test_demo_runs_the_embedded_default_end_to_end(tmp_path):
+    env = embedded_env(tmp_path)
+    done = run(["demo", "--timeout", "90"], env, timeout=150)
+    assert "all jobs reached an end state" in done.stdout
+    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'jobs.sqlite'}")
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("select id, status from jobs")).all())
+    engine.dispose()
+    assert sorted(rows.values()) == ["rejected", "succeeded", "succeeded", "succeeded"]
+    assert (tmp_path / "home" / "broker").is_dir()  # the file-backed broker, no server
+
+
+def test_enqueue_wait_list_show_stats_cancel(tmp_path, sandbox):
+    env = embedded_env(tmp_path, MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=sandbox.api_key,
+                       KLING_POLL_FIRST="0.3", KLING_POLL_MAX="0.5")
+    run(["db", "upgrade"], env)
+    image = tmp_path / "in.png"
+    from worker.demo import tiny_png
+
+    image.write_bytes(tiny_png())
+    worker = Worker(env, tmp_path, concurrency=4).wait_ready()
+    try:
+        done = run(["enqueue", "A cat like <<<image_1>>>", "--image", str(image), "--image", "https://a/b.png",
+                    "--element", "9", "-n", "2", "--aspect-ratio", "1:1", "--job-id", "cli-1",
+                    "--metadata", '{"who": "test"}', "--wait", "--timeout", "60"], env)
+    finally:
+        worker.stop()
+    assert done.stdout.startswith("cli-1") and "succeeded" in done.stderr
+
+    shown = json.loads(run(["jobs", "show", "cli-1", "--json"], env).stdout)
+    assert shown["status"] == "succeeded" and len(shown["result_urls"]) == 2 and shown["metadata"] == {"who": "test"}
+    assert shown["request"]["image_list"][0]["image"].startswith("data:image/png;sha256=")  # no blob stored
+    assert shown["request"]["element_list"] == [{"element_id": 9}]
+
+    table = run(["jobs", "list", "--status", "succeeded", "--since", "1h"], env).stdout.splitlines()
+    assert table[0].split()[:2] == ["id", "status"] and table[1].split()[:2] == ["cli-1", "succeeded"]
+    assert json.loads(run(["jobs", "list", "--status", "failed", "--json"], env).stdout) == []
+    assert json.loads(run(["jobs", "stats", "--json"], env).stdout) == {"succeeded": 1}
+
+    refused = run(["enqueue", "see <<<image_4>>>", "-n", "12"], env, check=False)
+    assert refused.returncode == 2 and '"n"' in refused.stderr and "image_4" in refused.stderr
+    assert run(["jobs", "cancel", "cli-1"], env, check=False).returncode == 1  # terminal stays terminal
+    assert run(["jobs", "show", "nope"], env, check=False).returncode == 1
+
+
+def test_alembic_migration_matches_the_models(any_db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from models import Base
+    from models.db import normalise_url
+
+    engine = create_engine(normalise_url(any_db_url))
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == []
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None and os.environ.get("CI") != "true",
+                    reason="docker-compose (Debian package) not installed")
+def test_docker_compose_file_is_valid():
+    done = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    config = done.stdout
+    for service in ("rabbitmq", "postgres", "migrate", "worker", "beat", "sandbox"):
+        assert f"  {service}:" in config
+    assert "consumer_timeout" in config and "service_completed_successfully" in config
