@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 from models import db
 from models.migrate import upgrade
-from worker import runtime
+from worker import limits, runtime
 
 PG_ADMIN_URL = os.environ.get("KLING_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 RABBIT_URL = os.environ.get("KLING_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
@@ -90,7 +90,9 @@ def configure(monkeypatch):
             monkeypatch.setenv(key, str(value))
         runtime.settings.cache_clear()
         runtime.reset()
+        limits.forget()
 
     yield apply
     runtime.settings.cache_clear()
     runtime.reset()
+    limits.forget()

@@ -66,7 +66,9 @@ def test_enqueue_wait_list_show_stats_cancel(tmp_path, sandbox):
     table = run(["jobs", "list", "--status", "succeeded", "--since", "1h"], env).stdout.splitlines()
     assert table[0].split()[:2] == ["id", "status"] and table[1].split()[:2] == ["cli-1", "succeeded"]
     assert json.loads(run(["jobs", "list", "--status", "failed", "--json"], env).stdout) == []
-    assert json.loads(run(["jobs", "stats", "--json"], env).stdout) == {"succeeded": 1}
+    stats = json.loads(run(["jobs", "stats", "--json"], env).stdout)
+    assert stats["jobs"] == {"succeeded": 1} and stats["budget"]["in_flight"] == 0
+    assert "in flight" in run(["jobs", "stats"], env).stdout
 
     refused = run(["enqueue", "see <<<image_4>>>", "-n", "12"], env, check=False)
     assert refused.returncode == 2 and '"n"' in refused.stderr and "image_4" in refused.stderr

@@ -199,14 +199,21 @@ def _print_job(row: dict[str, Any]) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from worker import limits
+
     with runtime.session() as s:
         counts = store.count_by_status(s)
+        budget = limits.status(s)
     if args.json:
-        print(json.dumps(counts))
-    else:
-        for status, count in sorted(counts.items()):
-            print(f"{status:>11}  {count}")
-        print(f"{'total':>11}  {sum(counts.values())}")
+        print(json.dumps({"jobs": counts, "budget": budget}))
+        return 0
+    for status, count in sorted(counts.items()):
+        print(f"{status:>13}  {count}")
+    print(f"{'total':>13}  {sum(counts.values())}")
+    print(f"{'max rps':>13}  {budget['max_rps'] or 'unlimited'}")
+    print(f"{'in flight':>13}  {budget['in_flight']} of {budget['max_in_flight'] or 'unlimited'}")
+    if budget["paused_for"]:
+        print(f"{'paused':>13}  {budget['paused_for']}s more: {budget['pause_reason']}")
     return 0
 
 

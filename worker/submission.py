@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import timedelta
 import logging
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ from marshmallow import ValidationError
 
 from models import JobStatus, store
 from models.job import Job, utcnow
-from worker import modellix, runtime
+from worker import limits, modellix, runtime
 from worker.backoff import poll_delay, retry_delay
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
 
@@ -35,8 +35,9 @@ class Outcome:
     first_poll_in: float | None = None
 
 
-def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str) -> Outcome:
-    """Process one `kling.generate` message; `delivery_id` is the Celery task id."""
+def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retries: int = 0) -> Outcome:
+    """Process one `kling.generate` message; `delivery_id` is the Celery task id,
+    `retries` how often this message was scheduled again."""
     if args:
         return _reject(delivery_id, kwargs.get("request"), kwargs.get("metadata"),
                        {"_message": ["kling.generate takes keyword arguments only: request, job_id, metadata"]})
@@ -55,30 +56,45 @@ def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str) -> O
         request = _request_schema.load(message["request"])
     except ValidationError as exc:
         return _reject(job_id, message["request"], message["metadata"], exc.messages)
-    return _submit(job_id, request, message["metadata"])
+    return _submit(job_id, request, message["metadata"], retries)
 
 
-def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None) -> Outcome:
+def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, retries: int) -> Outcome:
     cfg = runtime.settings()
+    stored = redact_request(request)
     # `submitting` is committed before the POST: if this process dies before the
     # answer is recorded the row says so, and the sweeper resolves it
     # (tracking.resolve_interrupted) instead of silently submitting again.
-    with runtime.session() as s:
-        attempt = store.claim_for_submit(s, job_id, redact_request(request), meta, utcnow())
+    try:
+        with runtime.session() as s:
+            limits.check_in_flight(s)
+            attempt = store.claim_for_submit(s, job_id, stored, meta, utcnow())
+    except limits.OverBudget:
+        with runtime.session() as s:
+            store.add_job(s, job_id, JobStatus.queued, stored, meta, utcnow())
+        # Back off while the fleet is full, so a long queue does not churn the broker.
+        return Outcome(job_id, JobStatus.queued, retry_in=retry_delay(retries + 1, cfg))
     if attempt is None:
         log.info("job %s: already submitted or in progress elsewhere; not submitting again", job_id)
         return Outcome(job_id, None)
 
     try:
+        limits.take_request_slot()
         submission = runtime.client().submit(request)
+    except limits.OverBudget as exc:
+        _back_to_queue(job_id, refund=True)
+        return Outcome(job_id, JobStatus.queued, retry_in=exc.retry_in)
     except modellix.AccountError as exc:
-        # Every job would fail the same way: keep them queued and try slowly
-        # rather than burn through the queue marking each one failed.
-        log.error("job %s: Modellix rejects the account (%s %s); jobs wait %.0fs and retry until it is fixed",
+        # Every job would fail the same way: pause the fleet and keep the jobs
+        # queued, rather than burn through the queue marking each one failed.
+        log.error("job %s: Modellix rejects the account (%s %s); the fleet pauses %.0fs and retries until fixed",
                   job_id, exc.status, exc.message, cfg.account_retry)
+        limits.pause(cfg.account_retry, f"{exc.status} {exc.message}")
         _back_to_queue(job_id, exc, refund=True)
         return Outcome(job_id, JobStatus.queued, retry_in=retry_delay(1, cfg, cfg.account_retry))
     except modellix.TransientError as exc:
+        if isinstance(exc, modellix.RateLimited):
+            limits.pause(exc.retry_after or retry_delay(attempt, cfg), "429 from Modellix")
         if attempt >= cfg.max_attempts:
             log.warning("job %s: giving up after %d attempts: %s", job_id, attempt, exc.message)
             return _fail(job_id, exc, JobStatus.submitting)
@@ -106,11 +122,13 @@ def error_code(exc: modellix.ModellixError) -> str:
     return str(exc.status) if exc.status and not isinstance(exc, modellix.AmbiguousSubmit) else exc.code
 
 
-def _back_to_queue(job_id: str, exc: modellix.ModellixError, refund: bool = False) -> None:
-    extra = {"attempts": Job.attempts - 1} if refund else {}
+def _back_to_queue(job_id: str, exc: modellix.ModellixError | None = None, refund: bool = False) -> None:
+    """`refund`: the attempt does not count (the API was not at fault for this job)."""
+    extra: dict[str, Any] = {"attempts": Job.attempts - 1} if refund else {}
+    if exc is not None:
+        extra.update(error_code=error_code(exc), error_message=exc.message)
     with runtime.session() as s:
-        store.transition(s, job_id, {JobStatus.submitting}, utcnow(), status=JobStatus.queued.value,
-                         error_code=error_code(exc), error_message=exc.message, **extra)
+        store.transition(s, job_id, {JobStatus.submitting}, utcnow(), status=JobStatus.queued.value, **extra)
 
 
 def _fail(job_id: str, exc: modellix.ModellixError, current: JobStatus) -> Outcome:

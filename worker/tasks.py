@@ -17,7 +17,7 @@ _INFRA = {"autoretry_for": (OperationalError,), "retry_backoff": True, "retry_ba
 
 @app.task(name="kling.generate", bind=True, **_INFRA)
 def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
-    outcome = submission.handle(args, kwargs, self.request.id)
+    outcome = submission.handle(args, kwargs, self.request.id, self.request.retries)
     if outcome.retry_in is not None:
         # A new message with the same id and arguments; this one is acked.
         raise self.retry(countdown=outcome.retry_in)
@@ -28,9 +28,9 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
 
 @app.task(name="kling.poll", **_INFRA)
 def poll(job_id: str, seq: int) -> None:
-    delay = tracking.poll(job_id, seq)
-    if delay is not None:
-        schedule_poll(job_id, seq + 1, delay)
+    following = tracking.poll(job_id, seq)
+    if following is not None:
+        schedule_poll(job_id, *following)
 
 
 @app.task(name="kling.sweep")

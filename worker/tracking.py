@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from models import ACTIVE, JobStatus, store
 from models.job import utcnow
-from worker import modellix, runtime
+from worker import limits, modellix, runtime
 from worker.backoff import poll_delay
 from worker.submission import error_code
 
@@ -26,9 +26,13 @@ OVERDUE_SLACK = 10.0
 SWEEP_BATCH = 500
 
 
-def poll(job_id: str, seq: int) -> float | None:
-    """Make poll number `seq` of a job; seconds until the next one, None when done."""
+def poll(job_id: str, seq: int) -> tuple[int, float] | None:
+    """Make poll number `seq` of a job: (next poll's number, seconds until it), None when done."""
     cfg = runtime.settings()
+    try:
+        limits.take_request_slot()
+    except limits.OverBudget as exc:
+        return seq, exc.retry_in
     now = utcnow()
     lease = cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
     with runtime.session() as s:
@@ -45,10 +49,13 @@ def poll(job_id: str, seq: int) -> float | None:
         return _finish(job_id, JobStatus.failed, error_code=error_code(exc), error_message=exc.message)
     except modellix.AccountError as exc:
         log.error("job %s: Modellix rejects the account while polling (%s); polling slowly", job_id, exc.message)
+        limits.pause(cfg.account_retry, f"{exc.status} {exc.message}")
         delay = max(delay, cfg.account_retry)
     except modellix.ModellixError as exc:
         log.info("job %s: poll failed (%s); next poll in %.1fs", job_id, exc.message, delay)
         delay = max(delay, exc.retry_after or 0.0)
+        if isinstance(exc, modellix.RateLimited):
+            limits.pause(delay, "429 from Modellix")
     else:
         if state.succeeded and state.result_urls:
             return _finish(job_id, JobStatus.succeeded, result_urls=state.result_urls, last_response=state.raw)
@@ -61,18 +68,19 @@ def poll(job_id: str, seq: int) -> float | None:
         if state.status.lower() not in ("pending", "processing", "running", "queued", "submitted"):
             log.warning("job %s: unknown Modellix status %r, treated as still running", job_id, state.status)
         status = JobStatus.submitted if state.status.lower() == "pending" else JobStatus.processing
-        return _reschedule(job_id, now, deadline, delay, status=status.value, last_response=state.raw)
-    return _reschedule(job_id, now, deadline, delay)
+        return _reschedule(job_id, seq + 1, now, deadline, delay, status=status.value, last_response=state.raw)
+    return _reschedule(job_id, seq + 1, now, deadline, delay)
 
 
-def _reschedule(job_id: str, now: datetime, deadline: datetime, delay: float, **values: object) -> float | None:
+def _reschedule(job_id: str, next_seq: int, now: datetime, deadline: datetime, delay: float,
+                **values: object) -> tuple[int, float] | None:
     if now >= deadline:
         return _finish(job_id, JobStatus.failed, error_code="timeout",
                        error_message=f"Modellix task not finished by the deadline ({deadline.isoformat()})")
     delay = min(delay, max(0.0, (deadline - now).total_seconds()))
     with runtime.session() as s:
-        store.transition(s, job_id, ACTIVE, now, next_poll_at=now + timedelta(seconds=delay), **values)
-    return delay
+        moved = store.transition(s, job_id, ACTIVE, now, next_poll_at=now + timedelta(seconds=delay), **values)
+    return (next_seq, delay) if moved else None
 
 
 def _finish(job_id: str, status: JobStatus, **values: object) -> None:
