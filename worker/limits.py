@@ -30,6 +30,10 @@ from worker import runtime
 
 NAME = "modellix"
 MAX_SLEEP = 5.0
+# Slots are spaced 5 % wider than 1/MAX_RPS: a request leaves a little after
+# its slot (thread wake-up, GIL), and that jitter must not add up to a burst
+# over the limit in the API's own one-second window.
+HEADROOM = 1.05
 # Without a rate limit nobody locks the row per request; the pause is read at most this often.
 PAUSE_REFRESH = 1.0
 IN_FLIGHT = [s.value for s in ACTIVE | {JobStatus.submitting}]
@@ -55,17 +59,19 @@ _pause = _Pause()
 def take_request_slot() -> None:
     """Wait until this process may send one API request."""
     cfg = runtime.settings()
-    now = time.time()
     if cfg.max_rps is None:
         until, reason = _current_pause()
-        wait = until - now
+        wait = until - time.time()
     else:
         with runtime.session() as s:
             row = _lock(s)
+            # Read the clock only once the lock is held: a time taken before a
+            # contended lock would put the slot in the past and let a burst out.
+            now = time.time()
             slot = max(row.next_slot, now, row.paused_until)
             wait, reason = slot - now, row.pause_reason or "rate limit"
             if wait <= MAX_SLEEP:
-                row.next_slot = slot + 1.0 / cfg.max_rps
+                row.next_slot = slot + HEADROOM / cfg.max_rps
     if wait > MAX_SLEEP:
         raise OverBudget(wait + random.uniform(0, 1), reason)
     if wait > 0:

@@ -25,6 +25,7 @@ log = logging.getLogger("kling_worker.submission")
 _message_schema = MessageSchema()
 _request_schema = GenerationRequestSchema()
 _MAX_STORED_REQUEST = 64 * 1024
+BUDGET_RECHECK = 10.0
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
     except limits.OverBudget:
         with runtime.session() as s:
             store.add_job(s, job_id, JobStatus.queued, stored, meta, utcnow())
-        # Back off while the fleet is full, so a long queue does not churn the broker.
-        return Outcome(job_id, JobStatus.queued, retry_in=retry_delay(retries + 1, cfg))
+        # Back off while the fleet is full, so a long queue does not churn the
+        # broker, but look again at least every BUDGET_RECHECK seconds.
+        return Outcome(job_id, JobStatus.queued, retry_in=min(retry_delay(retries + 1, cfg), BUDGET_RECHECK))
     if attempt is None:
         log.info("job %s: already submitted or in progress elsewhere; not submitting again", job_id)
         return Outcome(job_id, None)

@@ -29,10 +29,6 @@ SWEEP_BATCH = 500
 def poll(job_id: str, seq: int) -> tuple[int, float] | None:
     """Make poll number `seq` of a job: (next poll's number, seconds until it), None when done."""
     cfg = runtime.settings()
-    try:
-        limits.take_request_slot()
-    except limits.OverBudget as exc:
-        return seq, exc.retry_in
     now = utcnow()
     lease = cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
     with runtime.session() as s:
@@ -44,7 +40,12 @@ def poll(job_id: str, seq: int) -> tuple[int, float] | None:
     delay = poll_delay(seq + 1, cfg)
 
     try:
+        # The slot is taken right before the request, so the spacing holds at the API.
+        limits.take_request_slot()
         state = runtime.client().get_task(task_id)
+    except limits.OverBudget as exc:
+        # This poll did not happen: give its number back and try again later.
+        return _reschedule(job_id, seq, now, deadline, exc.retry_in, polls=seq)
     except modellix.NotFound as exc:
         return _finish(job_id, JobStatus.failed, error_code=error_code(exc), error_message=exc.message)
     except modellix.AccountError as exc:
