@@ -41,7 +41,10 @@ def client() -> ModellixClient:
 
 def session() -> AbstractContextManager[Session]:
     s = settings()
-    return db.session(s.database_url, pool_size=s.concurrency + 4)
+    # Threads hold a connection only for a statement or two, never across an
+    # HTTP call, so an eighth of the threads (plus as many overflow) is plenty
+    # and keeps a fleet of workers under PostgreSQL's connection limit.
+    return db.session(s.database_url, pool_size=max(4, s.concurrency // 8))
 
 
 def reset() -> None:

@@ -1,0 +1,237 @@
+"""kling-worker benchmark: real workers on RabbitMQ + PostgreSQL against the sandbox.
+
+    python bench/run.py                       # both scenarios, 2 workers
+    python bench/run.py --latency 0.3 --workers 1,2,4 --jobs 3000
+    python bench/run.py --task-seconds 10 --jobs 50 --latency 0  # the polling cost
+
+For each scenario it starts the sandbox (its own process), N worker processes,
+and a separate producer process that enqueues the jobs with send_task, then
+prints: jobs/s from enqueue to `submitted` and to `succeeded`, p50/p95/p99
+latency from enqueue to `submitted` (and submission to result), API requests
+per job, peak memory per worker, duplicates, and the rate of a bare Celery
+no-op task on the same broker and pool with the ratio of the two.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import requests
+from kombu import Connection
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.migrate import upgrade  # noqa: E402
+from tests.processes import PRODUCER, Worker  # noqa: E402
+
+# The same producer, stamping each message with its send time and printing the first.
+PRODUCER_TIMED = PRODUCER.replace(
+    "kwargs = json.loads(line)",
+    "kwargs = json.loads(line); kwargs['metadata'] = {'enqueued_at': __import__('time').time()}\n"
+    "    globals().setdefault('first', print(kwargs['metadata']['enqueued_at'], flush=True) or 1)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Sandbox:
+    def __init__(self, latency: float, task_seconds: float):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = "bench-" + uuid.uuid4().hex
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "sandbox", "--port", str(self.port), "--api-key", self.key,
+             "--latency", str(latency), "--task-seconds", str(task_seconds)], cwd=ROOT,
+            stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                self.stats()
+                return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("sandbox did not start")
+
+    def stats(self) -> dict:
+        return requests.get(self.url + "/_sandbox/stats", timeout=30).json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def fresh_database(admin_url: str) -> tuple[str, callable]:
+    name = f"kling_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+    upgrade(url)
+    return url, drop
+
+
+def produce(broker: str, queue: str, messages: list[dict]) -> float:
+    """Enqueue from a separate process; returns the time of its first send."""
+    lines = "".join(json.dumps(m) + "\n" for m in messages).encode()
+    done = subprocess.run([sys.executable, "-c", PRODUCER_TIMED, broker, queue], input=lines, check=True,
+                          cwd=ROOT, capture_output=True)
+    return float(done.stdout.split()[0])
+
+
+def queue_depth(broker: str, queue: str) -> int:
+    with Connection(broker) as conn:
+        return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+
+
+def bare_celery_rate(args, workers: int, tmp: Path) -> float:
+    """No-op tasks/s: first enqueue until the queue is drained, same broker/pool/concurrency."""
+    queue = f"bench-noop-{uuid.uuid4().hex[:6]}"
+    env = {"CELERY_BROKER_URL": args.broker, "KLING_QUEUE": queue, "PYTHONPATH": str(ROOT / "bench")}
+    procs = [Worker(env, tmp, concurrency=args.concurrency, app="noop") for _ in range(workers)]
+    try:
+        for w in procs:
+            w.wait_ready()
+        started = produce(args.broker, queue, [{"i": i} for i in range(args.jobs)])
+        while queue_depth(args.broker, queue) > 0:
+            time.sleep(0.02)
+        return args.jobs / (time.time() - started)
+    finally:
+        for w in procs:
+            w.stop()
+        with Connection(args.broker) as conn:
+            conn.default_channel.queue_delete(queue)
+
+
+def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
+    sandbox = Sandbox(latency, args.task_seconds)
+    database, drop = fresh_database(args.database)
+    queue = f"bench-{uuid.uuid4().hex[:6]}"
+    env = {"CELERY_BROKER_URL": args.broker, "DATABASE_URL": database, "MODELLIX_BASE_URL": sandbox.url,
+           "MODELLIX_API_KEY": sandbox.key, "KLING_QUEUE": queue, "KLING_HOME": str(tmp / "home"),
+           "KLING_CONCURRENCY": str(args.concurrency)}
+    for name in ("MODELLIX_MAX_RPS", "MODELLIX_MAX_IN_FLIGHT"):
+        if getattr(args, name.lower()):
+            env[name] = str(getattr(args, name.lower()))
+    procs = [Worker(env, tmp, concurrency=args.concurrency, beat=(i == 0), loglevel="WARNING")
+             for i in range(workers)]
+    try:
+        for w in procs:
+            w.wait_ready()
+        tag = uuid.uuid4().hex[:6]
+        messages = [{"request": {"prompt": f"bench {tag} {i}"}, "job_id": f"{tag}-{i}"} for i in range(args.jobs)]
+        produce(args.broker, queue, messages)
+        engine = create_engine(database)
+        deadline = time.time() + args.timeout
+        while time.time() < deadline:
+            with engine.connect() as conn:
+                done = conn.execute(text("select count(*) from jobs where status in "
+                                         "('succeeded','failed','rejected')")).scalar_one()
+            if done >= args.jobs:
+                break
+            time.sleep(0.2)
+        memory = [peak_rss_mb(w.proc.pid) for w in procs]
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "select status, (metadata->>'enqueued_at')::float, extract(epoch from submitted_at),"
+                " extract(epoch from finished_at), polls from jobs")).all()
+        engine.dispose()
+        stats = sandbox.stats()
+    finally:
+        for w in procs:
+            w.stop()
+        sandbox.stop()
+    drop()
+
+    ok = [r for r in rows if r[0] == "succeeded"]
+    t0 = min(r[1] for r in rows)
+    submit_latency = [float(r[2]) - r[1] for r in rows if r[2] is not None]
+    result_latency = [float(r[3]) - float(r[2]) for r in ok]
+    return {
+        "latency": latency, "workers": workers, "jobs": args.jobs, "succeeded": len(ok),
+        "submitted_per_s": len(submit_latency) / (max(float(r[2]) for r in rows if r[2]) - t0),
+        "succeeded_per_s": len(ok) / (max(float(r[3]) for r in ok) - t0) if ok else 0.0,
+        "p50": percentile(submit_latency, 50), "p95": percentile(submit_latency, 95),
+        "p99": percentile(submit_latency, 99),
+        "result_p50": percentile(result_latency, 50) if ok else None,
+        "result_max": max(result_latency) if ok else None,
+        "polls_per_job_max": max(r[4] for r in ok) if ok else None,
+        "requests_per_job": stats["requests"] / args.jobs, "submits_per_job": stats["submits"] / args.jobs,
+        "polls_per_job": stats["polls"] / args.jobs, "duplicates": stats["duplicate_prompts"],
+        "extra_submits": stats["submits"] - args.jobs, "max_rps_seen": stats["max_requests_per_second"],
+        "max_unfinished_seen": stats["max_unfinished"], "peak_rss_mb": max(memory),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=2000)
+    p.add_argument("--workers", default="2", help="comma-separated worker counts, e.g. 1,2,4")
+    p.add_argument("--latency", default="0,0.3", help="comma-separated sandbox latencies (s)")
+    p.add_argument("--task-seconds", type=float, default=2.0)
+    p.add_argument("--concurrency", type=int, default=64, help="threads per worker")
+    p.add_argument("--max-rps", dest="modellix_max_rps", type=float)
+    p.add_argument("--max-in-flight", dest="modellix_max_in_flight", type=int)
+    p.add_argument("--broker", default=os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
+    p.add_argument("--database", default=os.environ.get("KLING_BENCH_PG",
+                                                        "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--no-baseline", action="store_true")
+    args = p.parse_args()
+
+    print(f"# {os.cpu_count()} cores, {args.jobs} jobs, {args.concurrency} threads/worker, "
+          f"task {args.task_seconds}s, broker {args.broker.split('@')[-1]}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in [int(w) for w in args.workers.split(",")]:
+            ceiling = None if args.no_baseline else bare_celery_rate(args, workers, Path(tmp))
+            if ceiling:
+                print(f"bare Celery no-op, {workers} worker(s): {ceiling:.0f} tasks/s", flush=True)
+            for latency in [float(x) for x in args.latency.split(",")]:
+                r = run_scenario(args, latency, workers, Path(tmp))
+                ratio = f" ({r['submitted_per_s'] / ceiling:.0%} of no-op)" if ceiling else ""
+                print(f"latency {latency * 1000:.0f} ms, {workers} worker(s): "
+                      f"{r['submitted_per_s']:.0f} jobs/s to submitted{ratio}, "
+                      f"{r['succeeded_per_s']:.0f} jobs/s to succeeded ({r['succeeded']}/{r['jobs']})\n"
+                      f"  enqueue->submitted p50 {r['p50'] * 1000:.0f} ms, p95 {r['p95'] * 1000:.0f} ms, "
+                      f"p99 {r['p99'] * 1000:.0f} ms; submitted->result p50 {r['result_p50'] or 0:.1f} s, "
+                      f"max {r['result_max'] or 0:.1f} s\n"
+                      f"  API requests/job {r['requests_per_job']:.2f} (submits {r['submits_per_job']:.2f}, "
+                      f"polls {r['polls_per_job']:.2f}, max polls on one job {r['polls_per_job_max']}); "
+                      f"duplicates {r['duplicates']}, extra submits {r['extra_submits']}\n"
+                      f"  peak RSS per worker {r['peak_rss_mb']:.0f} MB; sandbox saw at most "
+                      f"{r['max_rps_seen']} requests/s and {r['max_unfinished_seen']} unfinished tasks",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
