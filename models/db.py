@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 _lock = threading.Lock()
@@ -48,6 +48,9 @@ def normalise_url(url: str) -> str:
 
 def engine(url: str, pool_size: int = 10) -> Engine:
     key = (os.getpid(), url)
+    eng = _engines.get(key)
+    if eng is not None:
+        return eng
     with _lock:
         eng = _engines.get(key)
         if eng is None:
@@ -71,6 +74,24 @@ def session(url: str, pool_size: int = 10) -> Iterator[Session]:
     engine(url, pool_size)
     with _makers[(os.getpid(), url)].begin() as s:
         yield s
+
+
+@contextmanager
+def connect(url: str, pool_size: int = 10) -> Iterator[Connection]:
+    """A Core connection for single-statement work, without ORM bookkeeping.
+
+    On PostgreSQL it runs in autocommit: each statement is its own transaction,
+    saving the BEGIN and COMMIT round trips; every write in models.store is
+    one conditional statement, atomic on its own. SQLite keeps a transaction
+    (its write lock is taken at BEGIN, see _configure_sqlite).
+    """
+    eng = engine(url, pool_size)
+    if eng.dialect.name == "sqlite":
+        with eng.begin() as conn:
+            yield conn
+    else:
+        with eng.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def dispose_all() -> None:

@@ -1,67 +1,74 @@
-"""The job table's writes and claims, as single statements where it matters.
+"""The job table's writes and claims, as single Core statements.
 
 Every state change is a conditional UPDATE (`WHERE status IN ...`), so two
 workers racing on one job cannot both win, and terminal states never change.
+Each function takes a Connection or a Session; the hot paths use a plain
+autocommit Connection (models.db.connect) since each statement is atomic alone.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models.job import ACTIVE, Job, JobStatus
 
-_NO_SYNC = {"synchronize_session": False}
+jobs = Job.__table__
+Executor = Connection | Session
 
 
-def _insert(s: Session):  # type: ignore[no-untyped-def]
-    return (postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert)(Job)
+def _values(statuses: Iterable[JobStatus]) -> list[str]:
+    return [s.value for s in statuses]
+
+
+def _insert(ex: Executor):  # type: ignore[no-untyped-def]
+    dialect = ex.dialect if isinstance(ex, Connection) else ex.get_bind().dialect
+    return (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(jobs)
 
 
 def _new_row(job_id: str, status: JobStatus, request: dict[str, Any], meta: dict[str, Any] | None,
              now: datetime, **extra: Any) -> dict[str, Any]:
-    return {"id": job_id, "status": status.value, "request": request, "meta": meta, "attempts": 0,
+    return {"id": job_id, "status": status.value, "request": request, "metadata": meta, "attempts": 0,
             "polls": 0, "created_at": now, "updated_at": now, **extra}
 
 
-def claim_for_submit(s: Session, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None,
+def claim_for_submit(ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None,
                      now: datetime) -> int | None:
     """Create the job as `submitting`, or take over a `queued` one, in one round trip.
 
-    Returns the attempt number. None means another delivery owns it or already submitted it: the caller
-    must not submit (this is the duplicate-submission guard).
+    Returns the attempt number. None means another delivery owns it or already
+    submitted it: the caller must not submit (this is the duplicate-submission guard).
     """
-    row = _new_row(job_id, JobStatus.submitting, request, meta, now, attempts=1)
-    stmt = _insert(s).values(row)
+    stmt = _insert(ex).values(_new_row(job_id, JobStatus.submitting, request, meta, now, attempts=1))
     stmt = stmt.on_conflict_do_update(
-        index_elements=[Job.id],
-        set_={"status": JobStatus.submitting.value, "attempts": Job.attempts + 1, "updated_at": now},
-        where=Job.status == JobStatus.queued.value,
-    ).returning(Job.attempts)
-    row = s.execute(stmt).first()
+        index_elements=[jobs.c.id],
+        set_={"status": JobStatus.submitting.value, "attempts": jobs.c.attempts + 1, "updated_at": now},
+        where=jobs.c.status == JobStatus.queued.value,
+    ).returning(jobs.c.attempts)
+    row = ex.execute(stmt).first()
     return row[0] if row else None
 
 
-def add_job(s: Session, job_id: str, status: JobStatus, request: dict[str, Any],
+def add_job(ex: Executor, job_id: str, status: JobStatus, request: dict[str, Any],
             meta: dict[str, Any] | None, now: datetime, **extra: Any) -> bool:
     """Insert a job unless the id exists; True if this call created it."""
-    stmt = _insert(s).values(_new_row(job_id, status, request, meta, now, **extra))
-    stmt = stmt.on_conflict_do_nothing(index_elements=[Job.id]).returning(Job.id)
-    return s.execute(stmt).first() is not None
+    stmt = _insert(ex).values(_new_row(job_id, status, request, meta, now, **extra))
+    stmt = stmt.on_conflict_do_nothing(index_elements=[jobs.c.id]).returning(jobs.c.id)
+    return ex.execute(stmt).first() is not None
 
 
-def transition(s: Session, job_id: str, allowed: set[JobStatus] | frozenset[JobStatus],
-               now: datetime, **values: Any) -> bool:
+def transition(ex: Executor, job_id: str, allowed: Iterable[JobStatus], now: datetime, **values: Any) -> bool:
     """Move a job on only if it is in one of `allowed`; True if it moved."""
-    stmt = (update(Job).where(Job.id == job_id, Job.status.in_([a.value for a in allowed]))
-            .values(updated_at=now, **values).execution_options(**_NO_SYNC))
-    return s.execute(stmt).rowcount == 1
+    stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(_values(allowed)))
+            .values(updated_at=now, **values))
+    return ex.execute(stmt).rowcount == 1
 
 
-def claim_poll(s: Session, job_id: str, seq: int, now: datetime,
+def claim_poll(ex: Executor, job_id: str, seq: int, now: datetime,
                lease: float) -> tuple[str, datetime] | None:
     """Take the right to make poll number `seq` of a job: (task id, submitted_at) if won.
 
@@ -69,11 +76,11 @@ def claim_poll(s: Session, job_id: str, seq: int, now: datetime,
     duplicate message finds it moved and stops. The lease pushes next_poll_at
     ahead so the sweeper re-dispatches only if this poll never reports back.
     """
-    stmt = (update(Job)
-            .where(Job.id == job_id, Job.polls == seq, Job.status.in_([a.value for a in ACTIVE]))
-            .values(polls=Job.polls + 1, next_poll_at=now + timedelta(seconds=lease), updated_at=now)
-            .returning(Job.modellix_task_id, Job.submitted_at).execution_options(**_NO_SYNC))
-    row = s.execute(stmt).first()
+    stmt = (update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.polls == seq, jobs.c.status.in_(_values(ACTIVE)))
+            .values(polls=jobs.c.polls + 1, next_poll_at=now + timedelta(seconds=lease), updated_at=now)
+            .returning(jobs.c.modellix_task_id, jobs.c.submitted_at))
+    row = ex.execute(stmt).first()
     return (row[0], row[1]) if row else None
 
 
@@ -81,28 +88,28 @@ def claim_overdue_polls(s: Session, now: datetime, lease: float, limit: int) -> 
     """Active jobs whose poll is overdue (its message lost or its worker gone).
 
     SKIP LOCKED lets several sweepers run at once without taking the same rows.
+    Needs a transaction (a Session), as the lock must last until the update.
     """
     rows = s.execute(
-        select(Job.id, Job.polls)
-        .where(Job.status.in_([a.value for a in ACTIVE]), Job.next_poll_at <= now)
-        .order_by(Job.next_poll_at).limit(limit).with_for_update(skip_locked=True)
+        select(jobs.c.id, jobs.c.polls)
+        .where(jobs.c.status.in_(_values(ACTIVE)), jobs.c.next_poll_at <= now)
+        .order_by(jobs.c.next_poll_at).limit(limit).with_for_update(skip_locked=True)
     ).all()
     if rows:
-        s.execute(update(Job).where(Job.id.in_([r[0] for r in rows]))
-                  .values(next_poll_at=now + timedelta(seconds=lease)).execution_options(**_NO_SYNC))
+        s.execute(update(jobs).where(jobs.c.id.in_([r[0] for r in rows]))
+                  .values(next_poll_at=now + timedelta(seconds=lease)))
     return [(r[0], r[1]) for r in rows]
 
 
 def claim_stale(s: Session, status: JobStatus, before: datetime, limit: int) -> list[str]:
-    rows = s.execute(
-        select(Job.id).where(Job.status == status.value, Job.updated_at < before)
+    return list(s.execute(
+        select(jobs.c.id).where(jobs.c.status == status.value, jobs.c.updated_at < before)
         .limit(limit).with_for_update(skip_locked=True)
-    ).scalars().all()
-    return list(rows)
+    ).scalars())
 
 
-def count_by_status(s: Session) -> dict[str, int]:
-    return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())  # type: ignore[arg-type]
+def count_by_status(ex: Executor) -> dict[str, int]:
+    return {status: count for status, count in ex.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))}
 
 
 def list_jobs(s: Session, status: str | None = None, since: datetime | None = None,

@@ -21,8 +21,9 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
 from models import ACTIVE, ApiBudget, Job, JobStatus
@@ -36,6 +37,7 @@ MAX_SLEEP = 5.0
 HEADROOM = 1.05
 # Without a rate limit nobody locks the row per request; the pause is read at most this often.
 PAUSE_REFRESH = 1.0
+_budget = ApiBudget.__table__
 IN_FLIGHT = [s.value for s in ACTIVE | {JobStatus.submitting}]
 
 
@@ -71,14 +73,15 @@ def take_request_slot() -> None:
             slot = max(row.next_slot, now, row.paused_until)
             wait, reason = slot - now, row.pause_reason or "rate limit"
             if wait <= MAX_SLEEP:
-                row.next_slot = slot + HEADROOM / cfg.max_rps
+                s.execute(update(_budget).where(_budget.c.name == NAME)
+                          .values(next_slot=slot + HEADROOM / cfg.max_rps))
     if wait > MAX_SLEEP:
         raise OverBudget(wait + random.uniform(0, 1), reason)
     if wait > 0:
         time.sleep(wait)
 
 
-def check_in_flight(s: Session) -> None:
+def check_in_flight(ex: Connection | Session) -> None:
     """Within the caller's transaction: raise OverBudget if no place is free.
 
     The budget row stays locked until that transaction commits the claim, which
@@ -87,8 +90,8 @@ def check_in_flight(s: Session) -> None:
     limit = runtime.settings().max_in_flight
     if limit is None:
         return
-    _lock(s)
-    busy = s.execute(select(func.count()).select_from(
+    _lock(ex)
+    busy = ex.execute(select(func.count()).select_from(
         select(Job.id).where(Job.status.in_(IN_FLIGHT)).limit(limit).subquery())).scalar_one()
     if busy >= limit:
         raise OverBudget(0.0, f"{limit} tasks in flight")
@@ -97,9 +100,9 @@ def check_in_flight(s: Session) -> None:
 def pause(seconds: float, reason: str) -> None:
     """Stop the whole fleet's API calls for `seconds` (never shortens a longer pause)."""
     until = time.time() + seconds
-    with runtime.session() as s:
-        s.execute(update(ApiBudget).where(ApiBudget.name == NAME, ApiBudget.paused_until < until)
-                  .values(paused_until=until, pause_reason=reason))
+    with runtime.connect() as ex:
+        ex.execute(update(_budget).where(_budget.c.name == NAME, _budget.c.paused_until < until)
+                   .values(paused_until=until, pause_reason=reason))
     if until > _pause.until:
         _pause.until, _pause.reason = until, reason
 
@@ -120,8 +123,8 @@ def forget() -> None:
     _pause = _Pause()
 
 
-def _lock(s: Session) -> ApiBudget:
-    row = s.execute(select(ApiBudget).where(ApiBudget.name == NAME).with_for_update()).scalar_one_or_none()
+def _lock(ex: Connection | Session) -> Any:
+    row = ex.execute(select(_budget).where(_budget.c.name == NAME).with_for_update()).first()
     if row is None:
         raise RuntimeError("api_budget row missing: run `kling-worker db upgrade`")
     return row

@@ -10,6 +10,7 @@ import threading
 from contextlib import AbstractContextManager
 from functools import lru_cache
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from models import db
@@ -39,12 +40,21 @@ def client() -> ModellixClient:
     return found
 
 
-def session() -> AbstractContextManager[Session]:
-    s = settings()
+def _pool_size() -> int:
     # Threads hold a connection only for a statement or two, never across an
     # HTTP call, so an eighth of the threads (plus as many overflow) is plenty
     # and keeps a fleet of workers under PostgreSQL's connection limit.
-    return db.session(s.database_url, pool_size=max(4, s.concurrency // 8))
+    return max(4, settings().concurrency // 8)
+
+
+def session() -> AbstractContextManager[Session]:
+    """An ORM session in one transaction."""
+    return db.session(settings().database_url, _pool_size())
+
+
+def connect() -> AbstractContextManager[Connection]:
+    """A Core connection for the single-statement hot paths."""
+    return db.connect(settings().database_url, _pool_size())
 
 
 def reset() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from marshmallow import ValidationError
 
 from models import JobStatus, store
-from models.job import Job, utcnow
+from models.job import utcnow
 from worker import limits, modellix, runtime
 from worker.backoff import poll_delay, retry_delay
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
@@ -67,11 +67,12 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
     # answer is recorded the row says so, and the sweeper resolves it
     # (tracking.resolve_interrupted) instead of silently submitting again.
     try:
-        with runtime.session() as s:
-            limits.check_in_flight(s)
-            attempt = store.claim_for_submit(s, job_id, stored, meta, utcnow())
+        # With an in-flight limit the check and the claim share one transaction.
+        with runtime.session() if cfg.max_in_flight else runtime.connect() as ex:
+            limits.check_in_flight(ex)
+            attempt = store.claim_for_submit(ex, job_id, stored, meta, utcnow())
     except limits.OverBudget:
-        with runtime.session() as s:
+        with runtime.connect() as s:
             store.add_job(s, job_id, JobStatus.queued, stored, meta, utcnow())
         # Back off while the fleet is full, so a long queue does not churn the
         # broker, but look again at least every BUDGET_RECHECK seconds.
@@ -109,7 +110,7 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
 
     now = utcnow()
     first_poll = poll_delay(0, cfg)
-    with runtime.session() as s:
+    with runtime.connect() as s:
         store.transition(
             s, job_id, {JobStatus.submitting}, now,
             status=JobStatus.submitted.value, modellix_task_id=submission.task_id, submitted_at=now,
@@ -126,16 +127,16 @@ def error_code(exc: modellix.ModellixError) -> str:
 
 def _back_to_queue(job_id: str, exc: modellix.ModellixError | None = None, refund: bool = False) -> None:
     """`refund`: the attempt does not count (the API was not at fault for this job)."""
-    extra: dict[str, Any] = {"attempts": Job.attempts - 1} if refund else {}
+    extra: dict[str, Any] = {"attempts": store.jobs.c.attempts - 1} if refund else {}
     if exc is not None:
         extra.update(error_code=error_code(exc), error_message=exc.message)
-    with runtime.session() as s:
+    with runtime.connect() as s:
         store.transition(s, job_id, {JobStatus.submitting}, utcnow(), status=JobStatus.queued.value, **extra)
 
 
 def _fail(job_id: str, exc: modellix.ModellixError, current: JobStatus) -> Outcome:
     now = utcnow()
-    with runtime.session() as s:
+    with runtime.connect() as s:
         store.transition(s, job_id, {current}, now, status=JobStatus.failed.value,
                          error_code=error_code(exc), error_message=exc.message, finished_at=now)
     log.warning("job %s failed: %s %s", job_id, error_code(exc), exc.message)
@@ -146,7 +147,7 @@ def _reject(job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any]) ->
     message = json.dumps(errors, ensure_ascii=False)
     log.warning("job %s rejected: %s", job_id, message)
     now = utcnow()
-    with runtime.session() as s:
+    with runtime.connect() as s:
         created = store.add_job(s, job_id, JobStatus.rejected, _storable(raw_request),
                                 meta if isinstance(meta, dict) else None, now,
                                 error_code="validation", error_message=message, finished_at=now)

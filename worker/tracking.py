@@ -31,7 +31,7 @@ def poll(job_id: str, seq: int) -> tuple[int, float] | None:
     cfg = runtime.settings()
     now = utcnow()
     lease = cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
-    with runtime.session() as s:
+    with runtime.connect() as s:
         claimed = store.claim_poll(s, job_id, seq, now, lease)
     if claimed is None:
         return None  # finished, or another worker holds this poll
@@ -79,14 +79,14 @@ def _reschedule(job_id: str, next_seq: int, now: datetime, deadline: datetime, d
         return _finish(job_id, JobStatus.failed, error_code="timeout",
                        error_message=f"Modellix task not finished by the deadline ({deadline.isoformat()})")
     delay = min(delay, max(0.0, (deadline - now).total_seconds()))
-    with runtime.session() as s:
+    with runtime.connect() as s:
         moved = store.transition(s, job_id, ACTIVE, now, next_poll_at=now + timedelta(seconds=delay), **values)
     return (next_seq, delay) if moved else None
 
 
 def _finish(job_id: str, status: JobStatus, **values: object) -> None:
     now = utcnow()
-    with runtime.session() as s:
+    with runtime.connect() as s:
         store.transition(s, job_id, ACTIVE, now, status=status.value, finished_at=now, next_poll_at=None, **values)
     log.info("job %s %s", job_id, status.value)
     return None
