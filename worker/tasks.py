@@ -6,7 +6,7 @@ from typing import Any
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from worker import submission, tracking
+from worker import poller, runtime, submission, tracking
 from worker.app import app
 
 # The database being briefly unreachable must not cost a job: the message is
@@ -22,24 +22,25 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
         # A new message with the same id and arguments; this one is acked.
         raise self.retry(countdown=outcome.retry_in)
     if outcome.first_poll_in is not None:
-        schedule_poll(outcome.job_id, 0, outcome.first_poll_in)
+        _poller().schedule(outcome.job_id, 0, outcome.first_poll_in)
     return outcome.status.value if outcome.status else None
 
 
 @app.task(name="kling.poll", **_INFRA)
 def poll(job_id: str, seq: int) -> None:
+    """A poll re-dispatched by the sweep; this process follows the job from here on."""
     following = tracking.poll(job_id, seq)
     if following is not None:
-        schedule_poll(job_id, *following)
+        _poller().schedule(job_id, *following)
 
 
 @app.task(name="kling.sweep")
 def sweep() -> int:
     overdue = tracking.sweep()
     for job_id, seq in overdue:
-        schedule_poll(job_id, seq, 0)
+        poll.apply_async(kwargs={"job_id": job_id, "seq": seq})
     return len(overdue)
 
 
-def schedule_poll(job_id: str, seq: int, delay: float) -> None:
-    poll.apply_async(kwargs={"job_id": job_id, "seq": seq}, countdown=delay)
+def _poller() -> poller.Poller:
+    return poller.get(tracking.poll, runtime.settings().concurrency)

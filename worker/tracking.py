@@ -1,12 +1,12 @@
 """Status tracking: poll a submitted Modellix task until it ends. No Celery here.
 
 Schedule: polls at the gaps of backoff.poll_delay (2 s, then x1.25, at most
-30 s), each poll message scheduling the next. A job whose task has not ended
-`poll_deadline` seconds after submission fails with `timeout`. Nothing relies on
-those messages alone: the periodic sweep re-dispatches any active job whose
-poll is overdue (message lost, worker killed, broker restarted), and the poll
-token in the row (models.store.claim_poll) keeps two workers from polling one
-job at once.
+30 s), kept by the submitting worker's own poller (worker.poller). A job whose
+task has not ended `poll_deadline` seconds after submission fails with
+`timeout`. Nothing relies on that process alone: the periodic sweep
+re-dispatches any active job whose poll is overdue (worker killed or
+restarted) through the broker, and the poll token in the row
+(models.store.claim_poll) keeps two workers from polling one job at once.
 """
 from __future__ import annotations
 
