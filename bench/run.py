@@ -142,8 +142,8 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
     for name in ("MODELLIX_MAX_RPS", "MODELLIX_MAX_IN_FLIGHT"):
         if getattr(args, name.lower()):
             env[name] = str(getattr(args, name.lower()))
-    procs = [Worker(env, tmp, concurrency=args.concurrency, beat=(i == 0), loglevel="WARNING")
-             for i in range(workers)]
+    # No beat: its sweep only repairs lost polls, which a healthy run does not have.
+    procs = [Worker(env, tmp, concurrency=args.concurrency, loglevel="WARNING") for _ in range(workers)]
     try:
         for w in procs:
             w.wait_ready()
@@ -198,7 +198,7 @@ def main() -> int:
     p.add_argument("--workers", default="2", help="comma-separated worker counts, e.g. 1,2,4")
     p.add_argument("--latency", default="0,0.3", help="comma-separated sandbox latencies (s)")
     p.add_argument("--task-seconds", type=float, default=2.0)
-    p.add_argument("--concurrency", type=int, default=64, help="threads per worker")
+    p.add_argument("--concurrency", type=int, default=128, help="threads per worker")
     p.add_argument("--max-rps", dest="modellix_max_rps", type=float)
     p.add_argument("--max-in-flight", dest="modellix_max_in_flight", type=int)
     p.add_argument("--broker", default=os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
