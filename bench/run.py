@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -193,6 +194,8 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
 
 
 def main() -> int:
+    # A stopped benchmark must still stop its workers and sandbox (the finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--workers", default="2", help="comma-separated worker counts, e.g. 1,2,4")

@@ -64,7 +64,7 @@ def engine(url: str, pool_size: int = 10) -> Engine:
                 # No pre-ping: it costs a round trip per checkout on the hot path.
                 # A connection that died with a database restart fails its
                 # statement, and the task is retried (worker.tasks, autoretry).
-                eng = create_engine(full, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+                eng = create_engine(full, pool_size=pool_size, max_overflow=0, pool_recycle=1800)
             _engines[key] = eng
             _makers[key] = sessionmaker(eng, expire_on_commit=False)
         return eng

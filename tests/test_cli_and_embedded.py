@@ -46,9 +46,9 @@ def test_enqueue_wait_list_show_stats_cancel(tmp_path, sandbox):
                        KLING_POLL_FIRST="0.3", KLING_POLL_MAX="0.5")
     run(["db", "upgrade"], env)
     image = tmp_path / "in.png"
-    from worker.demo import tiny_png
+    from worker.sandbox import png
 
-    image.write_bytes(tiny_png())
+    image.write_bytes(png(2, 2))
     worker = Worker(env, tmp_path, concurrency=4).wait_ready()
     try:
         done = run(["enqueue", "A cat like <<<image_1>>>", "--image", str(image), "--image", "https://a/b.png",

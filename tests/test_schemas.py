@@ -6,11 +6,11 @@ import base64
 import pytest
 from marshmallow import ValidationError
 
-from worker.demo import tiny_png
+from worker.sandbox import png
 from worker.schemas import (ASPECT_RATIOS, MAX_IMAGE_BYTES, UNSUPPORTED, GenerationRequestSchema, MessageSchema,
                             redact_request)
 
-PNG = tiny_png()
+PNG = png(2, 2)
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 32 + b"\xff\xd9"
 
 

@@ -9,6 +9,7 @@ from worker.config import home
 from worker.runtime import settings
 
 cfg = settings()
+home().mkdir(parents=True, exist_ok=True)  # beat's schedule file lives there
 app = Celery("kling_worker", broker=cfg.broker_url, include=["worker.tasks"])
 
 transport_options: dict[str, object] = {}

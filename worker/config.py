@@ -71,6 +71,8 @@ class Settings:
     max_in_flight: int | None = field(default_factory=lambda: _int("MODELLIX_MAX_IN_FLIGHT", None))
     # HTTP and DB pools are sized to the worker's thread concurrency.
     concurrency: int = field(default_factory=lambda: _int("KLING_CONCURRENCY", 32))
+    # Database connections per worker process (default: an eighth of the threads, at least 4).
+    db_pool: int | None = field(default_factory=lambda: _int("KLING_DB_POOL", None))
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

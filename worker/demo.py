@@ -13,28 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
-import struct
 import uuid
 
 from models import TERMINAL
 from models.job import Job
 from worker import runtime
 from worker.config import home
-
-
-def tiny_png() -> bytes:
-    """A valid 2x2 PNG, built by hand so the demo needs no imaging library."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    raw = b"".join(b"\x00" + b"\xff\x80\x00" * 2 for _ in range(2))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+from worker.sandbox import SandboxServer, png
 
 
 def example_jobs(run: str, sandbox_url: str) -> list[tuple[str, dict]]:
-    inline = "data:image/png;base64," + base64.b64encode(tiny_png()).decode()
+    inline = "data:image/png;base64," + base64.b64encode(png(2, 2)).decode()
     return [
         (f"demo-{run}-url", {"prompt": "A watercolour of <<<image_1>>> at dawn",
                              "image_list": [{"image": f"{sandbox_url}/results/example/0.png"}],
@@ -48,7 +37,6 @@ def example_jobs(run: str, sandbox_url: str) -> list[tuple[str, dict]]:
 
 def run(timeout: float = 120.0) -> int:
     from models.migrate import upgrade
-    from worker.sandbox import SandboxServer
 
     os.environ.setdefault("KLING_HOME", str(home()))
     upgrade(runtime.settings().database_url)

@@ -42,9 +42,9 @@ def client() -> ModellixClient:
 
 def _pool_size() -> int:
     # Threads hold a connection only for a statement or two, never across an
-    # HTTP call, so an eighth of the threads (plus as many overflow) is plenty
-    # and keeps a fleet of workers under PostgreSQL's connection limit.
-    return max(4, settings().concurrency // 8)
+    # HTTP call, so an eighth of the threads is plenty, and a fixed cap per
+    # process keeps a fleet of workers under PostgreSQL's connection limit.
+    return settings().db_pool or max(4, settings().concurrency // 8)
 
 
 def session() -> AbstractContextManager[Session]:

@@ -39,7 +39,7 @@ class Faults:
     no_balance: bool = False  # 402 for everything
 
 
-def _png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 200)) -> bytes:
+def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 200)) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -48,7 +48,7 @@ def _png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
-RESULT_PNG = _png()
+RESULT_PNG = png()
 
 
 @dataclass
