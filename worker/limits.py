@@ -11,17 +11,22 @@
   and every worker reads it before its next request.
 
 A wait longer than MAX_SLEEP is not slept in a worker thread: the caller
-gets OverBudget and schedules the job again (it waits in `queued`), so threads
-stay free for the polls that will release budget.
+gets OverBudget and schedules the job again (it waits in `queued`). For a
+place in flight, a few threads per process (WAITERS) look again every few
+hundred milliseconds for up to MAX_SLEEP, so a freed place is taken at once
+without every waiting job hammering the lock; polls have threads of their own
+(worker.poller), so waiting submits never starve them.
 
 Clocks: slots are epoch seconds from each host's clock; hosts must be NTP-synced.
 """
 from __future__ import annotations
 
 import random
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
@@ -29,6 +34,7 @@ from sqlalchemy.orm import Session
 from models import ACTIVE, ApiBudget, Job, JobStatus
 from worker import runtime
 
+T = TypeVar("T")
 NAME = "modellix"
 MAX_SLEEP = 5.0
 # Slots are spaced 5 % wider than 1/MAX_RPS: a request leaves a little after
@@ -37,6 +43,8 @@ MAX_SLEEP = 5.0
 HEADROOM = 1.05
 # Without a rate limit nobody locks the row per request; the pause is read at most this often.
 PAUSE_REFRESH = 1.0
+WAITERS = 2
+_waiters = threading.BoundedSemaphore(WAITERS)
 _budget = ApiBudget.__table__
 IN_FLIGHT = [s.value for s in ACTIVE | {JobStatus.submitting}]
 
@@ -95,6 +103,28 @@ def check_in_flight(ex: Connection | Session) -> None:
         select(Job.id).where(Job.status.in_(IN_FLIGHT)).limit(limit).subquery())).scalar_one()
     if busy >= limit:
         raise OverBudget(0.0, f"{limit} tasks in flight")
+
+
+def wait_for_place(claim: Callable[[], T]) -> T:
+    """Run `claim` (which calls check_in_flight) until a place in flight is free.
+
+    One of WAITERS threads keeps trying for up to MAX_SLEEP; any other thread,
+    or a wait that runs out, gets OverBudget.
+    """
+    deadline = time.monotonic() + MAX_SLEEP
+    waiting = False
+    try:
+        while True:
+            try:
+                return claim()
+            except OverBudget:
+                waiting = waiting or _waiters.acquire(blocking=False)
+                if not waiting or time.monotonic() > deadline:
+                    raise
+            time.sleep(random.uniform(0.1, 0.3))
+    finally:
+        if waiting:
+            _waiters.release()
 
 
 def pause(seconds: float, reason: str) -> None:

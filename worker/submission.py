@@ -66,11 +66,14 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
     # `submitting` is committed before the POST: if this process dies before the
     # answer is recorded the row says so, and the sweeper resolves it
     # (tracking.resolve_interrupted) instead of silently submitting again.
-    try:
+    def claim() -> int | None:
         # With an in-flight limit the check and the claim share one transaction.
         with runtime.session() if cfg.max_in_flight else runtime.connect() as ex:
             limits.check_in_flight(ex)
-            attempt = store.claim_for_submit(ex, job_id, stored, meta, utcnow())
+            return store.claim_for_submit(ex, job_id, stored, meta, utcnow())
+
+    try:
+        attempt = limits.wait_for_place(claim)
     except limits.OverBudget:
         with runtime.connect() as s:
             store.add_job(s, job_id, JobStatus.queued, stored, meta, utcnow())
