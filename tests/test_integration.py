@@ -161,3 +161,23 @@ def test_worker_killed_mid_batch_loses_no_job(rabbit_url, pg_url, sandbox, tmp_p
     succeeded = sum(j.status == "succeeded" for j in found.values())
     assert succeeded >= len(messages) - 8  # at most one in-flight submit per thread of the victim
     assert succeeded <= stats["submits"] <= len(messages)
+
+
+def test_only_json_is_accepted_from_the_broker(rabbit_url, pg_url, sandbox, tmp_path):
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path)
+    worker = Worker(env, tmp_path).wait_ready()
+    try:
+        from celery import Celery
+
+        producer = Celery(broker=rabbit_url)
+        producer.conf.accept_content = ["json", "pickle"]
+        producer.send_task("kling.generate", kwargs=valid("pickled", 0), queue=env["KLING_QUEUE"],
+                           serializer="pickle")
+        produce(rabbit_url, env["KLING_QUEUE"], [valid("json", 0)])
+        found = wait_terminal(pg_url, 1, 30, [worker])
+        time.sleep(1)
+    finally:
+        worker.stop()
+    assert set(rows(pg_url)) == {"json-0"} and found["json-0"].status == "succeeded"
+    assert "ContentDisallowed" in worker.output() or "Refusing to deserialize" in worker.output()
+    assert sandbox.stats()["submits"] == 1

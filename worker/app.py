@@ -27,7 +27,8 @@ if cfg.broker_url.startswith("filesystem"):
     }
 
 app.conf.update(
-    # Only JSON crosses the broker: a pickle payload would run code from anyone who can publish.
+    # Only JSON crosses the broker: any serialiser that revives Python objects
+    # would run code from anyone who can publish.
     task_serializer="json",
     accept_content=["json"],
     result_serializer="json",
