@@ -25,7 +25,8 @@ def test_lifecycle_pending_processing_success(sandbox):
     task_id = requests.post(sandbox.url + SUBMIT, json={"prompt": "x"}, headers=auth(sandbox)).json()["data"]["task_id"]
     seen = []
     for _ in range(12):
-        seen.append(requests.get(f"{sandbox.url}/api/v1/tasks/{task_id}", headers=auth(sandbox)).json()["data"]["status"])
+        answer = requests.get(f"{sandbox.url}/api/v1/tasks/{task_id}", headers=auth(sandbox))
+        seen.append(answer.json()["data"]["status"])
         time.sleep(0.05)
     assert seen[0] == "pending" and "processing" in seen and seen[-1] == "success"
     assert seen.index("processing") < seen.index("success")

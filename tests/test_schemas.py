@@ -7,8 +7,14 @@ import pytest
 from marshmallow import ValidationError
 
 from worker.sandbox import png
-from worker.schemas import (ASPECT_RATIOS, MAX_IMAGE_BYTES, UNSUPPORTED, GenerationRequestSchema, MessageSchema,
-                            redact_request)
+from worker.schemas import (
+    ASPECT_RATIOS,
+    MAX_IMAGE_BYTES,
+    UNSUPPORTED,
+    GenerationRequestSchema,
+    MessageSchema,
+    redact_request,
+)
 
 PNG = png(2, 2)
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 32 + b"\xff\xd9"

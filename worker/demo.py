@@ -46,7 +46,7 @@ def run(timeout: float = 120.0) -> int:
                KLING_POLL_FIRST="1", KLING_CONCURRENCY="8")
     print(f"sandbox Modellix API at {sandbox.url}; broker {runtime.settings().broker_url}; "
           f"database {runtime.settings().database_url}")
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", "-B",
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "--quiet", "worker", "-B",
                                "--loglevel=WARNING", "--without-mingle", "--without-gossip"], env=env)
     try:
         from worker.app import app

@@ -132,7 +132,8 @@ class SandboxServer:
         task_id = "task-" + uuid.uuid4().hex[:16]
         key = json.dumps(body, sort_keys=True)
         with self._lock:
-            self._tasks[task_id] = _Task(time.monotonic(), body.get("n", 1), self._random.random() < self.faults.fail_rate)
+            fails = self._random.random() < self.faults.fail_rate
+            self._tasks[task_id] = _Task(time.monotonic(), body.get("n", 1), fails)
             self._counts["submits"] += 1
             if key in self._bodies:
                 self._counts["duplicate_prompts"] += 1
@@ -180,7 +181,8 @@ class SandboxServer:
             roll -= rate
         return None
 
-    def handle_api(self, method: str, path: str, auth: str | None, body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def handle_api(self, method: str, path: str, auth: str | None,
+                   body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         with self._lock:
             self._arrivals.append(time.monotonic())
             self._counts["requests"] += 1

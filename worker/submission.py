@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from marshmallow import ValidationError
