@@ -8,10 +8,11 @@ autocommit Connection (models.db.connect) since each statement is atomic alone.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import ClauseElement, Connection, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -25,15 +26,33 @@ def _values(statuses: Iterable[JobStatus]) -> list[str]:
     return [s.value for s in statuses]
 
 
+def _dialect(ex: Executor) -> str:
+    return (ex.dialect if isinstance(ex, Connection) else ex.get_bind().dialect).name
+
+
 def _insert(ex: Executor):  # type: ignore[no-untyped-def]
-    dialect = ex.dialect if isinstance(ex, Connection) else ex.get_bind().dialect
-    return (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(jobs)
+    return (postgresql.insert if _dialect(ex) == "postgresql" else sqlite.insert)(jobs)
+
+
+_NEW_ROW = ("id", "status", "request", "metadata", "attempts", "polls", "created_at", "updated_at")
 
 
 def _new_row(job_id: str, status: JobStatus, request: dict[str, Any], meta: dict[str, Any] | None,
              now: datetime, **extra: Any) -> dict[str, Any]:
     return {"id": job_id, "status": status.value, "request": request, "metadata": meta, "attempts": 0,
             "polls": 0, "created_at": now, "updated_at": now, **extra}
+
+
+@lru_cache(maxsize=4)
+def _claim_stmt(dialect: str):  # type: ignore[no-untyped-def]
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(jobs).values({name: bindparam(name) for name in _NEW_ROW})
+    return stmt.on_conflict_do_update(
+        index_elements=[jobs.c.id],
+        set_={"status": JobStatus.submitting.value, "attempts": jobs.c.attempts + 1,
+              "updated_at": bindparam("created_at")},
+        where=jobs.c.status == JobStatus.queued.value,
+    ).returning(jobs.c.attempts)
 
 
 def claim_for_submit(ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None,
@@ -43,14 +62,9 @@ def claim_for_submit(ex: Executor, job_id: str, request: dict[str, Any], meta: d
     Returns the attempt number. None means another delivery owns it or already
     submitted it: the caller must not submit (this is the duplicate-submission guard).
     """
-    stmt = _insert(ex).values(_new_row(job_id, JobStatus.submitting, request, meta, now, attempts=1))
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[jobs.c.id],
-        set_={"status": JobStatus.submitting.value, "attempts": jobs.c.attempts + 1, "updated_at": now},
-        where=jobs.c.status == JobStatus.queued.value,
-    ).returning(jobs.c.attempts)
-    row = ex.execute(stmt).first()
-    return row[0] if row else None
+    row = _new_row(job_id, JobStatus.submitting, request, meta, now, attempts=1)
+    found = ex.execute(_claim_stmt(_dialect(ex)), row).first()
+    return found[0] if found else None
 
 
 def add_job(ex: Executor, job_id: str, status: JobStatus, request: dict[str, Any],
@@ -63,9 +77,28 @@ def add_job(ex: Executor, job_id: str, status: JobStatus, request: dict[str, Any
 
 def transition(ex: Executor, job_id: str, allowed: Iterable[JobStatus], now: datetime, **values: Any) -> bool:
     """Move a job on only if it is in one of `allowed`; True if it moved."""
-    stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(_values(allowed)))
-            .values(updated_at=now, **values))
-    return ex.execute(stmt).rowcount == 1
+    allowed_values = tuple(sorted(_values(allowed)))
+    if any(isinstance(v, ClauseElement) for v in values.values()):
+        stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(allowed_values))
+                .values(updated_at=now, **values))
+        return ex.execute(stmt).rowcount == 1
+    stmt = _transition_stmt(allowed_values, tuple(sorted(values)))
+    return ex.execute(stmt, {"job_id": job_id, "updated_at": now, **values}).rowcount == 1
+
+
+@lru_cache(maxsize=128)
+def _transition_stmt(allowed: tuple[str, ...], keys: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    # Built once per shape: constructing and cache-keying an UPDATE costs about
+    # as much CPU as running it, on a path every job takes four times.
+    return (update(jobs).where(jobs.c.id == bindparam("job_id"), jobs.c.status.in_(allowed))
+            .values({name: bindparam(name) for name in ("updated_at", *keys)}))
+
+
+_CLAIM_POLL = (update(jobs)
+               .where(jobs.c.id == bindparam("job_id"), jobs.c.polls == bindparam("seq"),
+                      jobs.c.status.in_(_values(ACTIVE)))
+               .values(polls=jobs.c.polls + 1, next_poll_at=bindparam("lease_until"), updated_at=bindparam("now"))
+               .returning(jobs.c.modellix_task_id, jobs.c.submitted_at))
 
 
 def claim_poll(ex: Executor, job_id: str, seq: int, now: datetime,
@@ -76,11 +109,8 @@ def claim_poll(ex: Executor, job_id: str, seq: int, now: datetime,
     duplicate message finds it moved and stops. The lease pushes next_poll_at
     ahead so the sweeper re-dispatches only if this poll never reports back.
     """
-    stmt = (update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.polls == seq, jobs.c.status.in_(_values(ACTIVE)))
-            .values(polls=jobs.c.polls + 1, next_poll_at=now + timedelta(seconds=lease), updated_at=now)
-            .returning(jobs.c.modellix_task_id, jobs.c.submitted_at))
-    row = ex.execute(stmt).first()
+    params = {"job_id": job_id, "seq": seq, "lease_until": now + timedelta(seconds=lease), "now": now}
+    row = ex.execute(_CLAIM_POLL, params).first()
     return (row[0], row[1]) if row else None
 
 
