@@ -52,7 +52,10 @@ app.conf.update(
     broker_transport_options=transport_options,
     worker_hijack_root_logger=False,
     beat_schedule={
-        "kling-sweep": {"task": "kling.sweep", "schedule": cfg.sweep_interval},
+        # A sweep nobody ran in time is worthless: expire it rather than let
+        # sweeps pile up in the queue while every worker is down.
+        "kling-sweep": {"task": "kling.sweep", "schedule": cfg.sweep_interval,
+                        "options": {"expires": max(10.0, 5 * cfg.sweep_interval)}},
     },
     beat_schedule_filename=str(Path(home()) / "celerybeat-schedule"),
 )
