@@ -169,3 +169,21 @@ def test_sweep_redispatches_overdue_polls_and_resolves_interrupted_submits(servi
     assert tracking.sweep() == []  # leased: not dispatched twice
     row = job("stuck")
     assert row.status == "failed" and row.error_code == "submit_interrupted"
+
+
+def test_the_api_key_reaches_no_log_row_or_error(service, configure, any_db_url, caplog):
+    caplog.set_level("DEBUG")
+    secret = "sk-test-" + "Z9" * 16
+    configure(MODELLIX_API_KEY=secret)  # the sandbox expects another key: 401 everywhere
+    handle(request={"prompt": "x"}, job_id="k1")
+    configure(MODELLIX_API_KEY=service.api_key)
+    with runtime.session() as s:  # lift the fleet pause the 401 set
+        s.execute(update(ApiBudget).values(paused_until=0))
+    assert handle(request={"prompt": "y"}, job_id="k2").status is JobStatus.submitted
+    service.set_faults(rate_500=1.0)
+    assert tracking.poll("k2", 0) is not None
+    with runtime.session() as s:
+        dumped = repr([j.to_dict() for j in s.query(Job)])
+    assert "401" in dumped  # the rejected key did leave its trace...
+    for text in (dumped, caplog.text, repr(runtime.settings())):
+        assert secret not in text and service.api_key not in text  # ...but never the key itself
