@@ -14,15 +14,27 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    missing,
+    validate,
+    validates,
+    validates_schema,
+)
 
+MAX_PROMPT_CHARS = 2500
 MAX_ITEMS = 10
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_METADATA_BYTES = 4096
+RESOLUTIONS = ("1k", "2k")
 ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3", "21:9", "auto")
 UNSUPPORTED = ("negative_prompt", "image", "image_reference", "image_fidelity", "human_fidelity",
                "subject_image_list", "scene_image", "style_image")
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# \Z, not $: "$" also matches before a trailing newline, and validate.Regexp uses match().
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
 
 _DATA_URI = re.compile(r"^data:image/(jpeg|jpg|png);base64,(.*)$", re.DOTALL)
 _REFERENCE = re.compile(r"<<<image_(\d+)>>>")
@@ -33,11 +45,10 @@ def is_valid_job_id(value: object) -> bool:
     return isinstance(value, str) and JOB_ID_PATTERN.match(value) is not None
 
 
-def decode_data_uri(value: str) -> tuple[str, bytes] | None:
-    """(format, bytes) of a JPEG/PNG data URI; None if `value` is not a data URI at all."""
+def _check_data_uri(value: str) -> None:
     match = _DATA_URI.match(value)
     if not match:
-        return None
+        raise ValidationError("inline images must be data:image/jpeg;base64,... or data:image/png;base64,...")
     kind, payload = ("jpeg" if match[1] == "jpg" else match[1]), match[2]
     # Size first, from the base64 length: no point decoding 50 MB to refuse it.
     if len(payload) * 3 // 4 - payload[-2:].count("=") > MAX_IMAGE_BYTES:
@@ -50,16 +61,18 @@ def decode_data_uri(value: str) -> tuple[str, bytes] | None:
         real = next((k for k, magic in _MAGIC.items() if data.startswith(magic)), None)
         raise ValidationError(f"inline image is declared {kind} but is "
                               + (f"a {real}" if real else "neither a JPEG nor a PNG"))
-    return kind, data
 
 
-def _image(value: str) -> None:
+def _check_image(value: str) -> None:
     if value.startswith("data:"):
-        if decode_data_uri(value) is None:
-            raise ValidationError("inline images must be data:image/jpeg;base64,... or data:image/png;base64,...")
-        return
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return _check_data_uri(value)
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. "http://[::1": urlsplit raises rather than returning junk
+        ok = False
+    # Whitespace would only fail later, at Modellix, with a vaguer message.
+    if not ok or re.search(r"\s", value):
         raise ValidationError("must be an http(s) URL or a base64 data URI of a JPEG or PNG")
 
 
@@ -75,71 +88,98 @@ class StrictInt(fields.Integer):
         return super()._validated(value)
 
 
+class Unsupported(fields.Field):
+    """A parameter of other Kling models: named in the error rather than "Unknown field.".
+
+    A field (not a load() override) so that Schema.validate(), which the sandbox
+    uses, reports it the same way, together with every other error.
+    """
+
+    def deserialize(self, value: Any, attr: str | None = None, data: Any = None, **kwargs: Any) -> Any:
+        if value is missing:
+            return missing
+        raise ValidationError("not supported by kling-image-o1")
+
+
 class ImageSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    image = fields.String(required=True, validate=_image)
+    image = fields.String(required=True, validate=_check_image)
 
 
 class ElementSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    element_id = StrictInt(required=True, validate=validate.Range(-(2**63), 2**63 - 1,
-                                                                  error="must be a 64-bit integer"))
+    element_id = StrictInt(required=True, validate=validate.Range(
+        -(2**63), 2**63 - 1, error="must be a 64-bit signed integer (-2**63 to 2**63-1)"))
 
 
 class GenerationRequestSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    prompt = fields.String(required=True, validate=validate.Length(1, 2500))
-    image_list = fields.List(fields.Nested(ImageSchema), validate=validate.Length(max=MAX_ITEMS))
-    element_list = fields.List(fields.Nested(ElementSchema), validate=validate.Length(max=MAX_ITEMS))
-    resolution = fields.String(validate=validate.OneOf(("1k", "2k")))
+    prompt = fields.String(required=True, validate=validate.Length(
+        1, MAX_PROMPT_CHARS, error=f"must be 1 to {MAX_PROMPT_CHARS} characters"))
+    image_list = fields.List(fields.Nested(ImageSchema), validate=validate.Length(
+        max=MAX_ITEMS, error=f"at most {MAX_ITEMS} images"))
+    element_list = fields.List(fields.Nested(ElementSchema), validate=validate.Length(
+        max=MAX_ITEMS, error=f"at most {MAX_ITEMS} elements"))
+    resolution = fields.String(validate=validate.OneOf(RESOLUTIONS))
     aspect_ratio = fields.String(validate=validate.OneOf(ASPECT_RATIOS))
-    n = StrictInt(validate=validate.Range(1, 9))
+    n = StrictInt(validate=validate.Range(1, 9, error="must be 1 to 9"))
+
+    negative_prompt = Unsupported()
+    image = Unsupported()
+    image_reference = Unsupported()
+    image_fidelity = Unsupported()
+    human_fidelity = Unsupported()
+    subject_image_list = Unsupported()
+    scene_image = Unsupported()
+    style_image = Unsupported()
 
     @validates("prompt")
     def _prompt_not_blank(self, value: str, **_: Any) -> None:
         if not value.strip():
             raise ValidationError("must not be blank")
 
-    def load(self, data: Any, **kwargs: Any) -> Any:
-        # Name the unsupported fields rather than lumping them in with typos.
-        if isinstance(data, dict):
-            found = {k: ["not supported by kling-image-o1"] for k in UNSUPPORTED if k in data}
-            if found:
-                try:
-                    super().load({k: v for k, v in data.items() if k not in found}, **kwargs)
-                except ValidationError as exc:
-                    found.update(exc.normalized_messages())
-                raise ValidationError(found)
-        return super().load(data, **kwargs)
+    # Counts come from the original input, so that one bad image does not also
+    # produce a misleading "<<<image_2>>> refers beyond 1 image" on the prompt.
+    @validates_schema(pass_original=True, skip_on_field_errors=False)
+    def _cross_field(self, data: dict[str, Any], original: Any, **_: Any) -> None:
+        if not isinstance(original, dict):  # already refused as "Invalid input type."
+            return
 
-    @validates_schema(skip_on_field_errors=False)
-    def _cross_field(self, data: dict[str, Any], **_: Any) -> None:
-        images = data.get("image_list") or []
-        total = len(images) + len(data.get("element_list") or [])
+        def count(name: str) -> int:
+            value = original.get(name)
+            return len(value) if isinstance(value, list) else 0
+
+        errors: dict[str, list[str]] = {}
+        total = count("image_list") + count("element_list")
         if total > MAX_ITEMS:
-            raise ValidationError(f"image_list and element_list hold {total} items together; at most {MAX_ITEMS}",
-                                  "_schema")
-        prompt = data.get("prompt")
-        if isinstance(prompt, str) and isinstance(data.get("image_list", []), list):
-            bad = sorted({int(k) for k in _REFERENCE.findall(prompt) if not 1 <= int(k) <= len(images)})
+            limit = f"image_list and element_list together may hold at most {MAX_ITEMS} items"
+            errors["_schema"] = [f"{limit}; got {total}"]
+        prompt, images = original.get("prompt"), count("image_list")
+        if isinstance(prompt, str):
+            bad = sorted({int(k) for k in _REFERENCE.findall(prompt) if not 1 <= int(k) <= images})
             if bad:
                 refs = ", ".join(f"<<<image_{k}>>>" for k in bad)
-                raise ValidationError(f"{refs} refers beyond the {len(images)} image(s) in image_list", "prompt")
+                allowed = {0: "there is none", 1: "only <<<image_1>>> exists"}.get(
+                    images, f"only <<<image_1>>> to <<<image_{images}>>> exist")
+                errors["prompt"] = [f"{refs} does not match an image: image_list has {images} image(s), so {allowed}"]
+        if errors:
+            raise ValidationError(errors)
 
 
-def _metadata_size(value: Any) -> None:
+def _check_metadata(value: Any) -> None:
     try:
-        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        # allow_nan=False: NaN/Infinity are not JSON and would break other readers.
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode())
     except (TypeError, ValueError):
         raise ValidationError("must be JSON-serialisable") from None
     if size > MAX_METADATA_BYTES:
-        raise ValidationError(f"is {size} bytes as JSON; at most {MAX_METADATA_BYTES}")
+        raise ValidationError(f"is {size} bytes as compact JSON; at most {MAX_METADATA_BYTES}")
 
 
 class MessageSchema(Schema):
@@ -148,20 +188,28 @@ class MessageSchema(Schema):
     class Meta:
         unknown = RAISE
 
+    # Only the type here: the body itself is GenerationRequestSchema's job, so a
+    # bad body can still be recorded as a rejected job under its job_id.
     request = fields.Dict(required=True)
-    job_id = fields.String(load_default=None, allow_none=True,
-                           validate=validate.Regexp(JOB_ID_PATTERN, error="must be 1-64 characters of [A-Za-z0-9._:-]"))
-    metadata = fields.Dict(load_default=None, allow_none=True, validate=_metadata_size)
+    job_id = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
+        JOB_ID_PATTERN, error="must be 1-64 characters of [A-Za-z0-9._:-]"))
+    metadata = fields.Dict(keys=fields.String(), load_default=None, allow_none=True, validate=_check_metadata)
 
 
 def redact_request(request: dict[str, Any]) -> dict[str, Any]:
-    """A copy with inline images replaced by digest and size: the database keeps no blobs."""
+    """A copy with inline images replaced by digest and size: the database keeps no blobs.
+
+    Meant for validated requests, but never raises on bad base64: a blob must not
+    reach the database just because it was also malformed.
+    """
     redacted = copy.deepcopy(request)
     for item in redacted.get("image_list") or []:
-        value = item.get("image", "")
-        if isinstance(value, str) and value.startswith("data:"):
-            decoded = decode_data_uri(value)
-            if decoded:
-                kind, data = decoded
-                item["image"] = f"data:image/{kind};sha256={hashlib.sha256(data).hexdigest()};bytes={len(data)}"
+        value = item.get("image") if isinstance(item, dict) else None
+        match = _DATA_URI.match(value) if isinstance(value, str) else None
+        if match:
+            try:
+                data = base64.b64decode(match[2], validate=True)
+            except (binascii.Error, ValueError):
+                data = match[2].encode()
+            item["image"] = f"data:image/{match[1]};sha256={hashlib.sha256(data).hexdigest()};bytes={len(data)}"
     return redacted
