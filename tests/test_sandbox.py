@@ -1,63 +1,256 @@
-"""The sandbox server's own contract: control endpoints and the counters tests rely on."""
+"""The sandbox server's own contract: the API shapes, faults, control endpoints and counters."""
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
+from worker.sandbox import Faults, SandboxServer
+
 SUBMIT = "/api/v1/image-to-image/kling/kling-image-o1/async"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def auth(sandbox) -> dict[str, str]:
-    return {"Authorization": f"Bearer {sandbox.api_key}"}
+@pytest.fixture
+def server():
+    with SandboxServer(port=0, api_key="secret-test-key", task_seconds=0.3, seed=7) as s:
+        yield s
 
 
-def test_missing_key_and_bad_json(sandbox):
-    r = requests.post(sandbox.url + SUBMIT, json={"prompt": "x"})
-    assert r.status_code == 401 and r.json() == {"code": 401, "message": "Unauthorized: invalid or missing API key"}
-    r = requests.post(sandbox.url + SUBMIT, data=b"{nope", headers=auth(sandbox))
-    assert r.status_code == 400 and r.json()["message"].startswith("Bad Request:")
+@pytest.fixture
+def http(server):
+    """A keep-alive session carrying the right key, as the real client uses."""
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {server.api_key}"
+        yield session
 
 
-def test_lifecycle_pending_processing_success(sandbox):
-    sandbox.task_seconds = 0.4
-    task_id = requests.post(sandbox.url + SUBMIT, json={"prompt": "x"}, headers=auth(sandbox)).json()["data"]["task_id"]
-    seen = []
-    for _ in range(12):
-        answer = requests.get(f"{sandbox.url}/api/v1/tasks/{task_id}", headers=auth(sandbox))
-        seen.append(answer.json()["data"]["status"])
-        time.sleep(0.05)
-    assert seen[0] == "pending" and "processing" in seen and seen[-1] == "success"
-    assert seen.index("processing") < seen.index("success")
+def submit(server, http, body=None) -> requests.Response:
+    return http.post(server.url + SUBMIT, json=body if body is not None else {"prompt": "a cat"}, timeout=10)
 
 
-def test_control_endpoints_drive_faults_from_another_process(sandbox):
-    r = requests.post(sandbox.url + "/_sandbox/faults", json={"rate_503": 1.0, "task_seconds": 3})
-    assert r.status_code == 200 and r.json()["faults"]["rate_503"] == 1.0 and sandbox.task_seconds == 3
-    assert requests.post(sandbox.url + SUBMIT, json={"prompt": "x"}, headers=auth(sandbox)).status_code == 503
-    assert requests.post(sandbox.url + "/_sandbox/faults", json={"bogus": 1}).status_code == 400
-    stats = requests.get(sandbox.url + "/_sandbox/stats").json()
-    assert stats["errors_injected"] == 1 and stats["status_counts"] == {"503": 1} and stats["submits"] == 0
-    requests.post(sandbox.url + "/_sandbox/reset")
-    assert requests.get(sandbox.url + "/_sandbox/stats").json()["requests"] == 0
+def poll(server, http, task_id) -> requests.Response:
+    return http.get(f"{server.url}/api/v1/tasks/{task_id}", timeout=10)
 
 
-def test_latency_is_added(sandbox):
-    sandbox.set_faults(latency=0.3)
+def stats(server) -> dict:
+    return requests.get(server.url + "/_sandbox/stats", timeout=10).json()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret-test-key"}])
+def test_missing_or_wrong_key_is_401(server, headers):
+    for answer in (requests.post(server.url + SUBMIT, json={"prompt": "x"}, headers=headers),
+                   requests.get(server.url + "/api/v1/tasks/task-1", headers=headers)):
+        assert answer.status_code == 401
+        assert answer.json() == {"code": 401, "message": "Unauthorized: invalid or missing API key"}
+    assert stats(server)["submits"] == 0
+
+
+def test_valid_submit(server, http):
+    answer = submit(server, http)
+    assert answer.status_code == 200 and answer.headers["Content-Type"] == "application/json"
+    body = answer.json()
+    data = body["data"]
+    assert body["code"] == 0 and body["message"] == "success"
+    assert data["status"] == "pending" and data["model_id"] == "kling-image-o1"
+    assert data["task_id"].startswith("task-") and len(data["task_id"]) > len("task-")
+    assert data["get_result"] == {"method": "GET", "url": f"{server.url}/api/v1/tasks/{data['task_id']}"}
+    # The newer path is accepted too, and every task gets its own id.
+    other = http.post(server.url + "/api/v1/kling/kling-image-o1/async", json={"prompt": "a dog"})
+    assert other.status_code == 200 and other.json()["data"]["task_id"] != data["task_id"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "negative_prompt": "no"}, "negative_prompt"),
+    ({"prompt": "x", "n": 10}, "n"),
+    ({"prompt": "x", "aspect_ratio": "5:4"}, "aspect_ratio"),
+    ({}, "prompt"),
+    ([1, 2], "_schema"),
+])
+def test_invalid_body_is_400_naming_the_field(server, http, body, field):
+    answer = submit(server, http, body)
+    assert answer.status_code == 400
+    assert answer.json()["code"] == 400
+    assert answer.json()["message"].startswith("Bad Request: ") and field in answer.json()["message"]
+    assert stats(server)["submits"] == 0
+
+
+def test_invalid_json_is_400(server, http):
+    answer = http.post(server.url + SUBMIT, data=b"{nope", headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and answer.json() == {"code": 400, "message": "Bad Request: body is not valid JSON"}
+
+
+def test_lifecycle_pending_processing_success_and_png(server, http):
+    server.task_seconds = 0.6  # pending for 0.15 s: room for the first poll on a busy machine
+    task_id = submit(server, http, {"prompt": "two cats", "n": 2}).json()["data"]["task_id"]
+    seen: list[str] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (not seen or seen[-1] != "success"):
+        data = poll(server, http, task_id).json()["data"]
+        assert data["task_id"] == task_id and data["model_id"] == "kling-image-o1"
+        if not seen or seen[-1] != data["status"]:
+            seen.append(data["status"])
+        time.sleep(0.02)
+    assert seen == ["pending", "processing", "success"]
+    resources = data["result"]["resources"]
+    assert [r["url"] for r in resources] == [f"{server.url}/results/{task_id}/{k}.png" for k in range(2)]
+    assert all(r["type"] == "image" for r in resources)
+    image = requests.get(resources[1]["url"])  # no key: result URLs are public
+    assert image.status_code == 200 and image.headers["Content-Type"] == "image/png"
+    assert image.content.startswith(PNG_MAGIC) and image.content.endswith(b"IEND\xaeB`\x82")
+
+
+def test_task_length_is_fixed_at_submit(server, http):
+    task_id = submit(server, http).json()["data"]["task_id"]
+    requests.post(server.url + "/_sandbox/config", json={"task_seconds": 60})
+    time.sleep(0.35)
+    assert poll(server, http, task_id).json()["data"]["status"] == "success"
+    assert poll(server, http, submit(server, http).json()["data"]["task_id"]).json()["data"]["status"] == "pending"
+
+
+def test_unknown_task_is_404(server, http):
+    answer = poll(server, http, "task-nope")
+    assert answer.status_code == 404
+    assert answer.json() == {"code": 404, "message": "Not Found: task task-nope not found"}
+    assert stats(server)["polls"] == 0
+
+
+def test_fail_rate_one_fails_every_task(server, http):
+    server.set_faults(fail_rate=1.0)
+    task_id = submit(server, http).json()["data"]["task_id"]
+    time.sleep(0.35)
+    data = poll(server, http, task_id).json()["data"]
+    assert data["status"] == "failed" and "result" not in data
+    assert data["error"]["code"] == "generation_failed" and data["error"]["message"]
+
+
+def test_429_with_retry_after(server, http):
+    server.set_faults(rate_429=1.0, retry_after=0.2)
+    answer = submit(server, http)
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "0.2"
+    assert answer.json() == {"code": 429, "message": "Too Many Requests: rate limit exceeded"}
+    server.set_faults(retry_after=3)
+    assert poll(server, http, "task-x").headers["Retry-After"] == "3"
+
+
+@pytest.mark.parametrize("fault, status, category", [
+    ({"rate_500": 1.0}, 500, "Internal Server Error: "),
+    ({"rate_503": 1.0}, 503, "Service Unavailable: "),
+    ({"reject_key": True}, 401, "Unauthorized: "),
+    ({"no_balance": True}, 402, "Payment Required: insufficient balance"),
+])
+def test_injected_errors(server, http, fault, status, category):
+    server.set_faults(**fault)
+    for answer in (submit(server, http), poll(server, http, "task-x")):
+        assert answer.status_code == status and answer.json()["code"] == status
+        assert answer.json()["message"].startswith(category)
+    s = server.stats()
+    assert s["submits"] == 0 and s["errors_injected"] == 2 and s["status_counts"] == {str(status): 2}
+
+
+def test_fault_rates_are_shares(server, http):
+    server.set_faults(rate_429=0.3, rate_503=0.2)
+    codes = [submit(server, http, {"prompt": f"p{i}"}).status_code for i in range(400)]
+    assert set(codes) == {200, 429, 503}
+    assert 80 <= codes.count(429) <= 160 and 45 <= codes.count(503) <= 120
+    assert server.stats()["submits"] == codes.count(200)  # a faulted submit creates no task
+
+
+def test_latency_is_added(server, http):
+    server.set_faults(latency=0.3)
+    for call in (lambda: submit(server, http), lambda: poll(server, http, "task-x")):
+        started = time.monotonic()
+        call()
+        assert time.monotonic() - started >= 0.3
     started = time.monotonic()
-    requests.post(sandbox.url + SUBMIT, json={"prompt": "x"}, headers=auth(sandbox))
-    assert time.monotonic() - started >= 0.3
+    requests.get(server.url + "/_sandbox/stats")  # control endpoints answer without it
+    assert time.monotonic() - started < 0.3
 
 
-def test_counters_under_concurrency(sandbox):
-    sandbox.task_seconds = 30
+def test_control_endpoints_update_faults_and_reset(server, http):
+    r = requests.post(server.url + "/_sandbox/faults", json={"rate_503": 1.0, "retry_after": 0.5})
+    assert r.status_code == 200
+    assert r.json()["faults"] == dict(vars(Faults()), rate_503=1.0, retry_after=0.5)
+    assert server.faults.rate_503 == 1.0 and server.faults.retry_after == 0.5
+    assert submit(server, http).status_code == 503
+
+    for bad in ({"bogus": 1}, {"rate_429": "lots"}, {"rate_500": 2}, {"reject_key": "yes"}, [1]):
+        answer = requests.post(server.url + "/_sandbox/faults", json=bad)
+        assert answer.status_code == 400 and answer.json()["message"].startswith("Bad Request: ")
+    assert requests.post(server.url + "/_sandbox/faults", json={"rate_503": 0, "bogus": 1}).status_code == 400
+    assert server.faults.rate_503 == 1.0  # all or nothing
+
+    r = requests.post(server.url + "/_sandbox/config", json={"task_seconds": 5})
+    assert r.status_code == 200 and server.task_seconds == 5.0
+    s = stats(server)
+    assert s["requests"] == 1 and s["errors_injected"] == 1 and s["status_counts"] == {"503": 1}
+
+    assert requests.post(server.url + "/_sandbox/faults", json={"rate_503": 0}).status_code == 200
+    task_id = submit(server, http).json()["data"]["task_id"]
+    assert requests.post(server.url + "/_sandbox/reset").status_code == 200
+    s = stats(server)
+    assert (s["requests"], s["submits"], s["status_counts"], s["max_unfinished"]) == (0, 0, {}, 0)
+    assert poll(server, http, task_id).status_code == 404  # tasks are forgotten too
+
+
+def test_counters(server, http):
+    for i in range(3):
+        submit(server, http, {"prompt": f"unique {i}"})
+    submit(server, http, {"prompt": "unique 0"})  # the same body again
+    submit(server, http, {"prompt": "unique 0", "n": 1})  # a different body
+    task_id = submit(server, http, {"prompt": "unique 9"}).json()["data"]["task_id"]
+    poll(server, http, task_id)
+    poll(server, http, "task-unknown")
+    requests.get(server.url + SUBMIT)  # no key
+    s = stats(server)
+    assert s["submits"] == 6 and s["duplicate_prompts"] == 1 and s["polls"] == 1
+    assert s["requests"] == 9 and s["status_counts"] == {"200": 7, "404": 1, "401": 1}
+    assert s["errors_injected"] == 0 and s == {**server.stats(), "unfinished": s["unfinished"]}
+
+
+def test_max_requests_per_second(server, http):
+    for _ in range(20):
+        poll(server, http, "task-x")
+    time.sleep(1.1)
+    for _ in range(5):
+        poll(server, http, "task-x")
+    s = server.stats()
+    assert s["requests"] == 25 and s["max_requests_per_second"] == 20
+
+
+def test_max_unfinished_and_unfinished(server, http):
+    for i in range(3):
+        submit(server, http, {"prompt": f"first {i}"})
+    time.sleep(0.4)  # the first three have finished
+    for i in range(2):
+        submit(server, http, {"prompt": f"second {i}"})
+    s = server.stats()
+    assert s["max_unfinished"] == 3 and s["unfinished"] == 2
+    time.sleep(0.4)
+    s = server.stats()
+    assert s["max_unfinished"] == 3 and s["unfinished"] == 0
+
+
+def test_concurrent_requests_all_succeed(server):
+    server.task_seconds = 30
     session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_maxsize=32)
+    session.mount("http://", adapter)
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+
+    def one(i: int) -> int:
+        return session.post(server.url + SUBMIT, json={"prompt": f"p{i % 150}"}, headers=headers).status_code
+
     with ThreadPoolExecutor(32) as pool:
-        codes = list(pool.map(lambda i: session.post(sandbox.url + SUBMIT, json={"prompt": f"p{i % 150}"},
-                                                     headers=auth(sandbox)).status_code, range(200)))
+        codes = list(pool.map(one, range(200)))
     assert codes == [200] * 200
-    stats = sandbox.stats()
-    assert stats["submits"] == 200 and stats["duplicate_prompts"] == 50
-    assert stats["unfinished"] == stats["max_unfinished"] == 200
-    assert 1 <= stats["max_requests_per_second"] <= 200
+    s = server.stats()
+    assert s["submits"] == s["requests"] == 200 and s["duplicate_prompts"] == 50
+    assert s["unfinished"] == s["max_unfinished"] == 200
+    assert 1 <= s["max_requests_per_second"] <= 200
+
+
+def test_stop_without_start_returns():
+    SandboxServer().stop()

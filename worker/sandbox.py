@@ -6,6 +6,7 @@ endpoints under /_sandbox/ let another process read counters and set faults.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -13,7 +14,6 @@ import struct
 import sys
 import threading
 import time
-import uuid
 import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, fields
@@ -23,23 +23,28 @@ from typing import Any
 from worker.schemas import GenerationRequestSchema
 
 SUBMIT_PATHS = ("/api/v1/image-to-image/kling/kling-image-o1/async", "/api/v1/kling/kling-image-o1/async")
-_TASK = re.compile(r"^/api/v1/tasks/([^/?]+)$")
+MODEL_ID = "kling-image-o1"
+_TASK = re.compile(r"^/api/v1/tasks/([^/]+)$")
 _RESULT = re.compile(r"^/results/[^/]+/\d+\.png$")
+_ARRIVALS_KEPT = 200_000  # enough for max_requests_per_second at any rate a benchmark reaches
+
+Answer = tuple[int, dict[str, Any], dict[str, str]]  # status, JSON body, extra headers
 
 
 @dataclass
 class Faults:
-    rate_429: float = 0.0
+    rate_429: float = 0.0  # share of API requests answered 429 (with Retry-After)
     rate_500: float = 0.0
     rate_503: float = 0.0
     retry_after: float = 1.0  # seconds, sent with every 429
     latency: float = 0.0  # added before every API answer
-    fail_rate: float = 0.0  # share of tasks that end `failed`
+    fail_rate: float = 0.0  # share of submitted tasks that end `failed`
     reject_key: bool = False  # 401 for everything
     no_balance: bool = False  # 402 for everything
 
 
 def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 200)) -> bytes:
+    """A valid solid-colour RGB PNG: clients that decode results get a real image."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -51,9 +56,15 @@ def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 2
 RESULT_PNG = png()
 
 
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Answer:
+    return status, {"code": status, "message": message}, headers or {}
+
+
 @dataclass
 class _Task:
     created: float
+    processing: float  # pending until then
+    finishes: float  # fixed at submit, so a later task_seconds change cannot rewrite history
     n: int
     fails: bool
 
@@ -65,28 +76,41 @@ class SandboxServer:
         self.task_seconds = task_seconds
         self.faults = faults or Faults()
         self._random = random.Random(seed)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the only lock; held for a few dict/counter operations
         self._schema = GenerationRequestSchema()
         self._httpd = _Server((host, port), _Handler)
         self._httpd.sandbox = self
         self.url = f"http://{host}:{self._httpd.server_address[1]}"
         self._thread: threading.Thread | None = None
+        self._serving = False
         self.reset()
 
     # -- lifecycle -------------------------------------------------------
-    def start(self) -> "SandboxServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="sandbox", daemon=True)
+    def start(self) -> SandboxServer:
+        self._serving = True
+        # A short poll interval: stop() waits up to one interval, and test fixtures stop a sandbox each time.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="sandbox",
+                                        daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
-        self._httpd.serve_forever()
+        self._serving = True
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._httpd.server_close()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        # shutdown() waits for the serve loop to end: it would hang if none ever ran.
+        if self._serving:
+            self._serving = False
+            self._httpd.shutdown()
+        if self._thread:
+            self._thread.join(5)
         self._httpd.server_close()
 
-    def __enter__(self) -> "SandboxServer":
+    def __enter__(self) -> SandboxServer:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *_exc: object) -> None:
@@ -94,66 +118,124 @@ class SandboxServer:
 
     # -- state -----------------------------------------------------------
     def reset(self) -> None:
+        """Forget tasks and counters (faults and task_seconds stay)."""
         with self._lock:
             self._tasks: dict[str, _Task] = {}
-            self._bodies: set[str] = set()
-            self._arrivals: deque[float] = deque(maxlen=200_000)
-            self._finish_times: list[float] = []
+            self._bodies: set[bytes] = set()  # digests, not bodies: inline images can be 10 MB
+            self._arrivals: deque[float] = deque(maxlen=_ARRIVALS_KEPT)
             self._counts = {"submits": 0, "polls": 0, "requests": 0, "errors_injected": 0, "duplicate_prompts": 0}
             self._status_counts: dict[str, int] = {}
 
     def set_faults(self, **changes: Any) -> None:
-        names = {f.name for f in fields(Faults)}
-        unknown = set(changes) - names
-        if unknown:
-            raise ValueError(f"unknown faults: {sorted(unknown)}")
+        """Update some Faults fields; all or nothing, so a bad value leaves the faults as they were."""
+        kinds = {f.name: f.type for f in fields(Faults)}  # type names: annotations are strings here
+        checked: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in kinds:
+                raise ValueError(f"unknown fault {name!r}")
+            if kinds[name] == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{name} must be true or false")
+                checked[name] = value
+            else:
+                checked[name] = _number(name, value, top=1.0 if "rate" in name else None)
         with self._lock:
-            for key, value in changes.items():
-                setattr(self.faults, key, value)
+            for name, value in checked.items():
+                setattr(self.faults, name, value)
 
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
         with self._lock:
             arrivals = list(self._arrivals)
-            spans = sorted((t.created, t.created + self.task_seconds) for t in self._tasks.values())
+            spans = [(t.created, t.finishes) for t in self._tasks.values()]
             result: dict[str, Any] = dict(self._counts, status_counts=dict(self._status_counts),
                                           tasks=len(self._tasks), faults=asdict(self.faults),
                                           task_seconds=self.task_seconds)
+        # Computed here, not per request: stats are read rarely, requests are the hot path.
         result["max_requests_per_second"] = _max_in_window(arrivals, 1.0)
-        result["unfinished"] = sum(1 for start, end in spans if end > now)
+        result["unfinished"] = sum(1 for _, end in spans if end > now)
         result["max_unfinished"] = _max_overlap(spans)
         return result
 
     # -- the API ---------------------------------------------------------
-    def _submit(self, body: Any) -> tuple[int, dict[str, Any]]:
-        errors = self._schema.validate(body) if isinstance(body, dict) else {"_body": ["must be a JSON object"]}
-        if errors:
-            return 400, {"code": 400, "message": f"Bad Request: {json.dumps(errors, separators=(',', ':'))}"}
-        task_id = "task-" + uuid.uuid4().hex[:16]
-        key = json.dumps(body, sort_keys=True)
+    def handle_api(self, method: str, path: str, auth: str | None, raw: bytes) -> Answer:
+        with self._lock:  # the clock read inside the lock keeps arrivals sorted for the window scan
+            self._arrivals.append(time.monotonic())
+            self._counts["requests"] += 1
+        answer = self._answer(method, path, auth, raw)
         with self._lock:
-            fails = self._random.random() < self.faults.fail_rate
-            self._tasks[task_id] = _Task(time.monotonic(), body.get("n", 1), fails)
-            self._counts["submits"] += 1
-            if key in self._bodies:
-                self._counts["duplicate_prompts"] += 1
-            self._bodies.add(key)
-        return 200, {"code": 0, "message": "success", "data": {
-            "status": "pending", "task_id": task_id, "model_id": "kling-image-o1",
-            "get_result": {"method": "GET", "url": f"{self.url}/api/v1/tasks/{task_id}"}}}
+            key = str(answer[0])
+            self._status_counts[key] = self._status_counts.get(key, 0) + 1
+        return answer
 
-    def _task(self, task_id: str) -> tuple[int, dict[str, Any]]:
+    def _answer(self, method: str, path: str, auth: str | None, raw: bytes) -> Answer:
+        if auth != f"Bearer {self.api_key}":
+            return _error(401, "Unauthorized: invalid or missing API key")
+        fault = self._fault()
+        if fault:
+            with self._lock:
+                self._counts["errors_injected"] += 1
+            return fault
+        if method == "POST" and path in SUBMIT_PATHS:
+            return self._submit(raw)
+        match = _TASK.match(path) if method == "GET" else None
+        if match:
+            return self._task(match[1])
+        return _error(404, f"Not Found: no endpoint {method} {path}")
+
+    def _fault(self) -> Answer | None:
+        f = self.faults
+        if f.latency:
+            time.sleep(f.latency)
+        if f.reject_key:
+            return _error(401, "Unauthorized: invalid or expired API key")
+        if f.no_balance:
+            return _error(402, "Payment Required: insufficient balance")
+        # One roll across the three rates, so rate_429=0.5 and rate_503=0.5 together fault every request.
+        roll = self._random.random()
+        for rate, status, message in ((f.rate_429, 429, "Too Many Requests: rate limit exceeded"),
+                                      (f.rate_500, 500, "Internal Server Error: sandbox fault"),
+                                      (f.rate_503, 503, "Service Unavailable: circuit breaker open")):
+            if roll < rate:
+                return _error(status, message, {"Retry-After": f"{f.retry_after:g}"} if status == 429 else None)
+            roll -= rate
+        return None
+
+    def _submit(self, raw: bytes) -> Answer:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return _error(400, "Bad Request: body is not valid JSON")
+        errors = self._schema.validate(body) if isinstance(body, dict) else {"_schema": ["must be a JSON object"]}
+        if errors:
+            return _error(400, f"Bad Request: {json.dumps(errors, separators=(',', ':'), sort_keys=True)}")
+        digest = hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).digest()
+        created = time.monotonic()
+        with self._lock:
+            task_id = f"task-{self._random.getrandbits(64):016x}"
+            fails = self._random.random() < self.faults.fail_rate
+            self._tasks[task_id] = _Task(created, created + self.task_seconds * 0.25, created + self.task_seconds,
+                                         body.get("n", 1), fails)
+            self._counts["submits"] += 1
+            if digest in self._bodies:
+                self._counts["duplicate_prompts"] += 1
+            self._bodies.add(digest)
+        return 200, {"code": 0, "message": "success", "data": {
+            "status": "pending", "task_id": task_id, "model_id": MODEL_ID,
+            "get_result": {"method": "GET", "url": f"{self.url}/api/v1/tasks/{task_id}"}}}, {}
+
+    def _task(self, task_id: str) -> Answer:
         with self._lock:
             task = self._tasks.get(task_id)
             if task:
                 self._counts["polls"] += 1
         if task is None:
-            return 404, {"code": 404, "message": f"Not Found: task {task_id} not found"}
-        age = time.monotonic() - task.created
-        data: dict[str, Any] = {"task_id": task_id, "model_id": "kling-image-o1"}
-        if age < self.task_seconds * 0.25:
+            return _error(404, f"Not Found: task {task_id} not found")
+        now = time.monotonic()
+        data: dict[str, Any] = {"task_id": task_id, "model_id": MODEL_ID}
+        if now < task.processing:
             data["status"] = "pending"
-        elif age < self.task_seconds:
+        elif now < task.finishes:
             data["status"] = "processing"
         elif task.fails:
             data.update(status="failed", error={"code": "generation_failed",
@@ -161,69 +243,42 @@ class SandboxServer:
         else:
             data.update(status="success", result={"resources": [
                 {"url": f"{self.url}/results/{task_id}/{k}.png", "type": "image"} for k in range(task.n)]})
-        return 200, {"code": 0, "message": "success", "data": data}
+        return 200, {"code": 0, "message": "success", "data": data}, {}
 
-    def _fault(self) -> tuple[int, dict[str, Any], dict[str, str]] | None:
-        f = self.faults
-        if f.latency:
-            time.sleep(f.latency)
-        if f.reject_key:
-            return 401, {"code": 401, "message": "Unauthorized: invalid or expired API key"}, {}
-        if f.no_balance:
-            return 402, {"code": 402, "message": "Payment Required: insufficient balance"}, {}
-        roll = self._random.random()
-        for rate, status, message in ((f.rate_429, 429, "Too Many Requests: rate limit exceeded"),
-                                      (f.rate_500, 500, "Internal Server Error: sandbox fault"),
-                                      (f.rate_503, 503, "Service Unavailable: circuit breaker open")):
-            if roll < rate:
-                headers = {"Retry-After": f"{f.retry_after:g}"} if status == 429 else {}
-                return status, {"code": status, "message": message}, headers
-            roll -= rate
-        return None
-
-    def handle_api(self, method: str, path: str, auth: str | None,
-                   body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
-        with self._lock:
-            self._arrivals.append(time.monotonic())
-            self._counts["requests"] += 1
-        answer: tuple[int, dict[str, Any], dict[str, str]] | None
-        if auth != f"Bearer {self.api_key}":
-            answer = 401, {"code": 401, "message": "Unauthorized: invalid or missing API key"}, {}
-        else:
-            answer = self._fault()
-            if answer:
-                with self._lock:
-                    self._counts["errors_injected"] += 1
-            elif method == "POST" and path in SUBMIT_PATHS:
-                answer = (*self._submit(body), {})
-            elif method == "GET" and _TASK.match(path):
-                answer = (*self._task(_TASK.match(path)[1]), {})  # type: ignore[index]
-            else:
-                answer = 404, {"code": 404, "message": f"Not Found: no endpoint {method} {path}"}, {}
-        with self._lock:
-            key = str(answer[0])
-            self._status_counts[key] = self._status_counts.get(key, 0) + 1
-        return answer
-
-    def handle_control(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+    # -- control (no auth: tests in other processes drive the sandbox) ---
+    def handle_control(self, method: str, path: str, raw: bytes) -> Answer:
         if method == "GET" and path == "/_sandbox/stats":
-            return 200, self.stats()
+            return 200, self.stats(), {}
         if method == "POST" and path == "/_sandbox/reset":
             self.reset()
-            return 200, {"ok": True}
-        if method == "POST" and path in ("/_sandbox/faults", "/_sandbox/config") and isinstance(body, dict):
+            return 200, {"ok": True}, {}
+        if method == "POST" and path in ("/_sandbox/faults", "/_sandbox/config"):
+            # Both accept fault fields and task_seconds: one call can set up a whole scenario.
             try:
+                body = json.loads(raw or b"{}")
+                if not isinstance(body, dict):
+                    raise TypeError("body must be a JSON object")
                 task_seconds = body.pop("task_seconds", None)
+                if task_seconds is not None:
+                    task_seconds = _number("task_seconds", task_seconds)
                 self.set_faults(**body)
             except (TypeError, ValueError) as exc:
-                return 400, {"code": 400, "message": f"Bad Request: {exc}"}
+                return _error(400, f"Bad Request: {exc}")
             if task_seconds is not None:
-                self.task_seconds = float(task_seconds)
-            return 200, {"faults": asdict(self.faults), "task_seconds": self.task_seconds}
-        return 404, {"code": 404, "message": f"Not Found: no endpoint {method} {path}"}
+                self.task_seconds = task_seconds
+            return 200, {"faults": asdict(self.faults), "task_seconds": self.task_seconds}, {}
+        return _error(404, f"Not Found: no endpoint {method} {path}")
+
+
+def _number(name: str, value: Any, top: float | None = None) -> float:
+    # bool is an int in Python, but `true` is no number of seconds.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (top is not None and value > top):
+        raise ValueError(f"{name} must be a number from 0" + (f" to {top:g}" if top is not None else ""))
+    return float(value)
 
 
 def _max_in_window(times: list[float], window: float) -> int:
+    """The most sorted timestamps within any half-open window of that length."""
     best, start = 0, 0
     for end, t in enumerate(times):
         while t - times[start] >= window:
@@ -233,6 +288,7 @@ def _max_in_window(times: list[float], window: float) -> int:
 
 
 def _max_overlap(spans: list[tuple[float, float]]) -> int:
+    # An end sorts before a start at the same instant: a task finished is not unfinished.
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
     best = current = 0
     for _, step in events:
@@ -242,8 +298,8 @@ def _max_overlap(spans: list[tuple[float, float]]) -> int:
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024
+    daemon_threads = True  # idle keep-alive connections must not keep stop() or the process waiting
+    request_queue_size = 1024  # a burst of new connections from many workers must not be refused
     sandbox: SandboxServer
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -267,21 +323,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True  # the body's end is unknown: the connection cannot be reused
+            return self._json(*_error(400, "Bad Request: invalid Content-Length"))
+        raw = self.rfile.read(length) if length > 0 else b""
         if method == "GET" and _RESULT.match(path):
             return self._send(200, RESULT_PNG, {"Content-Type": "image/png"})
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = ...
         sandbox = self.server.sandbox
         if path.startswith("/_sandbox/"):
-            status, payload = sandbox.handle_control(method, path, body)
-            return self._json(status, payload, {})
-        if body is ...:
-            return self._json(400, {"code": 400, "message": "Bad Request: body is not valid JSON"}, {})
-        self._json(*sandbox.handle_api(method, path, self.headers.get("Authorization"), body))
+            return self._json(*sandbox.handle_control(method, path, raw))
+        self._json(*sandbox.handle_api(method, path, self.headers.get("Authorization"), raw))
 
     def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
         self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **headers})
@@ -294,5 +347,5 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # per-request logging would make the sandbox the benchmark's bottleneck
