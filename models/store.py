@@ -8,8 +8,8 @@ autocommit Connection (models.db.connect) since each statement is atomic alone.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import lru_cache
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import ClauseElement, Connection, bindparam, func, select, update

@@ -79,7 +79,8 @@ def test_invalid_body_is_400_naming_the_field(server, http, body, field):
 
 def test_invalid_json_is_400(server, http):
     answer = http.post(server.url + SUBMIT, data=b"{nope", headers={"Content-Type": "application/json"})
-    assert answer.status_code == 400 and answer.json() == {"code": 400, "message": "Bad Request: body is not valid JSON"}
+    assert answer.status_code == 400
+    assert answer.json() == {"code": 400, "message": "Bad Request: body is not valid JSON"}
 
 
 def test_lifecycle_pending_processing_success_and_png(server, http):
