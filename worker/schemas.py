@@ -31,8 +31,6 @@ MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_METADATA_BYTES = 4096
 RESOLUTIONS = ("1k", "2k")
 ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3", "21:9", "auto")
-UNSUPPORTED = ("negative_prompt", "image", "image_reference", "image_fidelity", "human_fidelity",
-               "subject_image_list", "scene_image", "style_image")
 # \Z, not $: "$" also matches before a trailing newline, and validate.Regexp uses match().
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
 
