@@ -10,9 +10,10 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from marshmallow import ValidationError
+from sqlalchemy import select
 
 from models import TERMINAL, store
 from models.job import Job
@@ -134,22 +135,31 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def _wait(job_id: str, timeout: float) -> int:
+    row = watch([job_id], timeout, sys.stderr).get(job_id)
+    if row and row["status"] in TERMINAL:
+        _print_job(row)
+        return 0 if row["status"] == "succeeded" else 1
+    print(f"{job_id}: not finished after {timeout:.0f}s", file=sys.stderr)
+    return 1
+
+
+def watch(ids: list[str], timeout: float, out: TextIO) -> dict[str, dict[str, Any]]:
+    """Follow jobs in the table until all have ended (or `timeout`), printing each status change."""
     deadline = time.monotonic() + timeout
-    last = None
+    seen: dict[str, str] = {}
+    rows: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
         with runtime.session() as s:
-            job = s.get(Job, job_id)
-            row = job.to_dict() if job else None
-        status = row["status"] if row else "queued"
-        if status != last:
-            print(f"{datetime.now():%H:%M:%S} {job_id} {status}", file=sys.stderr)
-            last = status
-        if row and row["status"] in TERMINAL:
-            _print_job(row)
-            return 0 if row["status"] == "succeeded" else 1
-        time.sleep(0.5)
-    print(f"{job_id}: still {last} after {timeout:.0f}s", file=sys.stderr)
-    return 1
+            rows = {j.id: j.to_dict() for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
+        for job_id in ids:
+            status = rows[job_id]["status"] if job_id in rows else "queued"  # no row until a worker takes it
+            if seen.get(job_id) != status:
+                seen[job_id] = status
+                print(f"{datetime.now():%H:%M:%S} {job_id:<22} {status}", file=out, flush=True)
+        if len(rows) == len(ids) and all(r["status"] in TERMINAL for r in rows.values()):
+            break
+        time.sleep(0.3)
+    return rows
 
 
 def _when(value: str | None) -> datetime | None:

@@ -12,12 +12,11 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 from models import TERMINAL
-from models.job import Job
 from worker import runtime
+from worker.cli import watch
 from worker.config import home
 from worker.sandbox import SandboxServer, png
 
@@ -57,7 +56,7 @@ def run(timeout: float = 120.0) -> int:
                                                    "metadata": {"source": "demo"}})
             ids.append(job_id)
             print(f"enqueued {job_id}")
-        rows = _watch(ids, timeout)
+        rows = watch(ids, timeout, sys.stdout)
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -73,20 +72,3 @@ def run(timeout: float = 120.0) -> int:
     finished = all(row["status"] in TERMINAL for row in rows.values()) and len(rows) == len(ids)
     print("\nall jobs reached an end state" if finished else "\nsome jobs did not finish in time")
     return 0 if finished else 1
-
-
-def _watch(ids: list[str], timeout: float) -> dict[str, dict]:
-    deadline = time.monotonic() + timeout
-    seen: dict[str, str] = {}
-    rows: dict[str, dict] = {}
-    while time.monotonic() < deadline:
-        with runtime.session() as s:
-            rows = {j.id: j.to_dict() for j in s.query(Job).filter(Job.id.in_(ids))}
-        for job_id, row in rows.items():
-            if seen.get(job_id) != row["status"]:
-                seen[job_id] = row["status"]
-                print(f"{time.strftime('%H:%M:%S')} {job_id:<22} {row['status']}")
-        if len(rows) == len(ids) and all(r["status"] in TERMINAL for r in rows.values()):
-            break
-        time.sleep(0.3)
-    return rows
