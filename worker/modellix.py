@@ -75,12 +75,12 @@ class ProtocolError(TransientError):
     code = "protocol"
 
 
-_BY_STATUS: dict[int, tuple[type[ModellixError], str]] = {
-    400: (RequestRejected, "bad_request"),
-    401: (AccountError, "unauthorized"),
-    402: (AccountError, "payment_required"),
-    404: (NotFound, "not_found"),
-    429: (RateLimited, "rate_limited"),
+_BY_STATUS: dict[int, type[ModellixError]] = {
+    400: RequestRejected,
+    401: AccountError,
+    402: AccountError,
+    404: NotFound,
+    429: RateLimited,
 }
 
 
@@ -228,7 +228,7 @@ class ModellixClient:
         status = response.status_code if response.status_code != 200 else int(_get(body, "code", 500))
         message = self._scrub(_get(body, "message", None) or f"HTTP {status}: {response.text[:200]}")
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        cls, _ = _BY_STATUS.get(status, (TransientError if status >= 500 else RequestRejected, ""))
+        cls = _BY_STATUS.get(status, TransientError if status >= 500 else RequestRejected)
         raise cls(message, status, retry_after)
 
     def _scrub(self, value: object) -> str:

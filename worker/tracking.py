@@ -17,6 +17,7 @@ from models import ACTIVE, JobStatus, store
 from models.job import utcnow
 from worker import limits, modellix, runtime
 from worker.backoff import poll_delay
+from worker.config import Settings
 from worker.submission import error_code
 
 log = logging.getLogger("kling_worker.tracking")
@@ -26,13 +27,17 @@ OVERDUE_SLACK = 10.0
 SWEEP_BATCH = 500
 
 
+def _lease(cfg: Settings) -> float:
+    """How long a claimed poll may take before the sweep gives it to another worker."""
+    return cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
+
+
 def poll(job_id: str, seq: int) -> tuple[int, float] | None:
     """Make poll number `seq` of a job: (next poll's number, seconds until it), None when done."""
     cfg = runtime.settings()
     now = utcnow()
-    lease = cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
     with runtime.connect() as s:
-        claimed = store.claim_poll(s, job_id, seq, now, lease)
+        claimed = store.claim_poll(s, job_id, seq, now, _lease(cfg))
     if claimed is None:
         return None  # finished, or another worker holds this poll
     task_id, submitted_at = claimed
@@ -103,9 +108,8 @@ def sweep() -> list[tuple[str, int]]:
     """
     cfg = runtime.settings()
     now = utcnow()
-    lease = cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
     with runtime.session() as s:
-        overdue = store.claim_overdue_polls(s, now - timedelta(seconds=OVERDUE_SLACK), lease, SWEEP_BATCH)
+        overdue = store.claim_overdue_polls(s, now - timedelta(seconds=OVERDUE_SLACK), _lease(cfg), SWEEP_BATCH)
     if overdue:
         log.warning("re-dispatching %d overdue polls", len(overdue))
     resolve_interrupted(now - timedelta(seconds=cfg.submit_grace))
