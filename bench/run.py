@@ -14,7 +14,6 @@ no-op task on the same broker and pool with the ratio of the two.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -33,13 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.migrate import upgrade  # noqa: E402
-from tests.processes import PRODUCER, Worker  # noqa: E402
-
-# The same producer, stamping each message with its send time and printing the first.
-PRODUCER_TIMED = PRODUCER.replace(
-    "kwargs = json.loads(line)",
-    "kwargs = json.loads(line); kwargs['metadata'] = {'enqueued_at': __import__('time').time()}\n"
-    "    globals().setdefault('first', print(kwargs['metadata']['enqueued_at'], flush=True) or 1)")
+from tests.processes import Worker, produce  # noqa: E402
 
 
 def free_port() -> int:
@@ -100,14 +93,6 @@ def fresh_database(admin_url: str) -> tuple[str, callable]:
     return url, drop
 
 
-def produce(broker: str, queue: str, messages: list[dict]) -> float:
-    """Enqueue from a separate process; returns the time of its first send."""
-    lines = "".join(json.dumps(m) + "\n" for m in messages).encode()
-    done = subprocess.run([sys.executable, "-c", PRODUCER_TIMED, broker, queue], input=lines, check=True,
-                          cwd=ROOT, capture_output=True)
-    return float(done.stdout.split()[0])
-
-
 def queue_depth(broker: str, queue: str) -> int:
     with Connection(broker) as conn:
         return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
@@ -149,7 +134,7 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
             w.wait_ready()
         tag = uuid.uuid4().hex[:6]
         messages = [{"request": {"prompt": f"bench {tag} {i}"}, "job_id": f"{tag}-{i}"} for i in range(args.jobs)]
-        produce(args.broker, queue, messages)
+        produce(args.broker, queue, messages, stamp=True)
         engine = create_engine(database)
         deadline = time.time() + args.timeout
         while time.time() < deadline:

@@ -13,23 +13,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # The producer is its own process that knows nothing of kling-worker: plain
-# Celery and a broker URL, as any other service would use.
+# Celery and a broker URL, as any other service would use. It prints the time
+# of its first send; with "stamp" it also puts each send time in the metadata.
 PRODUCER = """
-import json, sys
+import json, sys, time
 from celery import Celery
-broker, queue = sys.argv[1], sys.argv[2]
+broker, queue, stamp = sys.argv[1], sys.argv[2], sys.argv[3:] == ["stamp"]
 app = Celery(broker=broker)
 app.conf.task_serializer = "json"
+first = None
 for line in sys.stdin:
     kwargs = json.loads(line)
+    now = time.time()
+    if stamp:
+        kwargs["metadata"] = {"enqueued_at": now}
     app.send_task("kling.generate", kwargs=kwargs, queue=queue)
+    if first is None:
+        first = now
+        print(first, flush=True)
 """
 
 
-def produce(broker_url: str, queue: str, messages: list[dict], env: dict | None = None) -> None:
+def produce(broker_url: str, queue: str, messages: list[dict], env: dict | None = None,
+            stamp: bool = False) -> float:
+    """Enqueue from a separate process; returns the time of its first send."""
     lines = "".join(json.dumps(m) + "\n" for m in messages)
-    subprocess.run([sys.executable, "-c", PRODUCER, broker_url, queue], input=lines.encode(),
-                   check=True, timeout=120, env=env)
+    done = subprocess.run([sys.executable, "-c", PRODUCER, broker_url, queue] + (["stamp"] if stamp else []),
+                          input=lines.encode(), check=True, timeout=600, env=env, cwd=ROOT, capture_output=True)
+    return float(done.stdout.split()[0])
 
 
 class Worker:
