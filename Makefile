@@ -1,5 +1,7 @@
 # `make demo`: set up and run the service embedded (SQLite, file broker, sandbox).
 # `make test`: set up and run the whole test suite (needs PostgreSQL, RabbitMQ, Redis).
+# `make mutation`: mutmut over worker/ and models/ with the fast tests (no servers);
+#   prints the score, writes mutants/survivors.txt. See .ci/mutation.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -9,7 +11,11 @@ $(PY): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(PY)
 
-.PHONY: demo test bench
+$(VENV)/bin/mutmut: $(PY)
+	$(PY) -m pip install -q -e '.[test,mutation]'
+	touch $(VENV)/bin/mutmut
+
+.PHONY: demo test bench mutation
 demo: $(PY)
 	$(VENV)/bin/kling-worker demo
 
@@ -18,3 +24,6 @@ test: $(PY)
 
 bench: $(PY)
 	$(PY) bench/run.py
+
+mutation: $(VENV)/bin/mutmut
+	VENV=$(VENV) bash .ci/mutation

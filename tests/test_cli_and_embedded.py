@@ -29,6 +29,7 @@ def run(args: list[str], env: dict[str, str], check: bool = True, timeout: float
     return done
 
 
+@pytest.mark.slow
 def test_demo_runs_the_embedded_default_end_to_end(tmp_path):
     env = embedded_env(tmp_path)
     done = run(["demo", "--timeout", "90"], env, timeout=150)
@@ -41,6 +42,7 @@ def test_demo_runs_the_embedded_default_end_to_end(tmp_path):
     assert (tmp_path / "home" / "broker").is_dir()  # the file-backed broker, no server
 
 
+@pytest.mark.slow
 def test_enqueue_wait_list_show_stats_cancel(tmp_path, sandbox):
     env = embedded_env(tmp_path, MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=sandbox.api_key,
                        KLING_POLL_FIRST="0.3", KLING_POLL_MAX="0.5")

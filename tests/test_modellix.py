@@ -1,6 +1,7 @@
 """The Modellix client's every path, against the sandbox server over real HTTP."""
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -8,6 +9,7 @@ import pytest
 
 from worker import modellix
 from worker.modellix import ModellixClient
+from worker.sandbox import Step
 
 BODY = {"prompt": "a red fox in snow"}
 
@@ -75,12 +77,31 @@ def test_wrong_key_is_401_and_never_echoed(sandbox):
     assert secret not in str(info.value) and secret not in repr(c)
 
 
-def test_key_is_scrubbed_from_error_text(sandbox):
-    # A server that echoes what it got must not carry the key into our exceptions.
-    c = ModellixClient(sandbox.url.replace("127.0.0.1", "127.0.0.1") + "/sk-secret-path", "sk-secret-path")
-    with pytest.raises(modellix.ModellixError) as info:
-        c.submit(BODY)
-    assert "sk-secret-path" not in str(info.value)
+def test_key_is_scrubbed_from_an_answer_that_echoes_it(client, sandbox):
+    # A server or proxy that echoes the request's headers must not carry the key into our exceptions.
+    sandbox.script(Step("echo"), Step("echo"))
+    for call in (lambda: client.submit(BODY), lambda: client.get_task("task-1")):
+        with pytest.raises(modellix.RequestRejected) as info:
+            call()
+        text = str(info.value)
+        assert "Bearer ***" in text  # the echo did reach the error text...
+        assert sandbox.api_key not in text and sandbox.api_key not in repr(info.value.args)  # ...but not the key
+
+
+def test_key_is_scrubbed_from_connection_error_text():
+    # requests puts the URL in its connection errors; a key in the URL (a proxy path, say) must not follow.
+    secret = "sk-in-the-path-123"
+    c = ModellixClient(f"http://127.0.0.1:{_closed_port()}/{secret}", secret, connect_timeout=1)
+    for call in (lambda: c.submit(BODY), lambda: c.get_task("task-1")):
+        with pytest.raises(modellix.NetworkError) as info:
+            call()
+        assert "/***/api/v1/" in str(info.value) and secret not in str(info.value)
+
+
+def test_every_request_names_the_client_process(client, sandbox):
+    with pytest.raises(modellix.NotFound):
+        client.get_task("task-1")
+    assert sandbox.requests_log()[-1]["client"].endswith(f"(pid {os.getpid()})")
 
 
 def _closed_port() -> int:
@@ -107,6 +128,37 @@ def test_read_timeout_on_submit_is_ambiguous_but_on_poll_retryable(client, sandb
     assert not info.value.retryable
     with pytest.raises(modellix.NetworkError):
         slow.get_task(task_id)
+
+
+def test_dropped_connection_after_a_submit_is_ambiguous(client, sandbox):
+    sandbox.script(Step("drop", on="submit"))
+    with pytest.raises(modellix.AmbiguousSubmit) as info:
+        client.submit(BODY)
+    assert not info.value.retryable and info.value.code == "submit_unknown"
+    assert sandbox.stats()["submits"] == 1  # the task does exist
+
+
+def test_dropped_connection_during_a_poll_is_retryable(client, sandbox):
+    task_id = client.submit(BODY).task_id
+    sandbox.script(Step("drop", on="poll"))
+    with pytest.raises(modellix.NetworkError) as info:
+        client.get_task(task_id)
+    assert info.value.retryable
+
+
+def test_submit_answered_without_a_task_id_is_ambiguous(client, sandbox):
+    sandbox.script(Step("no_task_id"))
+    with pytest.raises(modellix.AmbiguousSubmit) as info:
+        client.submit(BODY)
+    assert info.value.status == 200 and "task_id" in info.value.message
+
+
+def test_poll_answered_for_another_task_is_a_protocol_error(client, sandbox):
+    task_id = client.submit(BODY).task_id
+    sandbox.script(Step("wrong_task_id"))
+    with pytest.raises(modellix.ProtocolError) as info:
+        client.get_task(task_id)
+    assert info.value.retryable and task_id in info.value.message
 
 
 def test_result_urls_are_parsed_tolerantly():

@@ -65,10 +65,6 @@ def elements(k: int) -> list[dict]:
     return [{"element_id": i} for i in range(k)]
 
 
-def test_the_png_helper_builds_a_real_png():
-    assert PNG.startswith(b"\x89PNG\r\n\x1a\n") and PNG.endswith(b"IEND\xaeB`\x82")
-
-
 # -- output shape -----------------------------------------------------------
 
 def test_minimal_request_loads_without_injected_defaults():

@@ -7,6 +7,7 @@ lifecycle without parsing strings.
 from __future__ import annotations
 
 import email.utils
+import importlib.metadata
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,11 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+
+try:
+    _VERSION = importlib.metadata.version("kling-worker")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+    _VERSION = "dev"
 
 SUCCESS = frozenset({"completed", "succeeded", "success"})
 FAILURE = frozenset({"canceled", "cancelled", "error", "failed"})
@@ -170,7 +176,9 @@ class ModellixClient:
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
+        # The pid tells one worker process from another in the API's (and the sandbox's) request logs.
+        self.session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json",
+                                     "User-Agent": f"kling-worker/{_VERSION} (pid {os.getpid()})"})
         # requests re-reads the proxy and CA environment on every call (a scan of
         # os.environ each time, a third of a poll's CPU here): read it once instead.
         self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))

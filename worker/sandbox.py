@@ -3,6 +3,13 @@
 Tests, the demo and the benchmarks run against it; nothing here talks to the
 real API. Requests are validated with the project's own schemas. Control
 endpoints under /_sandbox/ let another process read counters and set faults.
+
+Two kinds of faults: `Faults` are shares and switches that apply to every
+request (load tests), and a *script* of `Step`s answers the next matching
+requests in order (tests that must know exactly which request fails).
+Every API request is logged with its time, its client (the User-Agent, which
+kling-worker's client sets per process) and its answer, so a test can see
+what each worker did and when (`/_sandbox/requests`).
 """
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import hashlib
 import json
 import random
 import re
+import socket
 import struct
 import sys
 import threading
@@ -29,6 +37,53 @@ _RESULT = re.compile(r"^/results/[^/]+/\d+\.png$")
 _ARRIVALS_KEPT = 200_000  # enough for max_requests_per_second at any rate a benchmark reaches
 
 Answer = tuple[int, dict[str, Any], dict[str, str]]  # status, JSON body, extra headers
+# A status of DROP tells the HTTP handler to close the connection without answering.
+DROP = -1
+# Scripted answers besides plain HTTP error statuses (see Step).
+SPECIAL = ("drop", "no_task_id", "wrong_task_id", "no_results", "echo")
+
+
+@dataclass
+class Step:
+    """One scripted answer, used by the next `times` API requests that match `on`.
+
+    `answer` is an HTTP error status (401, 402, 404, 429, 500, 503 ...) given in
+    the API's error shape, or one of:
+    - "drop": the request is carried out (a submit creates its task), then the
+      connection is closed without an answer: the worst case of a lost answer;
+    - "no_task_id": a submit answered 200 without a task id (the task exists);
+    - "wrong_task_id": a poll answered with another task's id;
+    - "no_results": a poll answered `success` with no result;
+    - "echo": a 400 whose message echoes the request's headers, as a careless
+      proxy might: the key reaches the client's error text unless it scrubs it;
+    - "status:WORD": a poll answered with the task status WORD.
+    """
+
+    answer: int | str
+    on: str = "any"  # "submit", "poll" or "any"
+    times: int = 1
+    retry_after: float | None = None  # sent with the answer, when set
+
+    def __post_init__(self) -> None:
+        if self.on not in ("submit", "poll", "any"):
+            raise ValueError("on must be submit, poll or any")
+        if isinstance(self.answer, bool) or not (
+                (isinstance(self.answer, int) and 400 <= self.answer <= 599)
+                or self.answer in SPECIAL or (isinstance(self.answer, str) and self.answer.startswith("status:"))):
+            raise ValueError(f"answer must be an HTTP error status or one of {', '.join(SPECIAL)}, status:WORD")
+        if isinstance(self.times, bool) or not isinstance(self.times, int) or self.times < 1:
+            raise ValueError("times must be a positive integer")
+        if self.retry_after is not None:
+            self.retry_after = _number("retry_after", self.retry_after)
+
+    def applies(self, kind: str) -> bool:
+        if kind == "other" or self.on not in ("any", kind):
+            return False
+        if self.answer == "no_task_id":
+            return kind == "submit"
+        if self.answer in ("wrong_task_id", "no_results") or str(self.answer).startswith("status:"):
+            return kind == "poll"
+        return True
 
 
 @dataclass
@@ -54,6 +109,11 @@ def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 2
 
 
 RESULT_PNG = png()
+
+
+_CATEGORIES = {400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+               404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
+               503: "Service Unavailable"}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Answer:
@@ -125,6 +185,19 @@ class SandboxServer:
             self._arrivals: deque[float] = deque(maxlen=_ARRIVALS_KEPT)
             self._counts = {"submits": 0, "polls": 0, "requests": 0, "errors_injected": 0, "duplicate_prompts": 0}
             self._status_counts: dict[str, int] = {}
+            self._script: list[Step] = []
+            self._log: deque[dict[str, Any]] = deque(maxlen=_ARRIVALS_KEPT)
+
+    def script(self, *steps: Step) -> None:
+        """Append scripted answers; each is used by the next requests it matches, in order."""
+        with self._lock:
+            self._script.extend(steps)
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        """Every API request so far: {"at": epoch seconds, "client": User-Agent, "kind": "submit"|"poll"|"other",
+        "status": answer status (-1: dropped)}."""
+        with self._lock:
+            return list(self._log)
 
     def set_faults(self, **changes: Any) -> None:
         """Update some Faults fields; all or nothing, so a bad value leaves the faults as they were."""
@@ -158,35 +231,86 @@ class SandboxServer:
         return result
 
     # -- the API ---------------------------------------------------------
-    def handle_api(self, method: str, path: str, auth: str | None, raw: bytes) -> Answer:
+    def handle_api(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> Answer:
+        arrived = time.time()
         with self._lock:  # the clock read inside the lock keeps arrivals sorted for the window scan
             self._arrivals.append(time.monotonic())
             self._counts["requests"] += 1
-        answer = self._answer(method, path, auth, raw)
+        kind = "submit" if method == "POST" and path in SUBMIT_PATHS else "poll" if (
+            method == "GET" and _TASK.match(path)) else "other"
+        answer = self._answer(method, path, kind, headers, raw)
         with self._lock:
             key = str(answer[0])
             self._status_counts[key] = self._status_counts.get(key, 0) + 1
+            self._log.append({"at": arrived, "client": headers.get("User-Agent", ""), "kind": kind,
+                              "status": answer[0]})
         return answer
 
-    def _answer(self, method: str, path: str, auth: str | None, raw: bytes) -> Answer:
-        if auth != f"Bearer {self.api_key}":
+    def _answer(self, method: str, path: str, kind: str, headers: dict[str, str], raw: bytes) -> Answer:
+        if headers.get("Authorization") != f"Bearer {self.api_key}":
             return _error(401, "Unauthorized: invalid or missing API key")
+        if self.faults.latency:
+            time.sleep(self.faults.latency)
+        step = self._next_step(kind)
+        if step is not None:
+            return self._scripted(step, kind, path, headers, raw)
         fault = self._fault()
         if fault:
             with self._lock:
                 self._counts["errors_injected"] += 1
             return fault
-        if method == "POST" and path in SUBMIT_PATHS:
+        if kind == "submit":
             return self._submit(raw)
-        match = _TASK.match(path) if method == "GET" else None
-        if match:
-            return self._task(match[1])
+        if kind == "poll":
+            return self._task(_TASK.match(path)[1])  # type: ignore[index]
         return _error(404, f"Not Found: no endpoint {method} {path}")
+
+    def _next_step(self, kind: str) -> Step | None:
+        with self._lock:
+            for i, step in enumerate(self._script):
+                if step.applies(kind):
+                    step.times -= 1
+                    if step.times == 0:
+                        del self._script[i]
+                    return step
+        return None
+
+    def _scripted(self, step: Step, kind: str, path: str, headers: dict[str, str], raw: bytes) -> Answer:
+        extra = {"Retry-After": f"{step.retry_after:g}"} if step.retry_after is not None else {}
+        answer = step.answer
+        if isinstance(answer, int):
+            with self._lock:
+                self._counts["errors_injected"] += 1
+            return _error(answer, f"{_CATEGORIES.get(answer, 'Error')}: scripted", extra)
+        if answer == "echo":
+            echoed = json.dumps({"path": path, "headers": headers}, sort_keys=True)
+            return _error(400, f"Bad Request: could not parse request {echoed}", extra)
+        if kind == "submit":  # "drop" or "no_task_id": the task is created, its answer lost or broken
+            status, body, _ = self._submit(raw)
+            if status != 200:
+                return status, body, extra
+            if answer == "drop":
+                return DROP, {}, {}
+            del body["data"]["task_id"]
+            return status, body, extra
+        task_id = _TASK.match(path)[1]  # type: ignore[index]
+        status, body, _ = self._task(task_id)
+        if status != 200:
+            return status, body, extra
+        data = body["data"]
+        if answer == "drop":
+            return DROP, {}, {}
+        if answer == "wrong_task_id":
+            data["task_id"] = task_id + "-other"
+        elif answer == "no_results":
+            data.update(status="success", result={"resources": []})
+        else:  # status:WORD
+            data["status"] = str(answer).split(":", 1)[1]
+            data.pop("result", None)
+        return status, body, extra
 
     def _fault(self) -> Answer | None:
         f = self.faults
-        if f.latency:
-            time.sleep(f.latency)
         if f.reject_key:
             return _error(401, "Unauthorized: invalid or expired API key")
         if f.no_balance:
@@ -249,6 +373,18 @@ class SandboxServer:
     def handle_control(self, method: str, path: str, raw: bytes) -> Answer:
         if method == "GET" and path == "/_sandbox/stats":
             return 200, self.stats(), {}
+        if method == "GET" and path == "/_sandbox/requests":
+            return 200, {"requests": self.requests_log()}, {}
+        if method == "POST" and path == "/_sandbox/script":
+            try:
+                body = json.loads(raw or b"{}")
+                if not isinstance(body, dict) or not isinstance(body.get("steps"), list):
+                    raise TypeError('body must be {"steps": [...]}')
+                steps = [Step(**step) for step in body["steps"]]
+            except (TypeError, ValueError) as exc:
+                return _error(400, f"Bad Request: {exc}")
+            self.script(*steps)
+            return 200, {"queued": len(steps)}, {}
         if method == "POST" and path == "/_sandbox/reset":
             self.reset()
             return 200, {"ok": True}, {}
@@ -334,7 +470,12 @@ class _Handler(BaseHTTPRequestHandler):
         sandbox = self.server.sandbox
         if path.startswith("/_sandbox/"):
             return self._json(*sandbox.handle_control(method, path, raw))
-        self._json(*sandbox.handle_api(method, path, self.headers.get("Authorization"), raw))
+        status, payload, headers = sandbox.handle_api(method, path, dict(self.headers.items()), raw)
+        if status == DROP:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        self._json(status, payload, headers)
 
     def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
         self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **headers})
