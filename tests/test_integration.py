@@ -1,64 +1,23 @@
 """Real worker processes, a separate producer process, real brokers and databases, the sandbox."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
 import pytest
 import requests
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session
 
-from models import TERMINAL
-from models.job import Job
-from tests.processes import Worker, produce
+from tests.processes import Worker, produce, rows, valid, wait_for, wait_terminal, worker_env
+from tests.proxy import TcpProxy
+from worker.sandbox import Step
 
 pytestmark = pytest.mark.services
 
 
-def worker_env(broker: str, database: str, sandbox, tmp_path, **extra) -> dict[str, str]:
-    env = {
-        "CELERY_BROKER_URL": broker,
-        "DATABASE_URL": database,
-        "MODELLIX_BASE_URL": sandbox.url,
-        "MODELLIX_API_KEY": sandbox.api_key,
-        "KLING_QUEUE": f"kling-test-{uuid.uuid4().hex[:8]}",
-        "KLING_HOME": str(tmp_path / "home"),
-        "KLING_POLL_FIRST": "0.3",
-        "KLING_POLL_MAX": "1",
-        "KLING_SWEEP_INTERVAL": "1",
-        "KLING_SUBMIT_GRACE": "3",
-        "KLING_BACKOFF_BASE": "0.2",
-    }
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def rows(database: str) -> dict[str, Job]:
-    engine = create_engine(database.replace("postgresql://", "postgresql+psycopg://"))
-    with Session(engine) as s:
-        found = {j.id: j for j in s.scalars(select(Job))}
-    engine.dispose()
-    return found
-
-
-def wait_terminal(database: str, count: int, timeout: float, workers: list[Worker]) -> dict[str, Job]:
-    deadline = time.monotonic() + timeout
-    found: dict[str, Job] = {}
-    while time.monotonic() < deadline:
-        found = rows(database)
-        if len(found) >= count and all(j.status in TERMINAL for j in found.values()):
-            return found
-        time.sleep(0.3)
-    statuses = {j.id: j.status for j in found.values() if j.status not in TERMINAL}
-    logs = "\n".join(w.output() for w in workers)
-    pytest.fail(f"{len(found)}/{count} rows, not terminal: {statuses}\n{logs}")
-
-
-def valid(tag: str, i: int) -> dict:
-    return {"request": {"prompt": f"{tag} picture {i} of <<<image_1>>>", "n": 1 + i % 2,
-                        "image_list": [{"image": f"https://img.example/{i}.png"}]},
-            "job_id": f"{tag}-{i}", "metadata": {"i": i}}
+def handled(workers: list[Worker]) -> int:
+    """kling.generate messages the workers finished (Celery logs one line each at INFO)."""
+    return sum(len(re.findall(r"Task kling\.generate\[[^]]+\] succeeded", w.output(10**7))) for w in workers)
 
 
 @pytest.fixture(params=["rabbitmq", "redis"])
@@ -123,11 +82,13 @@ def test_duplicate_job_ids_submit_once(rabbit_url, pg_url, sandbox, tmp_path):
         wait_terminal(pg_url, 5, 60, workers)
         # The same messages again once the jobs have ended: still nothing new.
         produce(rabbit_url, env["KLING_QUEUE"], messages[:5])
-        time.sleep(2)
-        found = wait_terminal(pg_url, 5, 30, workers)
+        # Counted from the workers' own logs, so the check waits until every re-sent message was consumed.
+        wait_for(lambda: handled(workers) >= len(messages) + 5, 60, "all 45 messages handled", workers)
+        found = rows(pg_url)
     finally:
         for w in workers:
             w.stop()
+    assert handled(workers) == len(messages) + 5
     assert len(found) == 5 and {j.status for j in found.values()} == {"succeeded"}
     assert {j.attempts for j in found.values()} == {1}
     assert sandbox.stats()["submits"] == 5
@@ -175,9 +136,74 @@ def test_only_json_is_accepted_from_the_broker(rabbit_url, pg_url, sandbox, tmp_
                            serializer="pickle")
         produce(rabbit_url, env["KLING_QUEUE"], [valid("json", 0)])
         found = wait_terminal(pg_url, 1, 30, [worker])
-        time.sleep(1)
+        wait_for(lambda: "ContentDisallowed" in worker.output() or "Refusing to deserialize" in worker.output(),
+                 30, "the pickled message refused", [worker])
     finally:
         worker.stop()
     assert set(rows(pg_url)) == {"json-0"} and found["json-0"].status == "succeeded"
-    assert "ContentDisallowed" in worker.output() or "Refusing to deserialize" in worker.output()
     assert sandbox.stats()["submits"] == 1
+
+
+def test_a_database_outage_delays_jobs_but_loses_none(rabbit_url, pg_url, sandbox, tmp_path):
+    proxy = TcpProxy("127.0.0.1", 5432)
+    database = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    env = worker_env(rabbit_url, database, sandbox, tmp_path)
+    worker = Worker(env, tmp_path, concurrency=8, beat=True).wait_ready()
+    try:
+        tag = uuid.uuid4().hex[:6]
+        messages = [valid(tag, i) for i in range(10)]
+        proxy.cut()  # the database goes away before the jobs arrive
+        produce(rabbit_url, env["KLING_QUEUE"], messages)
+        wait_for(lambda: worker.output(10**7).count("OperationalError") >= 10, 30,
+                 "every message met the outage", [worker])
+        assert sandbox.stats()["submits"] == 0  # nothing is sent that could not be recorded
+        proxy.restore()
+        found = wait_terminal(pg_url, len(messages), 90, [worker])
+    finally:
+        worker.stop()
+        proxy.close()
+    assert {j.status for j in found.values()} == {"succeeded"}
+    assert sandbox.stats()["submits"] == len(messages) and sandbox.stats()["duplicate_prompts"] == 0
+
+
+def test_the_api_key_never_reaches_worker_logs_or_rows(rabbit_url, pg_url, sandbox, tmp_path):
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, KLING_ACCOUNT_RETRY=1)
+    # Answers that echo the request headers (key included), on a submit and on polls.
+    sandbox.script(Step("echo", on="submit"), Step("echo", on="poll", times=2), Step(401, on="poll"))
+    worker = Worker(env, tmp_path, concurrency=4, beat=True, loglevel="DEBUG").wait_ready()
+    try:
+        tag = uuid.uuid4().hex[:6]
+        produce(rabbit_url, env["KLING_QUEUE"], [valid(tag, i) for i in range(3)])
+        found = wait_terminal(pg_url, 3, 90, [worker])
+    finally:
+        worker.stop()
+    log = worker.output(10**7)
+    assert "Bearer ***" in log and "401" in log  # the echoes and the account error were logged...
+    assert sandbox.api_key not in log  # ...without the key
+    dumped = repr([j.to_dict() for j in found.values()])
+    assert "Bearer ***" in dumped and sandbox.api_key not in dumped
+
+
+def test_several_worker_processes_share_one_sqlite_database(rabbit_url, sandbox, tmp_path):
+    database = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    from models.migrate import upgrade
+
+    upgrade(database)
+    sandbox.task_seconds = 1.0
+    env = worker_env(rabbit_url, database, sandbox, tmp_path, MODELLIX_MAX_IN_FLIGHT=3)
+    workers = [Worker(env, tmp_path, concurrency=8, beat=(i == 0)) for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        tag = uuid.uuid4().hex[:6]
+        produce(rabbit_url, env["KLING_QUEUE"], [valid(tag, i) for i in range(20)])
+        found = wait_terminal(database, 20, 120, workers)
+    finally:
+        for w in workers:
+            w.stop()
+    assert {j.status for j in found.values()} == {"succeeded"}
+    stats = sandbox.stats()
+    assert stats["submits"] == 20 and stats["duplicate_prompts"] == 0
+    assert stats["max_unfinished"] == 3, stats  # the in-flight limit holds on SQLite too
+    clients = {r["client"] for r in sandbox.requests_log() if r["kind"] == "submit"}
+    assert len(clients) == 2  # both processes did work

@@ -22,6 +22,7 @@ def client(sandbox):
 
 
 def test_submit_then_poll_to_success(client, sandbox):
+    sandbox.task_seconds = 4.0  # pending for a whole second: seen even on a loaded machine
     submission = client.submit({**BODY, "n": 3})
     assert submission.task_id.startswith("task-") and submission.status == "pending"
     state = client.get_task(submission.task_id)

@@ -168,14 +168,14 @@ def test_fault_rates_are_shares(server, http):
 
 
 def test_latency_is_added(server, http):
-    server.set_faults(latency=0.3)
+    server.set_faults(latency=1.0)
     for call in (lambda: submit(server, http), lambda: poll(server, http, "task-x")):
         started = time.monotonic()
         call()
-        assert time.monotonic() - started >= 0.3
+        assert time.monotonic() - started >= 1.0
     started = time.monotonic()
     requests.get(server.url + "/_sandbox/stats")  # control endpoints answer without it
-    assert time.monotonic() - started < 0.3
+    assert time.monotonic() - started < 1.0
 
 
 def test_control_endpoints_update_faults_and_reset(server, http):
@@ -220,13 +220,25 @@ def test_counters(server, http):
 
 
 def test_max_requests_per_second(server, http):
+    started = time.monotonic()
     for _ in range(20):
         poll(server, http, "task-x")
+    burst = time.monotonic() - started
     time.sleep(1.1)
     for _ in range(5):
         poll(server, http, "task-x")
     s = server.stats()
-    assert s["requests"] == 25 and s["max_requests_per_second"] == 20
+    assert s["requests"] == 25
+    if burst < 1.0:  # nearly always; a machine too loaded to send 20 requests in a second proves nothing here
+        assert s["max_requests_per_second"] == 20
+
+
+def test_the_request_window_is_half_open():
+    from worker.sandbox import _max_in_window
+
+    assert _max_in_window([0.0, 0.5, 0.99, 1.0, 1.5, 1.98, 2.5], 1.0) == 4  # 0.99 to 1.98
+    assert _max_in_window([0.0, 1.0, 2.0], 1.0) == 1
+    assert _max_in_window([], 1.0) == 0
 
 
 def test_max_unfinished_and_unfinished(server, http):
