@@ -1,12 +1,11 @@
 """Fixtures for real components: PostgreSQL, RabbitMQ, Redis, the sandbox, worker processes.
 
 A service that is down is a skip with its reason on a laptop, and a failure
-under CI=true, where every service is required.
+under CI (any true value), where every service is required (tests/services.py).
 """
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -15,21 +14,12 @@ from sqlalchemy import create_engine, text
 
 from models import db
 from models.migrate import upgrade
+from tests.services import require
 from worker import limits, runtime
 
 PG_ADMIN_URL = os.environ.get("KLING_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 RABBIT_URL = os.environ.get("KLING_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("KLING_TEST_REDIS", "redis://127.0.0.1:6379/0")
-
-
-def require(host: str, port: int, name: str) -> None:
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-    except OSError as exc:
-        message = f"{name} is not reachable on {host}:{port} ({exc})"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"required service missing in CI: {message}", pytrace=False)
-        pytest.skip(message)
 
 
 @pytest.fixture

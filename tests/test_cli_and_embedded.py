@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.processes import ROOT, Worker
+from tests.services import require_tool
 
 CLI = [sys.executable, "-m", "worker.cli"]
 
@@ -92,10 +92,9 @@ def test_alembic_migration_matches_the_models(any_db_url):
     assert diff == []
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None and os.environ.get("CI") != "true",
-                    reason="docker-compose (Debian package) not installed")
 def test_docker_compose_file_is_valid():
-    done = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+    compose = require_tool("docker-compose", "Debian package docker-compose")
+    done = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     config = done.stdout
