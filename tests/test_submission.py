@@ -141,6 +141,25 @@ def test_account_errors_keep_jobs_waiting_and_pause_the_fleet(service, caplog):
     assert handle(request={"prompt": "x"}, job_id="broke").status is JobStatus.submitted
 
 
+def test_a_400_from_the_api_fails_the_job_with_its_message(service):
+    service.script(Step(400, on="submit"))
+    out = handle(request={"prompt": "x"}, job_id="refused")
+    row = job("refused")
+    assert out.status is JobStatus.failed and row.error_code == "400" and "Bad Request" in row.error_message
+    assert row.attempts == 1 and row.finished_at
+
+
+def test_a_full_fleet_sends_the_job_back_within_ten_seconds(service, configure):
+    configure(MODELLIX_MAX_IN_FLIGHT="1")
+    submitted("running")
+    # A redelivery that has backed off many times: the backoff would say 60 s, the budget recheck says 10.
+    out = submission.handle((), {"request": {"prompt": "x"}, "job_id": "waiting"}, "d", retries=10)
+    assert out.status is JobStatus.queued and 5 <= out.retry_in <= 10
+    row = job("waiting")
+    assert row.status == "queued" and row.attempts == 0
+    assert service.stats()["submits"] == 1
+
+
 def test_not_found_from_the_api_fails_the_job(service, configure):
     configure(MODELLIX_SUBMIT_PATH="/api/v1/nowhere")
     out = handle(request={"prompt": "x"}, job_id="nowhere")
@@ -265,6 +284,17 @@ def test_failed_task_and_deadline(service):
     assert tracking.poll("slow", 0) is None
     row = job("slow")
     assert row.status == "failed" and row.error_code == "timeout"
+
+
+def test_pending_means_submitted_and_any_other_running_status_processing(service):
+    service.task_seconds = 30
+    submitted("p")
+    following = tracking.poll("p", 0)
+    assert following is not None and job("p").status == "submitted"  # Modellix says pending
+    service.script(Step("status:running"))
+    assert tracking.poll("p", following[0]) is not None
+    row = job("p")
+    assert row.status == "processing" and row.last_response["status"] == "running" and row.polls == 2
 
 
 def test_a_429_while_polling_honours_retry_after_and_pauses_the_fleet(service):

@@ -1,0 +1,50 @@
+"""The documented defaults that shape a worker: poll schedule, pools, delivery settings."""
+from __future__ import annotations
+
+import pytest
+
+from worker import backoff, runtime
+from worker.config import Settings
+
+
+def test_poll_schedule_is_2s_then_times_1_25_capped_at_30s():
+    cfg = Settings()
+    gaps = [backoff.poll_delay(i, cfg) for i in range(20)]
+    due = [round(sum(gaps[: i + 1]), 1) for i in range(5)]
+    assert due == [2.0, 4.5, 7.6, 11.5, 16.4]  # the README's figures
+    assert max(gaps) == 30.0 and gaps[-1] == 30.0
+
+
+def test_retry_backoff_doubles_with_jitter_and_honours_retry_after():
+    cfg = Settings(backoff_base=1.0, backoff_max=60.0)
+    for attempt, ceiling in ((1, 1), (2, 2), (3, 4), (8, 60), (20, 60)):
+        delays = [backoff.retry_delay(attempt, cfg) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+    assert backoff.retry_delay(1, cfg, retry_after=9) == 9
+
+
+def test_at_least_one_attempt():
+    with pytest.raises(ValueError, match="KLING_MAX_ATTEMPTS"):
+        Settings(max_attempts=0)
+
+
+@pytest.mark.parametrize("concurrency, db_pool, expected", [("128", None, 16), ("16", None, 4), ("32", "7", 7)])
+def test_database_pool_is_an_eighth_of_the_threads_at_least_four(configure, concurrency, db_pool, expected):
+    configure(KLING_CONCURRENCY=concurrency, **({"KLING_DB_POOL": db_pool} if db_pool else {}))
+    assert runtime._pool_size() == expected
+
+
+def test_http_pool_holds_a_connection_per_thread(configure):
+    configure(KLING_CONCURRENCY="48", MODELLIX_BASE_URL="http://127.0.0.1:9")
+    adapter = runtime.client().session.get_adapter("http://127.0.0.1:9")
+    assert adapter._pool_maxsize >= 48
+
+
+def test_delivery_settings_lose_no_message(configure, tmp_path):
+    configure(KLING_HOME=str(tmp_path))
+    from worker.app import app
+
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost  # a killed worker's message is requeued
+    assert conf.worker_prefetch_multiplier == 1 and conf.worker_pool == "threads"
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
