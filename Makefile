@@ -1,5 +1,6 @@
 # `make demo`: set up and run the service embedded (SQLite, file broker, sandbox).
 # `make test`: set up and run the whole test suite (needs PostgreSQL, RabbitMQ, Redis).
+# `make lint`: ruff (lint and format check).
 # `make mutation`: mutmut over worker/ and models/ with the fast tests (no servers);
 #   prints the score, writes mutants/survivors.txt. See .ci/mutation.
 VENV ?= .venv
@@ -15,12 +16,16 @@ $(VENV)/bin/mutmut: $(PY)
 	$(PY) -m pip install -q -e '.[test,mutation]'
 	touch $(VENV)/bin/mutmut
 
-.PHONY: demo test bench mutation
+.PHONY: demo test lint bench mutation
 demo: $(PY)
 	$(VENV)/bin/kling-worker demo
 
 test: $(PY)
 	$(PY) -m pytest -q
+
+lint: $(PY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(PY)
 	$(PY) bench/run.py

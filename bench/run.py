@@ -11,6 +11,7 @@ latency from enqueue to `submitted` (and submission to result), API requests
 per job, peak memory per worker, duplicates, and the rate of a bare Celery
 no-op task on the same broker and pool with the ratio of the two.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,23 @@ class Sandbox:
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = "bench-" + uuid.uuid4().hex
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "sandbox", "--port", str(self.port), "--api-key", self.key,
-             "--latency", str(latency), "--task-seconds", str(task_seconds)], cwd=ROOT,
-            stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "sandbox",
+                "--port",
+                str(self.port),
+                "--api-key",
+                self.key,
+                "--latency",
+                str(latency),
+                "--task-seconds",
+                str(task_seconds),
+            ],
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
         for _ in range(100):
             try:
                 self.stats()
@@ -121,9 +136,15 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
     sandbox = Sandbox(latency, args.task_seconds)
     database, drop = fresh_database(args.database)
     queue = f"bench-{uuid.uuid4().hex[:6]}"
-    env = {"CELERY_BROKER_URL": args.broker, "DATABASE_URL": database, "MODELLIX_BASE_URL": sandbox.url,
-           "MODELLIX_API_KEY": sandbox.key, "KLING_QUEUE": queue, "KLING_HOME": str(tmp / "home"),
-           "KLING_CONCURRENCY": str(args.concurrency)}
+    env = {
+        "CELERY_BROKER_URL": args.broker,
+        "DATABASE_URL": database,
+        "MODELLIX_BASE_URL": sandbox.url,
+        "MODELLIX_API_KEY": sandbox.key,
+        "KLING_QUEUE": queue,
+        "KLING_HOME": str(tmp / "home"),
+        "KLING_CONCURRENCY": str(args.concurrency),
+    }
     for name in ("MODELLIX_MAX_RPS", "MODELLIX_MAX_IN_FLIGHT"):
         if getattr(args, name.lower()):
             env[name] = str(getattr(args, name.lower()))
@@ -139,16 +160,20 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
         deadline = time.time() + args.timeout
         while time.time() < deadline:
             with engine.connect() as conn:
-                done = conn.execute(text("select count(*) from jobs where status in "
-                                         "('succeeded','failed','rejected')")).scalar_one()
+                done = conn.execute(
+                    text("select count(*) from jobs where status in ('succeeded','failed','rejected')")
+                ).scalar_one()
             if done >= args.jobs:
                 break
             time.sleep(0.2)
         memory = [peak_rss_mb(w.proc.pid) for w in procs]
         with engine.connect() as conn:
-            rows = conn.execute(text(
-                "select status, (metadata->>'enqueued_at')::float, extract(epoch from submitted_at),"
-                " extract(epoch from finished_at), polls from jobs")).all()
+            rows = conn.execute(
+                text(
+                    "select status, (metadata->>'enqueued_at')::float, extract(epoch from submitted_at),"
+                    " extract(epoch from finished_at), polls from jobs"
+                )
+            ).all()
         engine.dispose()
         stats = sandbox.stats()
     finally:
@@ -162,18 +187,26 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
     submit_latency = [float(r[2]) - r[1] for r in rows if r[2] is not None]
     result_latency = [float(r[3]) - float(r[2]) for r in ok]
     return {
-        "latency": latency, "workers": workers, "jobs": args.jobs, "succeeded": len(ok),
+        "latency": latency,
+        "workers": workers,
+        "jobs": args.jobs,
+        "succeeded": len(ok),
         "submitted_per_s": len(submit_latency) / (max(float(r[2]) for r in rows if r[2]) - t0),
         "succeeded_per_s": len(ok) / (max(float(r[3]) for r in ok) - t0) if ok else 0.0,
-        "p50": percentile(submit_latency, 50), "p95": percentile(submit_latency, 95),
+        "p50": percentile(submit_latency, 50),
+        "p95": percentile(submit_latency, 95),
         "p99": percentile(submit_latency, 99),
         "result_p50": percentile(result_latency, 50) if ok else None,
         "result_max": max(result_latency) if ok else None,
         "polls_per_job_max": max(r[4] for r in ok) if ok else None,
-        "requests_per_job": stats["requests"] / args.jobs, "submits_per_job": stats["submits"] / args.jobs,
-        "polls_per_job": stats["polls"] / args.jobs, "duplicates": stats["duplicate_prompts"],
-        "extra_submits": stats["submits"] - args.jobs, "max_rps_seen": stats["max_requests_per_second"],
-        "max_unfinished_seen": stats["max_unfinished"], "peak_rss_mb": max(memory),
+        "requests_per_job": stats["requests"] / args.jobs,
+        "submits_per_job": stats["submits"] / args.jobs,
+        "polls_per_job": stats["polls"] / args.jobs,
+        "duplicates": stats["duplicate_prompts"],
+        "extra_submits": stats["submits"] - args.jobs,
+        "max_rps_seen": stats["max_requests_per_second"],
+        "max_unfinished_seen": stats["max_unfinished"],
+        "peak_rss_mb": max(memory),
     }
 
 
@@ -189,14 +222,18 @@ def main() -> int:
     p.add_argument("--max-rps", dest="modellix_max_rps", type=float)
     p.add_argument("--max-in-flight", dest="modellix_max_in_flight", type=int)
     p.add_argument("--broker", default=os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
-    p.add_argument("--database", default=os.environ.get("KLING_BENCH_PG",
-                                                        "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    p.add_argument(
+        "--database", default=os.environ.get("KLING_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    )
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--no-baseline", action="store_true")
     args = p.parse_args()
 
-    print(f"# {os.cpu_count()} cores, {args.jobs} jobs, {args.concurrency} threads/worker, "
-          f"task {args.task_seconds}s, broker {args.broker.split('@')[-1]}", flush=True)
+    print(
+        f"# {os.cpu_count()} cores, {args.jobs} jobs, {args.concurrency} threads/worker, "
+        f"task {args.task_seconds}s, broker {args.broker.split('@')[-1]}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for workers in [int(w) for w in args.workers.split(",")]:
             ceiling = None if args.no_baseline else bare_celery_rate(args, workers, Path(tmp))
@@ -205,18 +242,20 @@ def main() -> int:
             for latency in [float(x) for x in args.latency.split(",")]:
                 r = run_scenario(args, latency, workers, Path(tmp))
                 ratio = f" ({r['submitted_per_s'] / ceiling:.0%} of no-op)" if ceiling else ""
-                print(f"latency {latency * 1000:.0f} ms, {workers} worker(s): "
-                      f"{r['submitted_per_s']:.0f} jobs/s to submitted{ratio}, "
-                      f"{r['succeeded_per_s']:.0f} jobs/s to succeeded ({r['succeeded']}/{r['jobs']})\n"
-                      f"  enqueue->submitted p50 {r['p50'] * 1000:.0f} ms, p95 {r['p95'] * 1000:.0f} ms, "
-                      f"p99 {r['p99'] * 1000:.0f} ms; submitted->result p50 {r['result_p50'] or 0:.1f} s, "
-                      f"max {r['result_max'] or 0:.1f} s\n"
-                      f"  API requests/job {r['requests_per_job']:.2f} (submits {r['submits_per_job']:.2f}, "
-                      f"polls {r['polls_per_job']:.2f}, max polls on one job {r['polls_per_job_max']}); "
-                      f"duplicates {r['duplicates']}, extra submits {r['extra_submits']}\n"
-                      f"  peak RSS per worker {r['peak_rss_mb']:.0f} MB; sandbox saw at most "
-                      f"{r['max_rps_seen']} requests/s and {r['max_unfinished_seen']} unfinished tasks",
-                      flush=True)
+                print(
+                    f"latency {latency * 1000:.0f} ms, {workers} worker(s): "
+                    f"{r['submitted_per_s']:.0f} jobs/s to submitted{ratio}, "
+                    f"{r['succeeded_per_s']:.0f} jobs/s to succeeded ({r['succeeded']}/{r['jobs']})\n"
+                    f"  enqueue->submitted p50 {r['p50'] * 1000:.0f} ms, p95 {r['p95'] * 1000:.0f} ms, "
+                    f"p99 {r['p99'] * 1000:.0f} ms; submitted->result p50 {r['result_p50'] or 0:.1f} s, "
+                    f"max {r['result_max'] or 0:.1f} s\n"
+                    f"  API requests/job {r['requests_per_job']:.2f} (submits {r['submits_per_job']:.2f}, "
+                    f"polls {r['polls_per_job']:.2f}, max polls on one job {r['polls_per_job_max']}); "
+                    f"duplicates {r['duplicates']}, extra submits {r['extra_submits']}\n"
+                    f"  peak RSS per worker {r['peak_rss_mb']:.0f} MB; sandbox saw at most "
+                    f"{r['max_rps_seen']} requests/s and {r['max_unfinished_seen']} unfinished tasks",
+                    flush=True,
+                )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Alembic environment: the URL comes from the Alembic config or DATABASE_URL."""
+
 from __future__ import annotations
 
 from alembic import context
@@ -33,8 +34,9 @@ def run_online() -> None:
 
         connectable = create_engine(url, poolclass=pool.NullPool)
     with connectable.connect() as connection:
-        context.configure(connection=connection, target_metadata=Base.metadata,
-                          render_as_batch=connection.dialect.name == "sqlite")
+        context.configure(
+            connection=connection, target_metadata=Base.metadata, render_as_batch=connection.dialect.name == "sqlite"
+        )
         with context.begin_transaction():
             context.run_migrations()
 

@@ -1,4 +1,5 @@
 """The job table and its queries. Nothing here imports Celery."""
+
 from models.budget import ApiBudget
 from models.job import ACTIVE, TERMINAL, Base, Job, JobStatus
 

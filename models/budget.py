@@ -1,4 +1,5 @@
 """The fleet's shared API budget: one row that every worker on every host reads and locks."""
+
 from __future__ import annotations
 
 from sqlalchemy import Float, String, Text

@@ -5,6 +5,7 @@ fork shares sockets between processes and breaks (measured here: 33 tasks/s and
 broken connections). Engines are therefore cached by process id, so every
 process, forked or not, builds its own on first use.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ def _configure_sqlite(engine: Engine) -> None:
 
 def normalise_url(url: str) -> str:
     # Plain postgresql:// would pick psycopg2, which we do not install.
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
 
@@ -57,7 +58,7 @@ def engine(url: str, pool_size: int = 10) -> Engine:
             full = normalise_url(url)
             if full.startswith("sqlite"):
                 if full.startswith("sqlite:///") and not full.startswith("sqlite:///:memory:"):
-                    os.makedirs(os.path.dirname(full[len("sqlite:///"):]) or ".", exist_ok=True)
+                    os.makedirs(os.path.dirname(full[len("sqlite:///") :]) or ".", exist_ok=True)
                 eng = create_engine(full, connect_args={"timeout": 30, "check_same_thread": False})
                 _configure_sqlite(eng)
             else:

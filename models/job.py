@@ -1,8 +1,9 @@
 """The ``jobs`` table: one row per generation job, keyed by the caller's job id."""
+
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, TypeDecorator, text
@@ -35,11 +36,11 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("naive datetime: use UTC-aware values")
-        return value.astimezone(timezone.utc).replace(tzinfo=None) if dialect.name == "sqlite" and value else value
+        return value.astimezone(UTC).replace(tzinfo=None) if dialect.name == "sqlite" and value else value
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
+            return value.replace(tzinfo=UTC)
         return value
 
 
@@ -48,7 +49,7 @@ JSONDoc = JSON().with_variant(JSONB(), "postgresql")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):

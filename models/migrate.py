@@ -1,4 +1,5 @@
 """Run the Alembic migrations from code (`kling-worker db upgrade`)."""
+
 from __future__ import annotations
 
 from pathlib import Path

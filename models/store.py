@@ -5,6 +5,7 @@ workers racing on one job cannot both win, and terminal states never change.
 Each function takes a Connection or a Session; the hot paths use a plain
 autocommit Connection (models.db.connect) since each statement is atomic alone.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -37,10 +38,20 @@ def _insert(ex: Executor):  # type: ignore[no-untyped-def]
 _NEW_ROW = ("id", "status", "request", "metadata", "attempts", "polls", "created_at", "updated_at")
 
 
-def _new_row(job_id: str, status: JobStatus, request: dict[str, Any], meta: dict[str, Any] | None,
-             now: datetime, **extra: Any) -> dict[str, Any]:
-    return {"id": job_id, "status": status.value, "request": request, "metadata": meta, "attempts": 0,
-            "polls": 0, "created_at": now, "updated_at": now, **extra}
+def _new_row(
+    job_id: str, status: JobStatus, request: dict[str, Any], meta: dict[str, Any] | None, now: datetime, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "status": status.value,
+        "request": request,
+        "metadata": meta,
+        "attempts": 0,
+        "polls": 0,
+        "created_at": now,
+        "updated_at": now,
+        **extra,
+    }
 
 
 @lru_cache(maxsize=4)
@@ -49,14 +60,18 @@ def _claim_stmt(dialect: str):  # type: ignore[no-untyped-def]
     stmt = insert(jobs).values({name: bindparam(name) for name in _NEW_ROW})
     return stmt.on_conflict_do_update(
         index_elements=[jobs.c.id],
-        set_={"status": JobStatus.submitting.value, "attempts": jobs.c.attempts + 1,
-              "updated_at": bindparam("created_at")},
+        set_={
+            "status": JobStatus.submitting.value,
+            "attempts": jobs.c.attempts + 1,
+            "updated_at": bindparam("created_at"),
+        },
         where=jobs.c.status == JobStatus.queued.value,
     ).returning(jobs.c.attempts)
 
 
-def claim_for_submit(ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None,
-                     now: datetime) -> int | None:
+def claim_for_submit(
+    ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, now: datetime
+) -> int | None:
     """Create the job as `submitting`, or take over a `queued` one, in one round trip.
 
     Returns the attempt number. None means another delivery owns it or already
@@ -67,8 +82,15 @@ def claim_for_submit(ex: Executor, job_id: str, request: dict[str, Any], meta: d
     return found[0] if found else None
 
 
-def add_job(ex: Executor, job_id: str, status: JobStatus, request: dict[str, Any],
-            meta: dict[str, Any] | None, now: datetime, **extra: Any) -> bool:
+def add_job(
+    ex: Executor,
+    job_id: str,
+    status: JobStatus,
+    request: dict[str, Any],
+    meta: dict[str, Any] | None,
+    now: datetime,
+    **extra: Any,
+) -> bool:
     """Insert a job unless the id exists; True if this call created it."""
     stmt = _insert(ex).values(_new_row(job_id, status, request, meta, now, **extra))
     stmt = stmt.on_conflict_do_nothing(index_elements=[jobs.c.id]).returning(jobs.c.id)
@@ -79,8 +101,9 @@ def transition(ex: Executor, job_id: str, allowed: Iterable[JobStatus], now: dat
     """Move a job on only if it is in one of `allowed`; True if it moved."""
     allowed_values = tuple(sorted(_values(allowed)))
     if any(isinstance(v, ClauseElement) for v in values.values()):
-        stmt = (update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(allowed_values))
-                .values(updated_at=now, **values))
+        stmt = (
+            update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(allowed_values)).values(updated_at=now, **values)
+        )
         return ex.execute(stmt).rowcount == 1
     stmt = _transition_stmt(allowed_values, tuple(sorted(values)))
     return ex.execute(stmt, {"job_id": job_id, "updated_at": now, **values}).rowcount == 1
@@ -90,19 +113,22 @@ def transition(ex: Executor, job_id: str, allowed: Iterable[JobStatus], now: dat
 def _transition_stmt(allowed: tuple[str, ...], keys: tuple[str, ...]):  # type: ignore[no-untyped-def]
     # Built once per shape: constructing and cache-keying an UPDATE costs about
     # as much CPU as running it, on a path every job takes four times.
-    return (update(jobs).where(jobs.c.id == bindparam("job_id"), jobs.c.status.in_(allowed))
-            .values({name: bindparam(name) for name in ("updated_at", *keys)}))
+    return (
+        update(jobs)
+        .where(jobs.c.id == bindparam("job_id"), jobs.c.status.in_(allowed))
+        .values({name: bindparam(name) for name in ("updated_at", *keys)})
+    )
 
 
-_CLAIM_POLL = (update(jobs)
-               .where(jobs.c.id == bindparam("job_id"), jobs.c.polls == bindparam("seq"),
-                      jobs.c.status.in_(_values(ACTIVE)))
-               .values(polls=jobs.c.polls + 1, next_poll_at=bindparam("lease_until"), updated_at=bindparam("now"))
-               .returning(jobs.c.modellix_task_id, jobs.c.submitted_at))
+_CLAIM_POLL = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"), jobs.c.polls == bindparam("seq"), jobs.c.status.in_(_values(ACTIVE)))
+    .values(polls=jobs.c.polls + 1, next_poll_at=bindparam("lease_until"), updated_at=bindparam("now"))
+    .returning(jobs.c.modellix_task_id, jobs.c.submitted_at)
+)
 
 
-def claim_poll(ex: Executor, job_id: str, seq: int, now: datetime,
-               lease: float) -> tuple[str, datetime] | None:
+def claim_poll(ex: Executor, job_id: str, seq: int, now: datetime, lease: float) -> tuple[str, datetime] | None:
     """Take the right to make poll number `seq` of a job: (task id, submitted_at) if won.
 
     `polls` is the token: whoever moves it from seq to seq+1 polls, a stale or
@@ -123,27 +149,35 @@ def claim_overdue_polls(s: Session, now: datetime, lease: float, limit: int) -> 
     rows = s.execute(
         select(jobs.c.id, jobs.c.polls)
         .where(jobs.c.status.in_(_values(ACTIVE)), jobs.c.next_poll_at <= now)
-        .order_by(jobs.c.next_poll_at).limit(limit).with_for_update(skip_locked=True)
+        .order_by(jobs.c.next_poll_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
     ).all()
     if rows:
-        s.execute(update(jobs).where(jobs.c.id.in_([r[0] for r in rows]))
-                  .values(next_poll_at=now + timedelta(seconds=lease)))
+        s.execute(
+            update(jobs).where(jobs.c.id.in_([r[0] for r in rows])).values(next_poll_at=now + timedelta(seconds=lease))
+        )
     return [(r[0], r[1]) for r in rows]
 
 
 def claim_stale(s: Session, status: JobStatus, before: datetime, limit: int) -> list[str]:
-    return list(s.execute(
-        select(jobs.c.id).where(jobs.c.status == status.value, jobs.c.updated_at < before)
-        .limit(limit).with_for_update(skip_locked=True)
-    ).scalars())
+    return list(
+        s.execute(
+            select(jobs.c.id)
+            .where(jobs.c.status == status.value, jobs.c.updated_at < before)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).scalars()
+    )
 
 
 def count_by_status(ex: Executor) -> dict[str, int]:
     return {status: count for status, count in ex.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))}
 
 
-def list_jobs(s: Session, status: str | None = None, since: datetime | None = None,
-              until: datetime | None = None, limit: int = 50) -> list[Job]:
+def list_jobs(
+    s: Session, status: str | None = None, since: datetime | None = None, until: datetime | None = None, limit: int = 50
+) -> list[Job]:
     query = select(Job).order_by(Job.created_at.desc()).limit(limit)
     if status:
         query = query.where(Job.status == status)

@@ -3,6 +3,7 @@
 A service that is down is a skip with its reason on a laptop, and a failure
 under CI (any true value), where every service is required (tests/services.py).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Real processes for integration tests and benchmarks: Celery workers, beat, a separate producer,
 and the helpers that read what they did from the job table."""
+
 from __future__ import annotations
 
 import json
@@ -44,33 +45,64 @@ for line in sys.stdin:
 """
 
 
-def produce(broker_url: str, queue: str, messages: list[dict], env: dict | None = None,
-            stamp: bool = False) -> float:
+def produce(broker_url: str, queue: str, messages: list[dict], env: dict | None = None, stamp: bool = False) -> float:
     """Enqueue from a separate process; returns the time of its first send."""
     lines = "".join(json.dumps(m) + "\n" for m in messages)
-    done = subprocess.run([sys.executable, "-c", PRODUCER, broker_url, queue] + (["stamp"] if stamp else []),
-                          input=lines.encode(), check=True, timeout=600, env=env, cwd=ROOT, capture_output=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PRODUCER, broker_url, queue] + (["stamp"] if stamp else []),
+        input=lines.encode(),
+        check=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+    )
     return float(done.stdout.split()[0])
 
 
 class Worker:
     """One `celery -A worker worker` process (or beat) with its own environment."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, concurrency: int = 16, beat: bool = False,
-                 pool: str = "threads", app: str = "worker", loglevel: str = "INFO"):
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        concurrency: int = 16,
+        beat: bool = False,
+        pool: str = "threads",
+        app: str = "worker",
+        loglevel: str = "INFO",
+    ):
         self.name = f"w{uuid.uuid4().hex[:6]}"
         self.log = log_dir / f"{self.name}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", app, "worker", f"--loglevel={loglevel}",
-               f"--hostname={self.name}@%h", f"--concurrency={concurrency}", f"--pool={pool}",
-               "--without-mingle", "--without-gossip"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            f"--loglevel={loglevel}",
+            f"--hostname={self.name}@%h",
+            f"--concurrency={concurrency}",
+            f"--pool={pool}",
+            "--without-mingle",
+            "--without-gossip",
+        ]
         if beat:
             cmd += ["-B", f"--schedule={log_dir / (self.name + '-beat')}"]
         self._log_file = open(self.log, "wb")
         self._started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
-    def wait_ready(self, timeout: float = 60.0) -> "Worker":
+    def wait_ready(self, timeout: float = 60.0) -> Worker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if b" ready." in self.log.read_bytes() or self._pinged():
@@ -143,9 +175,15 @@ def wait_terminal(database: str, count: int, timeout: float, workers: list[Worke
 
 
 def valid(tag: str, i: int) -> dict:
-    return {"request": {"prompt": f"{tag} picture {i} of <<<image_1>>>", "n": 1 + i % 2,
-                        "image_list": [{"image": f"https://img.example/{i}.png"}]},
-            "job_id": f"{tag}-{i}", "metadata": {"i": i}}
+    return {
+        "request": {
+            "prompt": f"{tag} picture {i} of <<<image_1>>>",
+            "n": 1 + i % 2,
+            "image_list": [{"image": f"https://img.example/{i}.png"}],
+        },
+        "job_id": f"{tag}-{i}",
+        "metadata": {"i": i},
+    }
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, workers: list[Worker] = ()) -> Any:

@@ -5,6 +5,7 @@ them. It points the workers at this proxy instead and cuts the proxy: open
 connections are closed and new ones refused, exactly what a client sees when
 the server goes away; `restore()` lets connections through again.
 """
+
 from __future__ import annotations
 
 import socket

@@ -1,5 +1,6 @@
 """What the tests need from the machine (servers and commands), and what happens when it is missing:
 a failure under CI, where everything is required, and a skip naming what is missing elsewhere."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The CLI and the embedded default, as a user runs them: real subprocesses, no servers."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,13 @@ def test_demo_runs_the_embedded_default_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_enqueue_wait_list_show_stats_cancel(tmp_path, sandbox):
-    env = embedded_env(tmp_path, MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=sandbox.api_key,
-                       KLING_POLL_FIRST="0.3", KLING_POLL_MAX="0.5")
+    env = embedded_env(
+        tmp_path,
+        MODELLIX_BASE_URL=sandbox.url,
+        MODELLIX_API_KEY=sandbox.api_key,
+        KLING_POLL_FIRST="0.3",
+        KLING_POLL_MAX="0.5",
+    )
     run(["db", "upgrade"], env)
     image = tmp_path / "in.png"
     from worker.sandbox import png
@@ -53,9 +59,30 @@ def test_enqueue_wait_list_show_stats_cancel(tmp_path, sandbox):
     image.write_bytes(png(2, 2))
     worker = Worker(env, tmp_path, concurrency=4).wait_ready()
     try:
-        done = run(["enqueue", "A cat like <<<image_1>>>", "--image", str(image), "--image", "https://a/b.png",
-                    "--element", "9", "-n", "2", "--aspect-ratio", "1:1", "--job-id", "cli-1",
-                    "--metadata", '{"who": "test"}', "--wait", "--timeout", "60"], env)
+        done = run(
+            [
+                "enqueue",
+                "A cat like <<<image_1>>>",
+                "--image",
+                str(image),
+                "--image",
+                "https://a/b.png",
+                "--element",
+                "9",
+                "-n",
+                "2",
+                "--aspect-ratio",
+                "1:1",
+                "--job-id",
+                "cli-1",
+                "--metadata",
+                '{"who": "test"}',
+                "--wait",
+                "--timeout",
+                "60",
+            ],
+            env,
+        )
     finally:
         worker.stop()
     assert done.stdout.startswith("cli-1") and "succeeded" in done.stderr
@@ -94,8 +121,9 @@ def test_alembic_migration_matches_the_models(any_db_url):
 
 def test_docker_compose_file_is_valid():
     compose = require_tool("docker-compose", "Debian package docker-compose")
-    done = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "config"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [compose, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     config = done.stdout
     for service in ("rabbitmq", "postgres", "migrate", "worker", "beat", "sandbox"):

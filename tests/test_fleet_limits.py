@@ -1,4 +1,5 @@
 """Fleet-wide limits with several real worker processes on RabbitMQ + PostgreSQL."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """Real worker processes, a separate producer process, real brokers and databases, the sandbox."""
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,10 @@ def test_jobs_go_from_queue_to_succeeded_or_rejected(broker, pg_url, sandbox, tm
         bad = [
             {"request": {"prompt": "x", "n": 10}, "job_id": f"{tag}-bad-n"},
             {"request": {"prompt": "x", "negative_prompt": "blur"}, "job_id": f"{tag}-bad-field"},
-            {"request": {"prompt": "see <<<image_2>>>", "image_list": [{"image": "ftp://a/b.png"}]},
-             "job_id": f"{tag}-bad-image"},
+            {
+                "request": {"prompt": "see <<<image_2>>>", "image_list": [{"image": "ftp://a/b.png"}]},
+                "job_id": f"{tag}-bad-image",
+            },
             {"metadata": {"case": "no-request"}},
             {"request": {"prompt": "x"}, "job_id": "has spaces/slash", "metadata": {"case": "bad-id"}},
         ]
@@ -132,12 +135,15 @@ def test_only_json_is_accepted_from_the_broker(rabbit_url, pg_url, sandbox, tmp_
 
         producer = Celery(broker=rabbit_url)
         producer.conf.accept_content = ["json", "pickle"]
-        producer.send_task("kling.generate", kwargs=valid("pickled", 0), queue=env["KLING_QUEUE"],
-                           serializer="pickle")
+        producer.send_task("kling.generate", kwargs=valid("pickled", 0), queue=env["KLING_QUEUE"], serializer="pickle")
         produce(rabbit_url, env["KLING_QUEUE"], [valid("json", 0)])
         found = wait_terminal(pg_url, 1, 30, [worker])
-        wait_for(lambda: "ContentDisallowed" in worker.output() or "Refusing to deserialize" in worker.output(),
-                 30, "the pickled message refused", [worker])
+        wait_for(
+            lambda: "ContentDisallowed" in worker.output() or "Refusing to deserialize" in worker.output(),
+            30,
+            "the pickled message refused",
+            [worker],
+        )
     finally:
         worker.stop()
     assert set(rows(pg_url)) == {"json-0"} and found["json-0"].status == "succeeded"
@@ -154,8 +160,9 @@ def test_a_database_outage_delays_jobs_but_loses_none(rabbit_url, pg_url, sandbo
         messages = [valid(tag, i) for i in range(10)]
         proxy.cut()  # the database goes away before the jobs arrive
         produce(rabbit_url, env["KLING_QUEUE"], messages)
-        wait_for(lambda: worker.output(10**7).count("OperationalError") >= 10, 30,
-                 "every message met the outage", [worker])
+        wait_for(
+            lambda: worker.output(10**7).count("OperationalError") >= 10, 30, "every message met the outage", [worker]
+        )
         assert sandbox.stats()["submits"] == 0  # nothing is sent that could not be recorded
         proxy.restore()
         found = wait_terminal(pg_url, len(messages), 90, [worker])

@@ -1,4 +1,5 @@
 """The Modellix client's every path, against the sandbox server over real HTTP."""
+
 from __future__ import annotations
 
 import os
@@ -42,13 +43,16 @@ def test_failed_task_carries_its_error(client, sandbox):
     assert "Generation failed" in state.error_message
 
 
-@pytest.mark.parametrize("fault, status, cls, retryable", [
-    ({"rate_429": 1.0, "retry_after": 2.5}, 429, modellix.RateLimited, True),
-    ({"rate_500": 1.0}, 500, modellix.TransientError, True),
-    ({"rate_503": 1.0}, 503, modellix.TransientError, True),
-    ({"reject_key": True}, 401, modellix.AccountError, False),
-    ({"no_balance": True}, 402, modellix.AccountError, False),
-])
+@pytest.mark.parametrize(
+    "fault, status, cls, retryable",
+    [
+        ({"rate_429": 1.0, "retry_after": 2.5}, 429, modellix.RateLimited, True),
+        ({"rate_500": 1.0}, 500, modellix.TransientError, True),
+        ({"rate_503": 1.0}, 503, modellix.TransientError, True),
+        ({"reject_key": True}, 401, modellix.AccountError, False),
+        ({"no_balance": True}, 402, modellix.AccountError, False),
+    ],
+)
 def test_error_answers_are_typed(client, sandbox, fault, status, cls, retryable):
     sandbox.set_faults(**fault)
     with pytest.raises(cls) as info:
@@ -164,17 +168,27 @@ def test_poll_answered_for_another_task_is_a_protocol_error(client, sandbox):
 
 def test_result_urls_are_parsed_tolerantly():
     assert modellix.result_urls({"result": {"resources": ["https://a/1.png", {"url": "http://b/2.png"}]}}) == [
-        "https://a/1.png", "http://b/2.png"]
-    assert modellix.result_urls({"resources": [{"url": "https://old/x.png", "type": "image"}]}) == [
-        "https://old/x.png"]
+        "https://a/1.png",
+        "http://b/2.png",
+    ]
+    assert modellix.result_urls({"resources": [{"url": "https://old/x.png", "type": "image"}]}) == ["https://old/x.png"]
     assert modellix.result_urls({"result": {"resources": ["ftp://x/y", "javascript:alert(1)", 7, None]}}) == []
 
 
-@pytest.mark.parametrize("status, finished, succeeded", [
-    ("SUCCESS", True, True), ("completed", True, True), ("Succeeded", True, True),
-    ("failed", True, False), ("Cancelled", True, False), ("canceled", True, False), ("error", True, False),
-    ("pending", False, False), ("rendering", False, False),
-])
+@pytest.mark.parametrize(
+    "status, finished, succeeded",
+    [
+        ("SUCCESS", True, True),
+        ("completed", True, True),
+        ("Succeeded", True, True),
+        ("failed", True, False),
+        ("Cancelled", True, False),
+        ("canceled", True, False),
+        ("error", True, False),
+        ("pending", False, False),
+        ("rendering", False, False),
+    ],
+)
 def test_status_mapping(status, finished, succeeded):
     state = modellix.TaskState("t", status, {})
     assert (state.finished, state.succeeded) == (finished, succeeded)

@@ -1,4 +1,5 @@
 """The per-process poll scheduler: order, chaining, and faults that must not stop it."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """The sandbox server's own contract: the API shapes, faults, control endpoints and counters."""
+
 from __future__ import annotations
 
 import time
@@ -51,8 +52,10 @@ def poll_until(server, http, task_id, status: str, timeout: float = 10) -> dict:
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret-test-key"}])
 def test_missing_or_wrong_key_is_401(server, headers):
-    for answer in (requests.post(server.url + SUBMIT, json={"prompt": "x"}, headers=headers),
-                   requests.get(server.url + "/api/v1/tasks/task-1", headers=headers)):
+    for answer in (
+        requests.post(server.url + SUBMIT, json={"prompt": "x"}, headers=headers),
+        requests.get(server.url + "/api/v1/tasks/task-1", headers=headers),
+    ):
         assert answer.status_code == 401
         assert answer.json() == {"code": 401, "message": "Unauthorized: invalid or missing API key"}
     assert stats(server)["submits"] == 0
@@ -72,13 +75,16 @@ def test_valid_submit(server, http):
     assert other.status_code == 200 and other.json()["data"]["task_id"] != data["task_id"]
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"prompt": "x", "negative_prompt": "no"}, "negative_prompt"),
-    ({"prompt": "x", "n": 10}, "n"),
-    ({"prompt": "x", "aspect_ratio": "5:4"}, "aspect_ratio"),
-    ({}, "prompt"),
-    ([1, 2], "_schema"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "x", "negative_prompt": "no"}, "negative_prompt"),
+        ({"prompt": "x", "n": 10}, "n"),
+        ({"prompt": "x", "aspect_ratio": "5:4"}, "aspect_ratio"),
+        ({}, "prompt"),
+        ([1, 2], "_schema"),
+    ],
+)
 def test_invalid_body_is_400_naming_the_field(server, http, body, field):
     answer = submit(server, http, body)
     assert answer.status_code == 400
@@ -144,12 +150,15 @@ def test_429_with_retry_after(server, http):
     assert poll(server, http, "task-x").headers["Retry-After"] == "3"
 
 
-@pytest.mark.parametrize("fault, status, category", [
-    ({"rate_500": 1.0}, 500, "Internal Server Error: "),
-    ({"rate_503": 1.0}, 503, "Service Unavailable: "),
-    ({"reject_key": True}, 401, "Unauthorized: "),
-    ({"no_balance": True}, 402, "Payment Required: insufficient balance"),
-])
+@pytest.mark.parametrize(
+    "fault, status, category",
+    [
+        ({"rate_500": 1.0}, 500, "Internal Server Error: "),
+        ({"rate_503": 1.0}, 503, "Service Unavailable: "),
+        ({"reject_key": True}, 401, "Unauthorized: "),
+        ({"no_balance": True}, 402, "Payment Required: insufficient balance"),
+    ],
+)
 def test_injected_errors(server, http, fault, status, category):
     server.set_faults(**fault)
     for answer in (submit(server, http), poll(server, http, "task-x")):
@@ -276,6 +285,7 @@ def test_stop_without_start_returns():
 
 # -- scripted answers and the request log --------------------------------------
 
+
 def test_scripted_errors_answer_the_next_matching_requests_in_order(server, http):
     server.script(Step(429, on="submit", retry_after=3), Step(503, on="poll", times=2), Step(500))
     task_id = None
@@ -326,8 +336,14 @@ def test_script_over_http_and_bad_steps(server, http):
     ok = requests.post(server.url + "/_sandbox/script", json={"steps": [{"answer": 402, "times": 2}]})
     assert ok.status_code == 200 and ok.json() == {"queued": 1}  # one step, used twice
     assert [submit(server, http).status_code for _ in range(3)] == [402, 402, 200]
-    for bad in ({"steps": [{"answer": 200}]}, {"steps": [{"answer": "explode"}]}, {"steps": [{"answer": 429,
-                "on": "both"}]}, {"steps": [{"answer": 429, "times": 0}]}, {"steps": "x"}, [1]):
+    for bad in (
+        {"steps": [{"answer": 200}]},
+        {"steps": [{"answer": "explode"}]},
+        {"steps": [{"answer": 429, "on": "both"}]},
+        {"steps": [{"answer": 429, "times": 0}]},
+        {"steps": "x"},
+        [1],
+    ):
         answer = requests.post(server.url + "/_sandbox/script", json=bad)
         assert answer.status_code == 400 and answer.json()["message"].startswith("Bad Request: ")
 
@@ -336,10 +352,14 @@ def test_request_log_names_client_kind_and_answer(server, http):
     http.headers["User-Agent"] = "worker-a"
     task_id = submit(server, http).json()["data"]["task_id"]
     poll(server, http, task_id)
-    requests.get(server.url + "/api/v1/nowhere", headers={"Authorization": f"Bearer {server.api_key}",
-                                                          "User-Agent": "worker-b"})
+    requests.get(
+        server.url + "/api/v1/nowhere", headers={"Authorization": f"Bearer {server.api_key}", "User-Agent": "worker-b"}
+    )
     before = time.time()
     log = requests.get(server.url + "/_sandbox/requests").json()["requests"]
     assert [(r["client"], r["kind"], r["status"]) for r in log] == [
-        ("worker-a", "submit", 200), ("worker-a", "poll", 200), ("worker-b", "other", 404)]
+        ("worker-a", "submit", 200),
+        ("worker-a", "poll", 200),
+        ("worker-b", "other", 404),
+    ]
     assert all(before - 10 < r["at"] <= before for r in log)

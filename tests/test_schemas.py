@@ -1,4 +1,5 @@
 """Every rule of shared/modellix-api.md, at its boundaries."""
+
 from __future__ import annotations
 
 import base64
@@ -21,8 +22,16 @@ from worker.schemas import (
 # Restated from the API contract on purpose: the tests check the schema against
 # the document, not against the schema's own constants.
 ASPECT_RATIOS = ["16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3", "21:9", "auto"]
-UNSUPPORTED = ["negative_prompt", "image", "image_reference", "image_fidelity", "human_fidelity",
-               "subject_image_list", "scene_image", "style_image"]
+UNSUPPORTED = [
+    "negative_prompt",
+    "image",
+    "image_reference",
+    "image_fidelity",
+    "human_fidelity",
+    "subject_image_list",
+    "scene_image",
+    "style_image",
+]
 TEN_MB = 10 * 1024 * 1024
 
 
@@ -67,13 +76,20 @@ def elements(k: int) -> list[dict]:
 
 # -- output shape -----------------------------------------------------------
 
+
 def test_minimal_request_loads_without_injected_defaults():
     assert ok({"prompt": "hi"}) == {"prompt": "hi"}
 
 
 def test_full_request_comes_back_as_plain_data():
-    body = {"prompt": "a <<<image_1>>>", "image_list": images(1), "element_list": elements(1),
-            "resolution": "2k", "aspect_ratio": "auto", "n": 3}
+    body = {
+        "prompt": "a <<<image_1>>>",
+        "image_list": images(1),
+        "element_list": elements(1),
+        "resolution": "2k",
+        "aspect_ratio": "auto",
+        "n": 3,
+    }
     assert ok(copy.deepcopy(body)) == body
 
 
@@ -83,10 +99,20 @@ def test_request_must_be_an_object():
 
 # -- prompt -----------------------------------------------------------------
 
-@pytest.mark.parametrize("prompt, valid", [
-    ("", False), ("   ", False), ("\n\t", False), ("a", True), ("a" * 2500, True), ("a" * 2501, False),
-    ("猫" * 2500, True), ("猫" * 2501, False),  # characters, not UTF-8 bytes (7500 bytes pass)
-])
+
+@pytest.mark.parametrize(
+    "prompt, valid",
+    [
+        ("", False),
+        ("   ", False),
+        ("\n\t", False),
+        ("a", True),
+        ("a" * 2500, True),
+        ("a" * 2501, False),
+        ("猫" * 2500, True),
+        ("猫" * 2501, False),  # characters, not UTF-8 bytes (7500 bytes pass)
+    ],
+)
 def test_prompt_length_in_characters(prompt, valid):
     if valid:
         assert ok({"prompt": prompt})["prompt"] == prompt
@@ -107,9 +133,23 @@ def test_prompt_is_required_and_a_string():
 
 # -- n, resolution, aspect_ratio ------------------------------------------------
 
-@pytest.mark.parametrize("n, valid", [(0, False), (1, True), (9, True), (10, False), (-1, False),
-                                      (True, False), (False, False), (2.0, False), (1.5, False),
-                                      ("3", False), (None, False)])
+
+@pytest.mark.parametrize(
+    "n, valid",
+    [
+        (0, False),
+        (1, True),
+        (9, True),
+        (10, False),
+        (-1, False),
+        (True, False),
+        (False, False),
+        (2.0, False),
+        (1.5, False),
+        ("3", False),
+        (None, False),
+    ],
+)
 def test_n(n, valid):
     if valid:
         assert ok({"prompt": "x", "n": n})["n"] == n
@@ -127,13 +167,23 @@ def test_resolutions(value):
     assert ok({"prompt": "x", "resolution": value})["resolution"] == value
 
 
-@pytest.mark.parametrize("field, value", [("aspect_ratio", "5:4"), ("aspect_ratio", "AUTO"), ("aspect_ratio", ""),
-                                          ("resolution", "4k"), ("resolution", "1K"), ("resolution", 1)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("aspect_ratio", "5:4"),
+        ("aspect_ratio", "AUTO"),
+        ("aspect_ratio", ""),
+        ("resolution", "4k"),
+        ("resolution", "1K"),
+        ("resolution", 1),
+    ],
+)
 def test_enumerations_reject_others(field, value):
     assert field in errors({"prompt": "x", field: value})
 
 
 # -- lists --------------------------------------------------------------------
+
 
 def test_each_list_holds_at_most_ten():
     assert len(ok({"prompt": "x", "image_list": images(10)})["image_list"]) == 10
@@ -149,9 +199,21 @@ def test_both_lists_together_hold_at_most_ten():
     assert found == {"_schema": ["image_list and element_list together may hold at most 10 items; got 11"]}
 
 
-@pytest.mark.parametrize("value, valid", [(0, True), (2**63 - 1, True), (-(2**63), True), (2**63, False),
-                                          (-(2**63) - 1, False), ("12", False), (1.5, False), (3.0, False),
-                                          (True, False), (None, False)])
+@pytest.mark.parametrize(
+    "value, valid",
+    [
+        (0, True),
+        (2**63 - 1, True),
+        (-(2**63), True),
+        (2**63, False),
+        (-(2**63) - 1, False),
+        ("12", False),
+        (1.5, False),
+        (3.0, False),
+        (True, False),
+        (None, False),
+    ],
+)
 def test_element_id_is_a_64_bit_integer(value, valid):
     body = {"prompt": "x", "element_list": [{"element_id": value}]}
     if valid:
@@ -162,7 +224,8 @@ def test_element_id_is_a_64_bit_integer(value, valid):
 
 def test_list_items_take_exactly_their_one_key():
     assert errors({"prompt": "x", "image_list": [{"image": "https://a/b.png", "weight": 1}]}) == {
-        "image_list": {0: {"weight": ["Unknown field."]}}}
+        "image_list": {0: {"weight": ["Unknown field."]}}
+    }
     assert "element_list" in errors({"prompt": "x", "element_list": [{"element_id": 1, "name": "a"}]})
     assert "image_list" in errors({"prompt": "x", "image_list": [{}]})
     assert "element_list" in errors({"prompt": "x", "element_list": [{}]})
@@ -171,6 +234,7 @@ def test_list_items_take_exactly_their_one_key():
 
 
 # -- unsupported and unknown fields ---------------------------------------------
+
 
 @pytest.mark.parametrize("field", UNSUPPORTED)
 def test_unsupported_fields_are_named(field):
@@ -189,13 +253,28 @@ def test_unknown_field():
 
 # -- images -------------------------------------------------------------------
 
-@pytest.mark.parametrize("url, valid", [
-    ("http://img.example/a.png", True), ("https://img.example/a", True), ("HTTPS://img.example/a?x=1", True),
-    ("https://10.0.0.1:8443/a.jpg", True), ("ftp://img.example/a.png", False), ("file:///etc/passwd", False),
-    ("javascript:alert(1)", False), ("not a url", False), ("/relative/a.png", False), ("img.example/a.png", False),
-    ("https:///no-host.png", False), ("http://", False), ("http://[::1", False), ("https://img.example/a b.png", False),
-    ("", False), ("data:text/plain;base64,aGk=", False),
-])
+
+@pytest.mark.parametrize(
+    "url, valid",
+    [
+        ("http://img.example/a.png", True),
+        ("https://img.example/a", True),
+        ("HTTPS://img.example/a?x=1", True),
+        ("https://10.0.0.1:8443/a.jpg", True),
+        ("ftp://img.example/a.png", False),
+        ("file:///etc/passwd", False),
+        ("javascript:alert(1)", False),
+        ("not a url", False),
+        ("/relative/a.png", False),
+        ("img.example/a.png", False),
+        ("https:///no-host.png", False),
+        ("http://", False),
+        ("http://[::1", False),
+        ("https://img.example/a b.png", False),
+        ("", False),
+        ("data:text/plain;base64,aGk=", False),
+    ],
+)
 def test_image_urls(url, valid):
     body = {"prompt": "x", "image_list": [{"image": url}]}
     if valid:
@@ -209,18 +288,21 @@ def test_real_png_and_jpeg_inline_images():
     assert ok({"prompt": "x", "image_list": inline})["image_list"] == inline
 
 
-@pytest.mark.parametrize("bad, why", [
-    ("data:image/png;base64,@@not base64@@", "not valid base64"),
-    ("data:image/png;base64,iVBORw0KGgo", "not valid base64"),  # missing padding
-    (data_uri("png", PNG)[:-1] + "\n", "not valid base64"),
-    (data_uri("png", b"GIF89a" + b"\x00" * 20), "declared png but is neither a JPEG nor a PNG"),
-    (data_uri("jpeg", b"hello world"), "declared jpeg but is neither a JPEG nor a PNG"),
-    (data_uri("png", b""), "neither a JPEG nor a PNG"),
-    (data_uri("png", JPEG), "declared png but is a jpeg"),
-    (data_uri("jpeg", PNG), "declared jpeg but is a png"),
-    (data_uri("gif", b"GIF89a"), "data:image/jpeg;base64"),
-    ("data:image/png," + "x", "data:image/jpeg;base64"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("data:image/png;base64,@@not base64@@", "not valid base64"),
+        ("data:image/png;base64,iVBORw0KGgo", "not valid base64"),  # missing padding
+        (data_uri("png", PNG)[:-1] + "\n", "not valid base64"),
+        (data_uri("png", b"GIF89a" + b"\x00" * 20), "declared png but is neither a JPEG nor a PNG"),
+        (data_uri("jpeg", b"hello world"), "declared jpeg but is neither a JPEG nor a PNG"),
+        (data_uri("png", b""), "neither a JPEG nor a PNG"),
+        (data_uri("png", JPEG), "declared png but is a jpeg"),
+        (data_uri("jpeg", PNG), "declared jpeg but is a png"),
+        (data_uri("gif", b"GIF89a"), "data:image/jpeg;base64"),
+        ("data:image/png," + "x", "data:image/jpeg;base64"),
+    ],
+)
 def test_inline_images_must_be_real_png_or_jpeg(bad, why):
     message = errors({"prompt": "x", "image_list": [{"image": bad}]})["image_list"][0]["image"][0]
     assert why in message, message
@@ -235,11 +317,20 @@ def test_inline_image_size_limit():
 
 # -- prompt references ------------------------------------------------------------
 
-@pytest.mark.parametrize("prompt, count, valid", [
-    ("<<<image_1>>>", 1, True), ("<<<image_2>>>", 1, False), ("<<<image_2>>> and <<<image_1>>>", 2, True),
-    ("<<<image_10>>>", 10, True), ("<<<image_11>>>", 10, False),
-    ("<<<image_0>>>", 1, False), ("<<<image_1>>>", 0, False), ("no reference", 0, True),
-])
+
+@pytest.mark.parametrize(
+    "prompt, count, valid",
+    [
+        ("<<<image_1>>>", 1, True),
+        ("<<<image_2>>>", 1, False),
+        ("<<<image_2>>> and <<<image_1>>>", 2, True),
+        ("<<<image_10>>>", 10, True),
+        ("<<<image_11>>>", 10, False),
+        ("<<<image_0>>>", 1, False),
+        ("<<<image_1>>>", 0, False),
+        ("no reference", 0, True),
+    ],
+)
 def test_prompt_references_stay_within_the_images(prompt, count, valid):
     body: dict = {"prompt": prompt}
     if count:
@@ -264,14 +355,27 @@ def test_a_bad_image_does_not_shift_the_reference_count():
 
 # -- message --------------------------------------------------------------------
 
+
 def message_errors(kwargs: dict) -> dict:
     return MessageSchema().validate(kwargs)
 
 
-@pytest.mark.parametrize("job_id, valid", [
-    ("a", True), ("A-z_0.9:x", True), ("x" * 64, True), ("x" * 65, False), ("", False), ("has space", False),
-    ("a/b", False), ("ü", False), ("abc\n", False), (7, False), (None, True),
-])
+@pytest.mark.parametrize(
+    "job_id, valid",
+    [
+        ("a", True),
+        ("A-z_0.9:x", True),
+        ("x" * 64, True),
+        ("x" * 65, False),
+        ("", False),
+        ("has space", False),
+        ("a/b", False),
+        ("ü", False),
+        ("abc\n", False),
+        (7, False),
+        (None, True),
+    ],
+)
 def test_message_job_id(job_id, valid):
     assert (not message_errors({"request": {}, "job_id": job_id})) is valid
     assert is_valid_job_id(job_id) is (valid and job_id is not None)
@@ -280,15 +384,19 @@ def test_message_job_id(job_id, valid):
 
 
 def test_message_defaults():
-    assert MessageSchema().load({"request": {"prompt": "x"}}) == {"request": {"prompt": "x"}, "job_id": None,
-                                                                 "metadata": None}
+    assert MessageSchema().load({"request": {"prompt": "x"}}) == {
+        "request": {"prompt": "x"},
+        "job_id": None,
+        "metadata": None,
+    }
 
 
 def test_message_metadata_size_in_utf8_bytes():
     base = len('{"k":""}')
     assert not message_errors({"request": {}, "metadata": {"k": "a" * (4096 - base)}})
     assert message_errors({"request": {}, "metadata": {"k": "a" * (4097 - base)}}) == {
-        "metadata": ["is 4097 bytes as compact JSON; at most 4096"]}
+        "metadata": ["is 4097 bytes as compact JSON; at most 4096"]
+    }
     # 2 bytes each in UTF-8: 2044 characters are 4088 bytes, plus 8 is over.
     assert "metadata" in message_errors({"request": {}, "metadata": {"k": "é" * 2045}})
     assert not message_errors({"request": {}, "metadata": None})
@@ -311,16 +419,25 @@ def test_message_request_and_unknown_kwargs():
 
 # -- redaction ------------------------------------------------------------------
 
+
 def test_redaction_replaces_inline_images_and_keeps_urls():
-    request = {"prompt": "x", "n": 2, "image_list": [
-        {"image": data_uri("png", PNG)}, {"image": "https://a/b.png"}, {"image": data_uri("jpg", JPEG)}]}
+    request = {
+        "prompt": "x",
+        "n": 2,
+        "image_list": [{"image": data_uri("png", PNG)}, {"image": "https://a/b.png"}, {"image": data_uri("jpg", JPEG)}],
+    }
     before = copy.deepcopy(request)
     redacted = redact_request(request)
     assert request == before  # input untouched
-    assert redacted == {"prompt": "x", "n": 2, "image_list": [
-        {"image": f"data:image/png;sha256={hashlib.sha256(PNG).hexdigest()};bytes={len(PNG)}"},
-        {"image": "https://a/b.png"},
-        {"image": f"data:image/jpg;sha256={hashlib.sha256(JPEG).hexdigest()};bytes={len(JPEG)}"}]}
+    assert redacted == {
+        "prompt": "x",
+        "n": 2,
+        "image_list": [
+            {"image": f"data:image/png;sha256={hashlib.sha256(PNG).hexdigest()};bytes={len(PNG)}"},
+            {"image": "https://a/b.png"},
+            {"image": f"data:image/jpg;sha256={hashlib.sha256(JPEG).hexdigest()};bytes={len(JPEG)}"},
+        ],
+    }
     redacted["image_list"][1]["image"] = "changed"
     assert request == before  # a deep copy, not a shallow one
 

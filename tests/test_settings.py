@@ -1,4 +1,5 @@
 """The documented defaults that shape a worker: poll schedule, pools, delivery settings."""
+
 from __future__ import annotations
 
 import pytest

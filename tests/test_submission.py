@@ -2,6 +2,7 @@
 
 Celery only carries messages; these tests drive the same functions its tasks call.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,15 @@ from worker.sandbox import Step
 
 @pytest.fixture
 def service(any_db_url, sandbox, configure):
-    configure(DATABASE_URL=any_db_url, MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=sandbox.api_key,
-              KLING_MAX_ATTEMPTS=3, KLING_BACKOFF_BASE=0.1, KLING_ACCOUNT_RETRY=30, KLING_POLL_DEADLINE=60)
+    configure(
+        DATABASE_URL=any_db_url,
+        MODELLIX_BASE_URL=sandbox.url,
+        MODELLIX_API_KEY=sandbox.api_key,
+        KLING_MAX_ATTEMPTS=3,
+        KLING_BACKOFF_BASE=0.1,
+        KLING_ACCOUNT_RETRY=30,
+        KLING_POLL_DEADLINE=60,
+    )
     return sandbox
 
 
@@ -75,14 +83,17 @@ def test_invalid_request_is_rejected_with_reasons_and_never_sent(service):
     assert service.stats()["requests"] == 0
 
 
-@pytest.mark.parametrize("args, kwargs, expect_id, field", [
-    ((), {"job_id": "no-request"}, "no-request", "request"),
-    ((), {"request": "a string", "job_id": "str-request"}, "str-request", "request"),
-    ((), {"request": {"prompt": "x"}, "job_id": "x" * 65}, "delivery-1", "job_id"),
-    ((), {"request": {"prompt": "x"}, "job_id": 42}, "delivery-1", "job_id"),
-    ((), {"request": {"prompt": "x"}, "priority": 1}, "delivery-1", "priority"),
-    (({"prompt": "x"},), {}, "delivery-1", "keyword arguments"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, expect_id, field",
+    [
+        ((), {"job_id": "no-request"}, "no-request", "request"),
+        ((), {"request": "a string", "job_id": "str-request"}, "str-request", "request"),
+        ((), {"request": {"prompt": "x"}, "job_id": "x" * 65}, "delivery-1", "job_id"),
+        ((), {"request": {"prompt": "x"}, "job_id": 42}, "delivery-1", "job_id"),
+        ((), {"request": {"prompt": "x"}, "priority": 1}, "delivery-1", "priority"),
+        (({"prompt": "x"},), {}, "delivery-1", "keyword arguments"),
+    ],
+)
 def test_malformed_messages_are_recorded_not_raised(service, args, kwargs, expect_id, field):
     out = submission.handle(args, kwargs, "delivery-1")
     row = job(expect_id)
@@ -98,7 +109,7 @@ def test_large_invalid_request_is_not_stored_whole(service):
 def test_transient_errors_back_off_then_fail_with_the_last_error(service):
     service.set_faults(rate_503=1.0)
     delays = []
-    for attempt in (1, 2):
+    for _ in range(2):
         out = handle(request={"prompt": "x"}, job_id="flaky")
         assert out.status is JobStatus.queued and job("flaky").status == "queued"
         delays.append(out.retry_in)
@@ -384,8 +395,16 @@ def test_sweep_waits_for_the_submit_grace(service, configure):
     with runtime.session() as s:
         for job_id, age in (("young", 20), ("old", 40)):
             when = now - timedelta(seconds=age)
-            s.add(Job(id=job_id, status="submitting", request={"prompt": "x"}, attempts=1,
-                      created_at=when, updated_at=when))
+            s.add(
+                Job(
+                    id=job_id,
+                    status="submitting",
+                    request={"prompt": "x"},
+                    attempts=1,
+                    created_at=when,
+                    updated_at=when,
+                )
+            )
     tracking.sweep()
     assert job("young").status == "submitting"
     assert (job("old").status, job("old").error_code) == ("failed", "submit_interrupted")
@@ -397,8 +416,9 @@ def test_sweep_redispatches_overdue_polls_and_resolves_interrupted_submits(servi
     past = utcnow() - timedelta(seconds=60)
     with runtime.session() as s:
         s.execute(update(Job).where(Job.id == "lost-poll").values(next_poll_at=past))
-        s.add(Job(id="stuck", status="submitting", request={"prompt": "x"}, attempts=1,
-                  created_at=past, updated_at=past))
+        s.add(
+            Job(id="stuck", status="submitting", request={"prompt": "x"}, attempts=1, created_at=past, updated_at=past)
+        )
     assert tracking.sweep() == [("lost-poll", 0)]
     assert tracking.sweep() == []  # leased: not dispatched twice
     row = job("stuck")

@@ -3,6 +3,7 @@
 `celery -A worker worker` finds the app here. It is loaded lazily so that the
 client, schemas and CLI can be imported without building a Celery app.
 """
+
 from typing import Any
 
 

@@ -1,4 +1,5 @@
 """The Celery app: JSON only, and delivery settings that lose no job."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,8 +55,11 @@ app.conf.update(
     beat_schedule={
         # A sweep nobody ran in time is worthless: expire it rather than let
         # sweeps pile up in the queue while every worker is down.
-        "kling-sweep": {"task": "kling.sweep", "schedule": cfg.sweep_interval,
-                        "options": {"expires": max(10.0, 5 * cfg.sweep_interval)}},
+        "kling-sweep": {
+            "task": "kling.sweep",
+            "schedule": cfg.sweep_interval,
+            "options": {"expires": max(10.0, 5 * cfg.sweep_interval)},
+        },
     },
     beat_schedule_filename=str(Path(home()) / "celerybeat-schedule"),
 )

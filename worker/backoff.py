@@ -1,4 +1,5 @@
 """When to try again: submit backoff and the poll schedule."""
+
 from __future__ import annotations
 
 import random
@@ -20,4 +21,4 @@ def poll_delay(polls_done: int, settings: Settings) -> float:
     16.4, 22.5 ... s after submission: a 10 s task is seen finished by the 4th
     poll at 11.5 s, and an hour-long one costs about 130 polls.
     """
-    return min(settings.poll_max, settings.poll_first * settings.poll_factor ** polls_done)
+    return min(settings.poll_max, settings.poll_first * settings.poll_factor**polls_done)

@@ -1,4 +1,5 @@
 """`kling-worker`: enqueue jobs, query the job table, run migrations, the sandbox and the demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import mimetypes
 import re
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -167,9 +168,9 @@ def _when(value: str | None) -> datetime | None:
         return None
     match = _AGO.match(value)
     if match:
-        return datetime.now(timezone.utc) - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        return datetime.now(UTC) - timedelta(**{_UNITS[match[2]]: int(match[1])})
     parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -182,7 +183,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     table = [[str(r[c] or "") if c != "created_at" else (r[c] or "")[:19] for c in columns] for r in rows]
     widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(columns)]
     for line in [list(columns)] + table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     return 0
 
 
@@ -233,8 +234,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     now = utcnow()
     with runtime.session() as s:
-        done = store.transition(s, args.job_id, {JobStatus.queued}, now, status=JobStatus.cancelled.value,
-                                finished_at=now, error_code="cancelled", error_message="cancelled by an operator")
+        done = store.transition(
+            s,
+            args.job_id,
+            {JobStatus.queued},
+            now,
+            status=JobStatus.cancelled.value,
+            finished_at=now,
+            error_code="cancelled",
+            error_message="cancelled by an operator",
+        )
     print("cancelled" if done else f"{args.job_id}: not queued, not cancelled", file=sys.stderr)
     return 0 if done else 1
 
@@ -250,8 +259,13 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from worker.sandbox import Faults, SandboxServer
 
-    faults = Faults(latency=args.latency, rate_429=args.rate_429, rate_500=args.rate_500,
-                    rate_503=args.rate_503, fail_rate=args.fail_rate)
+    faults = Faults(
+        latency=args.latency,
+        rate_429=args.rate_429,
+        rate_500=args.rate_500,
+        rate_503=args.rate_503,
+        fail_rate=args.fail_rate,
+    )
     key = args.api_key or runtime.settings().api_key or "sandbox-key"
     server = SandboxServer(args.host, args.port, api_key=key, task_seconds=args.task_seconds, faults=faults)
     print(f"sandbox Modellix API on http://{args.host}:{args.port}", file=sys.stderr)

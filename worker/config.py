@@ -3,6 +3,7 @@
 The embedded defaults need no server: SQLite for the job table and kombu's
 filesystem transport as the broker, both under ``KLING_HOME`` (``./.kling``).
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Everything runs on this machine with no server installed. The worker runs as
 a real `celery -A worker worker` process, exactly as in production, only the
 environment differs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,11 +25,23 @@ from worker.sandbox import SandboxServer, png
 def example_jobs(run: str, sandbox_url: str) -> list[tuple[str, dict]]:
     inline = "data:image/png;base64," + base64.b64encode(png(2, 2)).decode()
     return [
-        (f"demo-{run}-url", {"prompt": "A watercolour of <<<image_1>>> at dawn",
-                             "image_list": [{"image": f"{sandbox_url}/results/example/0.png"}],
-                             "aspect_ratio": "16:9"}),
-        (f"demo-{run}-inline", {"prompt": "The same scene as a pencil sketch: <<<image_1>>>",
-                                "image_list": [{"image": inline}], "n": 2, "resolution": "2k"}),
+        (
+            f"demo-{run}-url",
+            {
+                "prompt": "A watercolour of <<<image_1>>> at dawn",
+                "image_list": [{"image": f"{sandbox_url}/results/example/0.png"}],
+                "aspect_ratio": "16:9",
+            },
+        ),
+        (
+            f"demo-{run}-inline",
+            {
+                "prompt": "The same scene as a pencil sketch: <<<image_1>>>",
+                "image_list": [{"image": inline}],
+                "n": 2,
+                "resolution": "2k",
+            },
+        ),
         (f"demo-{run}-elements", {"prompt": "A product shot on marble", "element_list": [{"element_id": 42}]}),
         (f"demo-{run}-invalid", {"prompt": "Refers to <<<image_3>>>", "n": 12, "negative_prompt": "blur"}),
     ]
@@ -41,19 +54,37 @@ def run(timeout: float = 120.0) -> int:
     upgrade(runtime.settings().database_url)
     api_key = "demo-" + secrets.token_hex(8)
     sandbox = SandboxServer(api_key=api_key, task_seconds=3.0).start()
-    env = dict(os.environ, MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=api_key,
-               KLING_POLL_FIRST="1", KLING_CONCURRENCY="8")
-    print(f"sandbox Modellix API at {sandbox.url}; broker {runtime.settings().broker_url}; "
-          f"database {runtime.settings().database_url}")
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "--quiet", "worker", "-B",
-                               "--loglevel=WARNING", "--without-mingle", "--without-gossip"], env=env)
+    env = dict(
+        os.environ, MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=api_key, KLING_POLL_FIRST="1", KLING_CONCURRENCY="8"
+    )
+    print(
+        f"sandbox Modellix API at {sandbox.url}; broker {runtime.settings().broker_url}; "
+        f"database {runtime.settings().database_url}"
+    )
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "--quiet",
+            "worker",
+            "-B",
+            "--loglevel=WARNING",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env=env,
+    )
     try:
         from worker.app import app
 
         ids = []
         for job_id, request in example_jobs(uuid.uuid4().hex[:6], sandbox.url):
-            app.send_task("kling.generate", kwargs={"request": request, "job_id": job_id,
-                                                   "metadata": {"source": "demo"}})
+            app.send_task(
+                "kling.generate", kwargs={"request": request, "job_id": job_id, "metadata": {"source": "demo"}}
+            )
             ids.append(job_id)
             print(f"enqueued {job_id}")
         rows = watch(ids, timeout, sys.stdout)

@@ -19,6 +19,7 @@ without every waiting job hammering the lock; polls have threads of their own
 
 Clocks: slots are epoch seconds from each host's clock; hosts must be NTP-synced.
 """
+
 from __future__ import annotations
 
 import random
@@ -82,8 +83,7 @@ def take_request_slot() -> None:
             slot = max(row.next_slot, now, row.paused_until)
             wait, reason = slot - now, row.pause_reason or "rate limit"
             if wait <= MAX_SLEEP:
-                s.execute(update(_budget).where(_budget.c.name == NAME)
-                          .values(next_slot=slot + HEADROOM / cfg.max_rps))
+                s.execute(update(_budget).where(_budget.c.name == NAME).values(next_slot=slot + HEADROOM / cfg.max_rps))
     if wait > MAX_SLEEP:
         raise OverBudget(wait + random.uniform(0, 1), reason)
     if wait > 0:
@@ -100,8 +100,9 @@ def check_in_flight(ex: Connection | Session) -> None:
     if limit is None:
         return
     _lock(ex)
-    busy = ex.execute(select(func.count()).select_from(
-        select(Job.id).where(Job.status.in_(IN_FLIGHT)).limit(limit).subquery())).scalar_one()
+    busy = ex.execute(
+        select(func.count()).select_from(select(Job.id).where(Job.status.in_(IN_FLIGHT)).limit(limit).subquery())
+    ).scalar_one()
     if busy >= limit:
         raise OverBudget(0.0, f"{limit} tasks in flight")
 
@@ -132,8 +133,11 @@ def pause(seconds: float, reason: str) -> None:
     """Stop the whole fleet's API calls for `seconds` (never shortens a longer pause)."""
     until = time.time() + seconds
     with runtime.connect() as ex:
-        ex.execute(update(_budget).where(_budget.c.name == NAME, _budget.c.paused_until < until)
-                   .values(paused_until=until, pause_reason=reason))
+        ex.execute(
+            update(_budget)
+            .where(_budget.c.name == NAME, _budget.c.paused_until < until)
+            .values(paused_until=until, pause_reason=reason)
+        )
     if until > _pause.until:
         _pause.until, _pause.reason = until, reason
 
@@ -143,9 +147,13 @@ def status(s: Session) -> dict[str, object]:
     row = s.get(ApiBudget, NAME)
     in_flight = s.execute(select(func.count()).where(Job.status.in_(IN_FLIGHT))).scalar_one()
     paused = row is not None and row.paused_until > time.time()
-    return {"max_rps": cfg.max_rps, "max_in_flight": cfg.max_in_flight, "in_flight": in_flight,
-            "paused_for": round(row.paused_until - time.time(), 1) if paused else 0,
-            "pause_reason": row.pause_reason if paused else None}
+    return {
+        "max_rps": cfg.max_rps,
+        "max_in_flight": cfg.max_in_flight,
+        "in_flight": in_flight,
+        "paused_for": round(row.paused_until - time.time(), 1) if paused else 0,
+        "pause_reason": row.pause_reason if paused else None,
+    }
 
 
 def forget() -> None:

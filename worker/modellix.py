@@ -4,6 +4,7 @@ Every call is one HTTP attempt; retry policy belongs to the caller, which knows
 whether it may wait. Failures are typed so callers can map them onto the job
 lifecycle without parsing strings.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -177,8 +178,13 @@ class ModellixClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         # The pid tells one worker process from another in the API's (and the sandbox's) request logs.
-        self.session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json",
-                                     "User-Agent": f"kling-worker/{_VERSION} (pid {os.getpid()})"})
+        self.session.headers.update(
+            {
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "User-Agent": f"kling-worker/{_VERSION} (pid {os.getpid()})",
+            }
+        )
         # requests re-reads the proxy and CA environment on every call (a scan of
         # os.environ each time, a third of a poll's CPU here): read it once instead.
         self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
@@ -251,5 +257,13 @@ def _get(body: Any, key: str, default: Any) -> Any:
 
 def _never_sent(exc: requests.ConnectionError) -> bool:
     text = str(exc)
-    return any(s in text for s in ("Connection refused", "Name or service not known",
-                                   "NewConnectionError", "Failed to resolve", "No route to host"))
+    return any(
+        s in text
+        for s in (
+            "Connection refused",
+            "Name or service not known",
+            "NewConnectionError",
+            "Failed to resolve",
+            "No route to host",
+        )
+    )

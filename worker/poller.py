@@ -7,6 +7,7 @@ process that submitted a job keeps polling it locally. Nothing is lost when
 the process dies: the job row says when its next poll is due, and the beat
 sweep re-dispatches every overdue poll through the broker (tracking.sweep).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -15,8 +16,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 log = logging.getLogger("kling_worker.poller")
 

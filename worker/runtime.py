@@ -3,6 +3,7 @@
 Built on first use in each process (never inherited across a fork), because
 neither a requests Session nor a database pool survives one.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ def client() -> ModellixClient:
             found = _clients.get(pid)
             if found is None:
                 s = settings()
-                found = ModellixClient(s.base_url, s.api_key, s.submit_path, s.connect_timeout,
-                                       s.read_timeout, pool_size=s.concurrency + 4)
+                found = ModellixClient(
+                    s.base_url, s.api_key, s.submit_path, s.connect_timeout, s.read_timeout, pool_size=s.concurrency + 4
+                )
                 _clients[pid] = found
     return found
 

@@ -11,6 +11,7 @@ Every API request is logged with its time, its client (the User-Agent, which
 kling-worker's client sets per process) and its answer, so a test can see
 what each worker did and when (`/_sandbox/requests`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,8 +69,10 @@ class Step:
         if self.on not in ("submit", "poll", "any"):
             raise ValueError("on must be submit, poll or any")
         if isinstance(self.answer, bool) or not (
-                (isinstance(self.answer, int) and 400 <= self.answer <= 599)
-                or self.answer in SPECIAL or (isinstance(self.answer, str) and self.answer.startswith("status:"))):
+            (isinstance(self.answer, int) and 400 <= self.answer <= 599)
+            or self.answer in SPECIAL
+            or (isinstance(self.answer, str) and self.answer.startswith("status:"))
+        ):
             raise ValueError(f"answer must be an HTTP error status or one of {', '.join(SPECIAL)}, status:WORD")
         if isinstance(self.times, bool) or not isinstance(self.times, int) or self.times < 1:
             raise ValueError("times must be a positive integer")
@@ -100,6 +103,7 @@ class Faults:
 
 def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 200)) -> bytes:
     """A valid solid-colour RGB PNG: clients that decode results get a real image."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -111,9 +115,16 @@ def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 2
 RESULT_PNG = png()
 
 
-_CATEGORIES = {400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
-               404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
-               503: "Service Unavailable"}
+_CATEGORIES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Answer:
@@ -130,8 +141,15 @@ class _Task:
 
 
 class SandboxServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, api_key: str = "sandbox-key",
-                 task_seconds: float = 2.0, faults: Faults | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str = "sandbox-key",
+        task_seconds: float = 2.0,
+        faults: Faults | None = None,
+        seed: int | None = None,
+    ):
         self.api_key = api_key
         self.task_seconds = task_seconds
         self.faults = faults or Faults()
@@ -149,8 +167,7 @@ class SandboxServer:
     def start(self) -> SandboxServer:
         self._serving = True
         # A short poll interval: stop() waits up to one interval, and test fixtures stop a sandbox each time.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="sandbox",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="sandbox", daemon=True)
         self._thread.start()
         return self
 
@@ -170,7 +187,7 @@ class SandboxServer:
             self._thread.join(5)
         self._httpd.server_close()
 
-    def __enter__(self) -> SandboxServer:  # noqa: PYI034
+    def __enter__(self) -> SandboxServer:
         return self.start()
 
     def __exit__(self, *_exc: object) -> None:
@@ -221,9 +238,13 @@ class SandboxServer:
         with self._lock:
             arrivals = list(self._arrivals)
             spans = [(t.created, t.finishes) for t in self._tasks.values()]
-            result: dict[str, Any] = dict(self._counts, status_counts=dict(self._status_counts),
-                                          tasks=len(self._tasks), faults=asdict(self.faults),
-                                          task_seconds=self.task_seconds)
+            result: dict[str, Any] = dict(
+                self._counts,
+                status_counts=dict(self._status_counts),
+                tasks=len(self._tasks),
+                faults=asdict(self.faults),
+                task_seconds=self.task_seconds,
+            )
         # Computed here, not per request: stats are read rarely, requests are the hot path.
         result["max_requests_per_second"] = _max_in_window(arrivals, 1.0)
         result["unfinished"] = sum(1 for _, end in spans if end > now)
@@ -236,14 +257,20 @@ class SandboxServer:
         with self._lock:  # the clock read inside the lock keeps arrivals sorted for the window scan
             self._arrivals.append(time.monotonic())
             self._counts["requests"] += 1
-        kind = "submit" if method == "POST" and path in SUBMIT_PATHS else "poll" if (
-            method == "GET" and _TASK.match(path)) else "other"
+        kind = (
+            "submit"
+            if method == "POST" and path in SUBMIT_PATHS
+            else "poll"
+            if (method == "GET" and _TASK.match(path))
+            else "other"
+        )
         answer = self._answer(method, path, kind, headers, raw)
         with self._lock:
             key = str(answer[0])
             self._status_counts[key] = self._status_counts.get(key, 0) + 1
-            self._log.append({"at": arrived, "client": headers.get("User-Agent", ""), "kind": kind,
-                              "status": answer[0]})
+            self._log.append(
+                {"at": arrived, "client": headers.get("User-Agent", ""), "kind": kind, "status": answer[0]}
+            )
         return answer
 
     def _answer(self, method: str, path: str, kind: str, headers: dict[str, str], raw: bytes) -> Answer:
@@ -317,9 +344,11 @@ class SandboxServer:
             return _error(402, "Payment Required: insufficient balance")
         # One roll across the three rates, so rate_429=0.5 and rate_503=0.5 together fault every request.
         roll = self._random.random()
-        for rate, status, message in ((f.rate_429, 429, "Too Many Requests: rate limit exceeded"),
-                                      (f.rate_500, 500, "Internal Server Error: sandbox fault"),
-                                      (f.rate_503, 503, "Service Unavailable: circuit breaker open")):
+        for rate, status, message in (
+            (f.rate_429, 429, "Too Many Requests: rate limit exceeded"),
+            (f.rate_500, 500, "Internal Server Error: sandbox fault"),
+            (f.rate_503, 503, "Service Unavailable: circuit breaker open"),
+        ):
             if roll < rate:
                 return _error(status, message, {"Retry-After": f"{f.retry_after:g}"} if status == 429 else None)
             roll -= rate
@@ -338,15 +367,27 @@ class SandboxServer:
         with self._lock:
             task_id = f"task-{self._random.getrandbits(64):016x}"
             fails = self._random.random() < self.faults.fail_rate
-            self._tasks[task_id] = _Task(created, created + self.task_seconds * 0.25, created + self.task_seconds,
-                                         body.get("n", 1), fails)
+            self._tasks[task_id] = _Task(
+                created, created + self.task_seconds * 0.25, created + self.task_seconds, body.get("n", 1), fails
+            )
             self._counts["submits"] += 1
             if digest in self._bodies:
                 self._counts["duplicate_prompts"] += 1
             self._bodies.add(digest)
-        return 200, {"code": 0, "message": "success", "data": {
-            "status": "pending", "task_id": task_id, "model_id": MODEL_ID,
-            "get_result": {"method": "GET", "url": f"{self.url}/api/v1/tasks/{task_id}"}}}, {}
+        return (
+            200,
+            {
+                "code": 0,
+                "message": "success",
+                "data": {
+                    "status": "pending",
+                    "task_id": task_id,
+                    "model_id": MODEL_ID,
+                    "get_result": {"method": "GET", "url": f"{self.url}/api/v1/tasks/{task_id}"},
+                },
+            },
+            {},
+        )
 
     def _task(self, task_id: str) -> Answer:
         with self._lock:
@@ -362,11 +403,19 @@ class SandboxServer:
         elif now < task.finishes:
             data["status"] = "processing"
         elif task.fails:
-            data.update(status="failed", error={"code": "generation_failed",
-                                                "message": "Generation failed: content could not be generated"})
+            data.update(
+                status="failed",
+                error={"code": "generation_failed", "message": "Generation failed: content could not be generated"},
+            )
         else:
-            data.update(status="success", result={"resources": [
-                {"url": f"{self.url}/results/{task_id}/{k}.png", "type": "image"} for k in range(task.n)]})
+            data.update(
+                status="success",
+                result={
+                    "resources": [
+                        {"url": f"{self.url}/results/{task_id}/{k}.png", "type": "image"} for k in range(task.n)
+                    ]
+                },
+            )
         return 200, {"code": 0, "message": "success", "data": data}, {}
 
     # -- control (no auth: tests in other processes drive the sandbox) ---

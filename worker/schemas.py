@@ -3,6 +3,7 @@
 The Celery task, the CLI and the sandbox server all validate through these
 schemas; nothing else restates the rules.
 """
+
 from __future__ import annotations
 
 import base64
@@ -57,8 +58,9 @@ def _check_data_uri(value: str) -> None:
         raise ValidationError("inline image is not valid base64") from None
     if not data.startswith(_MAGIC[kind]):
         real = next((k for k, magic in _MAGIC.items() if data.startswith(magic)), None)
-        raise ValidationError(f"inline image is declared {kind} but is "
-                              + (f"a {real}" if real else "neither a JPEG nor a PNG"))
+        raise ValidationError(
+            f"inline image is declared {kind} but is " + (f"a {real}" if real else "neither a JPEG nor a PNG")
+        )
 
 
 def _check_image(value: str) -> None:
@@ -110,20 +112,26 @@ class ElementSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    element_id = StrictInt(required=True, validate=validate.Range(
-        -(2**63), 2**63 - 1, error="must be a 64-bit signed integer (-2**63 to 2**63-1)"))
+    element_id = StrictInt(
+        required=True,
+        validate=validate.Range(-(2**63), 2**63 - 1, error="must be a 64-bit signed integer (-2**63 to 2**63-1)"),
+    )
 
 
 class GenerationRequestSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    prompt = fields.String(required=True, validate=validate.Length(
-        1, MAX_PROMPT_CHARS, error=f"must be 1 to {MAX_PROMPT_CHARS} characters"))
-    image_list = fields.List(fields.Nested(ImageSchema), validate=validate.Length(
-        max=MAX_ITEMS, error=f"at most {MAX_ITEMS} images"))
-    element_list = fields.List(fields.Nested(ElementSchema), validate=validate.Length(
-        max=MAX_ITEMS, error=f"at most {MAX_ITEMS} elements"))
+    prompt = fields.String(
+        required=True,
+        validate=validate.Length(1, MAX_PROMPT_CHARS, error=f"must be 1 to {MAX_PROMPT_CHARS} characters"),
+    )
+    image_list = fields.List(
+        fields.Nested(ImageSchema), validate=validate.Length(max=MAX_ITEMS, error=f"at most {MAX_ITEMS} images")
+    )
+    element_list = fields.List(
+        fields.Nested(ElementSchema), validate=validate.Length(max=MAX_ITEMS, error=f"at most {MAX_ITEMS} elements")
+    )
     resolution = fields.String(validate=validate.OneOf(RESOLUTIONS))
     aspect_ratio = fields.String(validate=validate.OneOf(ASPECT_RATIOS))
     n = StrictInt(validate=validate.Range(1, 9, error="must be 1 to 9"))
@@ -164,7 +172,8 @@ class GenerationRequestSchema(Schema):
             if bad:
                 refs = ", ".join(f"<<<image_{k}>>>" for k in bad)
                 allowed = {0: "there is none", 1: "only <<<image_1>>> exists"}.get(
-                    images, f"only <<<image_1>>> to <<<image_{images}>>> exist")
+                    images, f"only <<<image_1>>> to <<<image_{images}>>> exist"
+                )
                 errors["prompt"] = [f"{refs} does not match an image: image_list has {images} image(s), so {allowed}"]
         if errors:
             raise ValidationError(errors)
@@ -189,8 +198,11 @@ class MessageSchema(Schema):
     # Only the type here: the body itself is GenerationRequestSchema's job, so a
     # bad body can still be recorded as a rejected job under its job_id.
     request = fields.Dict(required=True)
-    job_id = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(
-        JOB_ID_PATTERN, error="must be 1-64 characters of [A-Za-z0-9._:-]"))
+    job_id = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Regexp(JOB_ID_PATTERN, error="must be 1-64 characters of [A-Za-z0-9._:-]"),
+    )
     metadata = fields.Dict(keys=fields.String(), load_default=None, allow_none=True, validate=_check_metadata)
 
 

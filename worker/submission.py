@@ -3,6 +3,7 @@
 `handle` returns what the caller must do next (nothing, or retry after a
 delay); the Celery task turns that into a retry or an ack.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,12 @@ def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retr
     """Process one `kling.generate` message; `delivery_id` is the Celery task id,
     `retries` how often this message was scheduled again."""
     if args:
-        return _reject(delivery_id, kwargs.get("request"), kwargs.get("metadata"),
-                       {"_message": ["kling.generate takes keyword arguments only: request, job_id, metadata"]})
+        return _reject(
+            delivery_id,
+            kwargs.get("request"),
+            kwargs.get("metadata"),
+            {"_message": ["kling.generate takes keyword arguments only: request, job_id, metadata"]},
+        )
     try:
         message = _message_schema.load(kwargs)
     except ValidationError as exc:
@@ -63,6 +68,7 @@ def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retr
 def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, retries: int) -> Outcome:
     cfg = runtime.settings()
     stored = redact_request(request)
+
     # `submitting` is committed before the POST: if this process dies before the
     # answer is recorded the row says so, and the sweeper resolves it
     # (tracking.resolve_interrupted) instead of silently submitting again.
@@ -93,8 +99,13 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
     except modellix.AccountError as exc:
         # Every job would fail the same way: pause the fleet and keep the jobs
         # queued, rather than burn through the queue marking each one failed.
-        log.error("job %s: Modellix rejects the account (%s %s); the fleet pauses %.0fs and retries until fixed",
-                  job_id, exc.status, exc.message, cfg.account_retry)
+        log.error(
+            "job %s: Modellix rejects the account (%s %s); the fleet pauses %.0fs and retries until fixed",
+            job_id,
+            exc.status,
+            exc.message,
+            cfg.account_retry,
+        )
         limits.pause(cfg.account_retry, f"{exc.status} {exc.message}")
         _back_to_queue(job_id, exc, refund=True)
         return Outcome(job_id, JobStatus.queued, retry_in=retry_delay(1, cfg, cfg.account_retry))
@@ -115,10 +126,17 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
     first_poll = poll_delay(0, cfg)
     with runtime.connect() as s:
         store.transition(
-            s, job_id, {JobStatus.submitting}, now,
-            status=JobStatus.submitted.value, modellix_task_id=submission.task_id, submitted_at=now,
-            next_poll_at=now + timedelta(seconds=first_poll), last_response=submission.raw,
-            error_code=None, error_message=None,
+            s,
+            job_id,
+            {JobStatus.submitting},
+            now,
+            status=JobStatus.submitted.value,
+            modellix_task_id=submission.task_id,
+            submitted_at=now,
+            next_poll_at=now + timedelta(seconds=first_poll),
+            last_response=submission.raw,
+            error_code=None,
+            error_message=None,
         )
     return Outcome(job_id, JobStatus.submitted, first_poll_in=first_poll)
 
@@ -140,8 +158,16 @@ def _back_to_queue(job_id: str, exc: modellix.ModellixError | None = None, refun
 def _fail(job_id: str, exc: modellix.ModellixError, current: JobStatus) -> Outcome:
     now = utcnow()
     with runtime.connect() as s:
-        store.transition(s, job_id, {current}, now, status=JobStatus.failed.value,
-                         error_code=error_code(exc), error_message=exc.message, finished_at=now)
+        store.transition(
+            s,
+            job_id,
+            {current},
+            now,
+            status=JobStatus.failed.value,
+            error_code=error_code(exc),
+            error_message=exc.message,
+            finished_at=now,
+        )
     log.warning("job %s failed: %s %s", job_id, error_code(exc), exc.message)
     return Outcome(job_id, JobStatus.failed)
 
@@ -151,9 +177,17 @@ def _reject(job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any]) ->
     log.warning("job %s rejected: %s", job_id, message)
     now = utcnow()
     with runtime.connect() as s:
-        created = store.add_job(s, job_id, JobStatus.rejected, _storable(raw_request),
-                                meta if isinstance(meta, dict) else None, now,
-                                error_code="validation", error_message=message, finished_at=now)
+        created = store.add_job(
+            s,
+            job_id,
+            JobStatus.rejected,
+            _storable(raw_request),
+            meta if isinstance(meta, dict) else None,
+            now,
+            error_code="validation",
+            error_message=message,
+            finished_at=now,
+        )
     if not created:
         # The id is taken by an earlier job: that row stays as it is.
         log.warning("job %s: invalid duplicate of an existing job ignored", job_id)

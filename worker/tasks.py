@@ -1,4 +1,5 @@
 """Celery tasks: orchestration only; the work lives in submission and tracking."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +12,13 @@ from worker.app import app
 
 # The database being briefly unreachable must not cost a job: the message is
 # retried (kept on the broker) with backoff until it comes back.
-_INFRA = {"autoretry_for": (OperationalError,), "retry_backoff": True, "retry_backoff_max": 60,
-          "retry_jitter": True, "max_retries": None}
+_INFRA = {
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": None,
+}
 
 
 @app.task(name="kling.generate", bind=True, **_INFRA)

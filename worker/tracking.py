@@ -8,6 +8,7 @@ re-dispatches any active job whose poll is overdue (worker killed or
 restarted) through the broker, and the poll token in the row
 (models.store.claim_poll) keeps two workers from polling one job at once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,11 +67,21 @@ def poll(job_id: str, seq: int) -> tuple[int, float] | None:
         if state.succeeded and state.result_urls:
             return _finish(job_id, JobStatus.succeeded, result_urls=state.result_urls, last_response=state.raw)
         if state.succeeded:
-            return _finish(job_id, JobStatus.failed, error_code="no_results", last_response=state.raw,
-                           error_message=f"task {task_id} succeeded without any http(s) result URL")
+            return _finish(
+                job_id,
+                JobStatus.failed,
+                error_code="no_results",
+                last_response=state.raw,
+                error_message=f"task {task_id} succeeded without any http(s) result URL",
+            )
         if state.failed:
-            return _finish(job_id, JobStatus.failed, error_code="task_failed",
-                           error_message=state.error_message, last_response=state.raw)
+            return _finish(
+                job_id,
+                JobStatus.failed,
+                error_code="task_failed",
+                error_message=state.error_message,
+                last_response=state.raw,
+            )
         if state.status.lower() not in ("pending", "processing", "running", "queued", "submitted"):
             log.warning("job %s: unknown Modellix status %r, treated as still running", job_id, state.status)
         status = JobStatus.submitted if state.status.lower() == "pending" else JobStatus.processing
@@ -78,11 +89,16 @@ def poll(job_id: str, seq: int) -> tuple[int, float] | None:
     return _reschedule(job_id, seq + 1, now, deadline, delay)
 
 
-def _reschedule(job_id: str, next_seq: int, now: datetime, deadline: datetime, delay: float,
-                **values: object) -> tuple[int, float] | None:
+def _reschedule(
+    job_id: str, next_seq: int, now: datetime, deadline: datetime, delay: float, **values: object
+) -> tuple[int, float] | None:
     if now >= deadline:
-        return _finish(job_id, JobStatus.failed, error_code="timeout",
-                       error_message=f"Modellix task not finished by the deadline ({deadline.isoformat()})")
+        return _finish(
+            job_id,
+            JobStatus.failed,
+            error_code="timeout",
+            error_message=f"Modellix task not finished by the deadline ({deadline.isoformat()})",
+        )
     delay = min(delay, max(0.0, (deadline - now).total_seconds()))
     with runtime.connect() as s:
         moved = store.transition(s, job_id, ACTIVE, now, next_poll_at=now + timedelta(seconds=delay), **values)
@@ -129,10 +145,17 @@ def resolve_interrupted(before: datetime) -> int:
         ids = store.claim_stale(s, JobStatus.submitting, before, SWEEP_BATCH)
         now = utcnow()
         for job_id in ids:
-            store.transition(s, job_id, {JobStatus.submitting}, now, status=JobStatus.failed.value,
-                             finished_at=now, error_code="submit_interrupted",
-                             error_message="the worker stopped while submitting; the Modellix task may exist "
-                                           "but its id is unknown, so the job is not submitted again")
+            store.transition(
+                s,
+                job_id,
+                {JobStatus.submitting},
+                now,
+                status=JobStatus.failed.value,
+                finished_at=now,
+                error_code="submit_interrupted",
+                error_message="the worker stopped while submitting; the Modellix task may exist "
+                "but its id is unknown, so the job is not submitted again",
+            )
     if ids:
         log.warning("%d jobs interrupted during submission marked failed: %s", len(ids), ", ".join(ids[:20]))
     return len(ids)

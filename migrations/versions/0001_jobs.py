@@ -4,6 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-24
 """
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
@@ -40,8 +41,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_jobs_status_updated", "jobs", ["status", "updated_at"])
     op.create_index("ix_jobs_created_at", "jobs", ["created_at"])
-    op.create_index("ix_jobs_next_poll", "jobs", ["next_poll_at"],
-                    postgresql_where=ACTIVE, sqlite_where=ACTIVE)
+    op.create_index("ix_jobs_next_poll", "jobs", ["next_poll_at"], postgresql_where=ACTIVE, sqlite_where=ACTIVE)
 
 
 def downgrade() -> None:
