@@ -1,0 +1,139 @@
+"""The CLI in this process on an SQLite job table: what each command prints and returns."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from models.job import Job
+from worker import cli, runtime
+from worker.sandbox import png
+
+
+@pytest.fixture
+def table(sqlite_url, configure):
+    configure(DATABASE_URL=sqlite_url, MODELLIX_MAX_RPS="5", MODELLIX_MAX_IN_FLIGHT="7")
+    now = datetime.now(UTC)
+    with runtime.session() as s:
+        for i, (status, age) in enumerate([("succeeded", 3), ("failed", 2), ("queued", 1), ("submitted", 0)]):
+            when = now - timedelta(hours=age)
+            s.add(
+                Job(
+                    id=f"j{i}",
+                    status=status,
+                    request={"prompt": f"p{i}"},
+                    meta={"i": i},
+                    error_code="task_failed" if status == "failed" else None,
+                    attempts=i,
+                    created_at=when,
+                    updated_at=when,
+                    result_urls=["https://r/0.png"] if status == "succeeded" else None,
+                )
+            )
+    return now
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_is_newest_first_with_filters(table, capsys):
+    code, out, _ = run(capsys, "jobs", "list", "--json")
+    assert code == 0 and [r["id"] for r in json.loads(out)] == ["j3", "j2", "j1", "j0"]
+    assert [r["id"] for r in json.loads(run(capsys, "jobs", "list", "--status", "failed", "--json")[1])] == ["j1"]
+    assert [r["id"] for r in json.loads(run(capsys, "jobs", "list", "--since", "90m", "--json")[1])] == ["j3", "j2"]
+    until = (table - timedelta(minutes=90)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert [r["id"] for r in json.loads(run(capsys, "jobs", "list", "--until", until, "--json")[1])] == ["j1", "j0"]
+    assert [r["id"] for r in json.loads(run(capsys, "jobs", "list", "--limit", "1", "--json")[1])] == ["j3"]
+
+
+def test_list_table_has_aligned_columns(table, capsys):
+    lines = run(capsys, "jobs", "list")[1].splitlines()
+    assert lines[0].split() == ["id", "status", "modellix_task_id", "attempts", "created_at", "error_code"]
+    assert lines[3].split()[:3] == ["j1", "failed", "1"] and lines[3].split()[-1] == "task_failed"
+    assert len({line.index("status") for line in lines[:1]} | {lines[1].index("submitted")}) == 1
+    assert len(lines) == 5
+
+
+def test_show_prints_one_job_or_says_there_is_none(table, capsys):
+    code, out, _ = run(capsys, "jobs", "show", "j0", "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["status"] == "succeeded" and shown["metadata"] == {"i": 0}
+    code, out, _ = run(capsys, "jobs", "show", "j0")
+    assert code == 0 and 'result_urls: ["https://r/0.png"]' in out and "last_response" not in out
+    code, _, err = run(capsys, "jobs", "show", "nope")
+    assert code == 1 and "no job nope" in err
+
+
+def test_stats_counts_by_status_and_shows_the_budget(table, capsys):
+    code, out, _ = run(capsys, "jobs", "stats", "--json")
+    stats = json.loads(out)
+    assert code == 0 and stats["jobs"] == {"succeeded": 1, "failed": 1, "queued": 1, "submitted": 1}
+    assert stats["budget"]["in_flight"] == 1 and stats["budget"]["max_in_flight"] == 7
+    assert stats["budget"]["max_rps"] == 5 and stats["budget"]["paused_for"] == 0
+    text = run(capsys, "jobs", "stats")[1]
+    assert "total  4" in text and "in flight  1 of 7" in text and "max rps  5" in text and "paused" not in text
+
+
+def test_cancel_only_a_queued_job(table, capsys):
+    code, _, err = run(capsys, "jobs", "cancel", "j2")
+    assert code == 0 and "cancelled" in err
+    assert json.loads(run(capsys, "jobs", "show", "j2", "--json")[1])["status"] == "cancelled"
+    code, _, err = run(capsys, "jobs", "cancel", "j3")
+    assert code == 1 and "not queued" in err
+
+
+def test_enqueue_refuses_an_invalid_request_before_sending(table, capsys):
+    code, _, err = run(capsys, "enqueue", "see <<<image_2>>>", "-n", "12")
+    assert code == 2 and '"n"' in err and "image_2" in err
+
+
+def test_local_images_become_data_uris_and_urls_pass(tmp_path):
+    image = tmp_path / "in.png"
+    image.write_bytes(png(2, 2))
+    args = cli._parser().parse_args(
+        [
+            "enqueue",
+            "x <<<image_1>>>",
+            "--image",
+            str(image),
+            "--image",
+            "https://a/b.png",
+            "--element",
+            "9",
+            "-n",
+            "2",
+            "--resolution",
+            "2k",
+            "--aspect-ratio",
+            "1:1",
+        ]
+    )
+    request = cli.build_request(args)
+    first = request["image_list"][0]["image"]
+    assert first.startswith("data:image/png;base64,") and base64.b64decode(first.split(",", 1)[1]) == png(2, 2)
+    assert request["image_list"][1] == {"image": "https://a/b.png"}
+    assert request == {
+        **request,
+        "prompt": "x <<<image_1>>>",
+        "element_list": [{"element_id": 9}],
+        "n": 2,
+        "resolution": "2k",
+        "aspect_ratio": "1:1",
+    }
+    assert cli.build_request(cli._parser().parse_args(["enqueue", "y"])) == {"prompt": "y"}
+
+
+@pytest.mark.parametrize("value, ago", [("30s", 30), ("15m", 900), ("2h", 7200), ("1d", 86400)])
+def test_ages_are_counted_back_from_now(value, ago):
+    assert abs((datetime.now(UTC) - cli._when(value)).total_seconds() - ago) < 5
+
+
+def test_iso_times_without_a_zone_are_utc():
+    assert cli._when("2026-11-24T12:00") == datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    assert cli._when(None) is None
