@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.migrate import upgrade  # noqa: E402
-from tests.processes import Worker, produce  # noqa: E402
+from worker.dev.processes import Worker, produce  # noqa: E402
 
 
 def free_port() -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import create_engine, pool
 
-from models.db import engine, normalise_url
+from models.db import make_engine, normalise_url
 from models.job import Base
 
 config = context.config
@@ -28,17 +28,19 @@ def run_offline() -> None:
 
 def run_online() -> None:
     url = _url()
-    connectable = engine(url) if url.startswith("sqlite") else None
-    if connectable is None:
-        from sqlalchemy import create_engine
-
-        connectable = create_engine(url, poolclass=pool.NullPool)
-    with connectable.connect() as connection:
-        context.configure(
-            connection=connection, target_metadata=Base.metadata, render_as_batch=connection.dialect.name == "sqlite"
-        )
-        with context.begin_transaction():
-            context.run_migrations()
+    # SQLite gets the project's own engine (WAL, busy timeout); a server needs no pool for one migration.
+    connectable = make_engine(url) if url.startswith("sqlite") else create_engine(url, poolclass=pool.NullPool)
+    try:
+        with connectable.connect() as connection:
+            context.configure(
+                connection=connection,
+                target_metadata=Base.metadata,
+                render_as_batch=connection.dialect.name == "sqlite",
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        connectable.dispose()
 
 
 if context.is_offline_mode():

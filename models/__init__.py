@@ -1,6 +1,6 @@
-"""The job table and its queries. Nothing here imports Celery."""
+"""The job table, its lifecycle and its SQL. Nothing here imports Celery."""
 
 from models.budget import ApiBudget
-from models.job import ACTIVE, TERMINAL, Base, Job, JobStatus
+from models.job import ACTIVE, IN_FLIGHT, TERMINAL, Base, Job, JobStatus
 
-__all__ = ["ACTIVE", "TERMINAL", "ApiBudget", "Base", "Job", "JobStatus"]
+__all__ = ["ACTIVE", "IN_FLIGHT", "TERMINAL", "ApiBudget", "Base", "Job", "JobStatus"]

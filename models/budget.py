@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Float, String, Text
+from typing import Any
+
+from sqlalchemy import Float, Row, String, Text, func, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.job import Base
+from models.db import Executor
+from models.job import IN_FLIGHT, Base, Job
+
+jobs = Job.__table__
 
 
 class ApiBudget(Base):
@@ -18,3 +23,43 @@ class ApiBudget(Base):
     # After a 429 (or 401/402), nobody in the fleet calls the API before this.
     paused_until: Mapped[float] = mapped_column(Float, default=0.0)
     pause_reason: Mapped[str | None] = mapped_column(Text)
+
+
+# -- its SQL (the rules that use it live in worker.limits) ---------------------
+
+NAME = "modellix"
+_budget = ApiBudget.__table__
+
+
+def lock(ex: Executor) -> Row[Any]:
+    """Lock the budget row until the caller's transaction ends, and read it."""
+    row = ex.execute(select(_budget).where(_budget.c.name == NAME).with_for_update()).first()
+    if row is None:
+        raise RuntimeError("api_budget row missing: run `kling-worker db upgrade`")
+    return row
+
+
+def book_slot(ex: Executor, next_slot: float) -> None:
+    """Move the next free request slot on (the row must be locked)."""
+    ex.execute(update(_budget).where(_budget.c.name == NAME).values(next_slot=next_slot))
+
+
+def pause_until(ex: Executor, until: float, reason: str) -> None:
+    """Pause the fleet until `until` (epoch seconds), unless a longer pause is already set."""
+    ex.execute(
+        update(_budget)
+        .where(_budget.c.name == NAME, _budget.c.paused_until < until)
+        .values(paused_until=until, pause_reason=reason)
+    )
+
+
+def read(ex: Executor) -> Row[Any] | None:
+    return ex.execute(select(_budget).where(_budget.c.name == NAME)).first()
+
+
+def count_in_flight(ex: Executor, up_to: int | None = None) -> int:
+    """Jobs submitting or submitted and not finished; counting stops at `up_to`."""
+    busy = select(jobs.c.id).where(jobs.c.status.in_([s.value for s in IN_FLIGHT]))
+    if up_to is not None:
+        busy = busy.limit(up_to)
+    return int(ex.execute(select(func.count()).select_from(busy.subquery())).scalar_one())

@@ -1,24 +1,21 @@
-"""Engines and sessions, made per process.
+"""Database engines, and the two ways to use one: a transaction, or a single statement.
 
-Celery's prefork pool forks after import; a connection pool inherited across a
-fork shares sockets between processes and breaks (measured here: 33 tasks/s and
-broken connections). Engines are therefore cached by process id, so every
-process, forked or not, builds its own on first use.
+An engine is made by whoever owns the process's resources (worker.runtime),
+after any fork: a connection pool inherited across a fork shares sockets
+between processes and breaks (measured here: 33 tasks/s and broken connections).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-_lock = threading.Lock()
-_engines: dict[tuple[int, str], Engine] = {}
-_makers: dict[tuple[int, str], sessionmaker[Session]] = {}
+# What the query functions in models/ accept: a single statement's connection or a transaction's session.
+Executor = Connection | Session
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -47,59 +44,41 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def engine(url: str, pool_size: int = 10) -> Engine:
-    key = (os.getpid(), url)
-    eng = _engines.get(key)
-    if eng is not None:
-        return eng
-    with _lock:
-        eng = _engines.get(key)
-        if eng is None:
-            full = normalise_url(url)
-            if full.startswith("sqlite"):
-                if full.startswith("sqlite:///") and not full.startswith("sqlite:///:memory:"):
-                    os.makedirs(os.path.dirname(full[len("sqlite:///") :]) or ".", exist_ok=True)
-                eng = create_engine(full, connect_args={"timeout": 30, "check_same_thread": False})
-                _configure_sqlite(eng)
-            else:
-                # No pre-ping: it costs a round trip per checkout on the hot path.
-                # A connection that died with a database restart fails its
-                # statement, and the task is retried (worker.tasks, autoretry).
-                eng = create_engine(full, pool_size=pool_size, max_overflow=0, pool_recycle=1800)
-            _engines[key] = eng
-            _makers[key] = sessionmaker(eng, expire_on_commit=False)
-        return eng
+def make_engine(url: str, pool_size: int = 10) -> Engine:
+    full = normalise_url(url)
+    if full.startswith("sqlite"):
+        if full.startswith("sqlite:///") and not full.startswith("sqlite:///:memory:"):
+            os.makedirs(os.path.dirname(full[len("sqlite:///") :]) or ".", exist_ok=True)
+        engine = create_engine(full, connect_args={"timeout": 30, "check_same_thread": False})
+        _configure_sqlite(engine)
+        return engine
+    # No pre-ping: it costs a round trip per checkout on the hot path. A
+    # connection that died with a database restart fails its statement, and
+    # the task is retried (worker.tasks).
+    return create_engine(full, pool_size=pool_size, max_overflow=0, pool_recycle=1800)
 
 
 @contextmanager
-def session(url: str, pool_size: int = 10) -> Iterator[Session]:
-    """A session in one transaction: committed on success, rolled back on error."""
-    engine(url, pool_size)
-    with _makers[(os.getpid(), url)].begin() as s:
+def transaction(engine: Engine) -> Iterator[Session]:
+    """A session in one transaction, committed on success and rolled back on error.
+
+    For work that must hold a row lock until it commits, or read and write together.
+    """
+    with Session(engine, expire_on_commit=False) as s, s.begin():
         yield s
 
 
 @contextmanager
-def connect(url: str, pool_size: int = 10) -> Iterator[Connection]:
-    """A Core connection for single-statement work, without ORM bookkeeping.
+def statement(engine: Engine) -> Iterator[Connection]:
+    """A connection for one statement that is atomic on its own (every write in models.store is).
 
-    On PostgreSQL it runs in autocommit: each statement is its own transaction,
-    saving the BEGIN and COMMIT round trips; every write in models.store is
-    one conditional statement, atomic on its own. SQLite keeps a transaction
-    (its write lock is taken at BEGIN, see _configure_sqlite).
+    On PostgreSQL it runs in autocommit, saving the BEGIN and COMMIT round
+    trips. SQLite keeps a transaction, because its write lock is taken at
+    BEGIN (see _configure_sqlite).
     """
-    eng = engine(url, pool_size)
-    if eng.dialect.name == "sqlite":
-        with eng.begin() as conn:
+    if engine.dialect.name == "sqlite":
+        with engine.begin() as conn:
             yield conn
     else:
-        with eng.connect() as conn:
+        with engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
-
-
-def dispose_all() -> None:
-    """Drop this process's engines (after fork, or at shutdown)."""
-    with _lock:
-        for key in [k for k in _engines if k[0] == os.getpid()]:
-            _engines.pop(key).dispose()
-            _makers.pop(key)

@@ -25,6 +25,8 @@ class JobStatus(str, enum.Enum):
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.rejected, JobStatus.cancelled})
 # Submitted to Modellix and not finished: what the tracker polls.
 ACTIVE = frozenset({JobStatus.submitted, JobStatus.processing})
+# Holding (or about to hold) a place at Modellix: what MODELLIX_MAX_IN_FLIGHT counts.
+IN_FLIGHT = ACTIVE | {JobStatus.submitting}
 
 
 class UTCDateTime(TypeDecorator[datetime]):

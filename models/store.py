@@ -1,9 +1,10 @@
-"""The job table's writes and claims, as single Core statements.
+"""The job table's SQL: inserts, conditional updates, claims and queries, as Core statements.
 
-Every state change is a conditional UPDATE (`WHERE status IN ...`), so two
-workers racing on one job cannot both win, and terminal states never change.
-Each function takes a Connection or a Session; the hot paths use a plain
-autocommit Connection (models.db.connect) since each statement is atomic alone.
+Which status may follow which is not decided here but in models.lifecycle,
+which calls `update_if` with the statuses its table allows. Each function
+takes a Connection or a Session: a single statement (models.db.statement) on
+the hot paths, since each is atomic alone, or a transaction where a row lock
+must last (the sweeps, the fleet's in-flight count).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from sqlalchemy import ClauseElement, Connection, bindparam, func, select, updat
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from models.db import Executor
 from models.job import ACTIVE, Job, JobStatus
 
 jobs = Job.__table__
-Executor = Connection | Session
 
 
 def _values(statuses: Iterable[JobStatus]) -> list[str]:
@@ -31,8 +32,9 @@ def _dialect(ex: Executor) -> str:
     return (ex.dialect if isinstance(ex, Connection) else ex.get_bind().dialect).name
 
 
-def _insert(ex: Executor):  # type: ignore[no-untyped-def]
-    return (postgresql.insert if _dialect(ex) == "postgresql" else sqlite.insert)(jobs)
+def _insert_for(dialect: str) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT (both PostgreSQL and SQLite do)."""
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(jobs)
 
 
 _NEW_ROW = ("id", "status", "request", "metadata", "attempts", "polls", "created_at", "updated_at")
@@ -55,9 +57,8 @@ def _new_row(
 
 
 @lru_cache(maxsize=4)
-def _claim_stmt(dialect: str):  # type: ignore[no-untyped-def]
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(jobs).values({name: bindparam(name) for name in _NEW_ROW})
+def _claim_stmt(dialect: str) -> Any:
+    stmt = _insert_for(dialect).values({name: bindparam(name) for name in _NEW_ROW})
     return stmt.on_conflict_do_update(
         index_elements=[jobs.c.id],
         set_={
@@ -92,25 +93,29 @@ def add_job(
     **extra: Any,
 ) -> bool:
     """Insert a job unless the id exists; True if this call created it."""
-    stmt = _insert(ex).values(_new_row(job_id, status, request, meta, now, **extra))
+    stmt = _insert_for(_dialect(ex)).values(_new_row(job_id, status, request, meta, now, **extra))
     stmt = stmt.on_conflict_do_nothing(index_elements=[jobs.c.id]).returning(jobs.c.id)
     return ex.execute(stmt).first() is not None
 
 
-def transition(ex: Executor, job_id: str, allowed: Iterable[JobStatus], now: datetime, **values: Any) -> bool:
-    """Move a job on only if it is in one of `allowed`; True if it moved."""
+def update_if(ex: Executor, job_id: str, allowed: Iterable[JobStatus], now: datetime, values: dict[str, Any]) -> bool:
+    """Update a job only while its status is one of `allowed`; True if it was updated."""
     allowed_values = tuple(sorted(_values(allowed)))
     if any(isinstance(v, ClauseElement) for v in values.values()):
         stmt = (
             update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(allowed_values)).values(updated_at=now, **values)
         )
-        return ex.execute(stmt).rowcount == 1
-    stmt = _transition_stmt(allowed_values, tuple(sorted(values)))
-    return ex.execute(stmt, {"job_id": job_id, "updated_at": now, **values}).rowcount == 1
+        return _one_row(ex.execute(stmt))
+    stmt = _update_stmt(allowed_values, tuple(sorted(values)))
+    return _one_row(ex.execute(stmt, {"job_id": job_id, "updated_at": now, **values}))
+
+
+def _one_row(result: Any) -> bool:
+    return bool(result.rowcount == 1)
 
 
 @lru_cache(maxsize=128)
-def _transition_stmt(allowed: tuple[str, ...], keys: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def _update_stmt(allowed: tuple[str, ...], keys: tuple[str, ...]) -> Any:
     # Built once per shape: constructing and cache-keying an UPDATE costs about
     # as much CPU as running it, on a path every job takes four times.
     return (
@@ -161,6 +166,7 @@ def claim_overdue_polls(s: Session, now: datetime, lease: float, limit: int) -> 
 
 
 def claim_stale(s: Session, status: JobStatus, before: datetime, limit: int) -> list[str]:
+    """Jobs in `status` not updated since `before`, locked for the caller's transaction."""
     return list(
         s.execute(
             select(jobs.c.id)
@@ -173,6 +179,14 @@ def claim_stale(s: Session, status: JobStatus, before: datetime, limit: int) -> 
 
 def count_by_status(ex: Executor) -> dict[str, int]:
     return {status: count for status, count in ex.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))}
+
+
+def get_job(s: Session, job_id: str) -> Job | None:
+    return s.get(Job, job_id)
+
+
+def find_jobs(s: Session, ids: list[str]) -> list[Job]:
+    return list(s.scalars(select(Job).where(Job.id.in_(ids))))
 
 
 def list_jobs(

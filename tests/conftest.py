@@ -13,10 +13,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, text
 
-from models import db
 from models.migrate import upgrade
 from tests.services import require
-from worker import limits, runtime
+from worker import runtime
 
 PG_ADMIN_URL = os.environ.get("KLING_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 RABBIT_URL = os.environ.get("KLING_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
@@ -34,7 +33,7 @@ def pg_url() -> Iterator[str]:
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     upgrade(url)
     yield url
-    db.dispose_all()
+    runtime.reset()  # its connections to the database about to be dropped
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()
@@ -66,7 +65,7 @@ def redis_url() -> str:
 
 @pytest.fixture
 def sandbox():
-    from worker.sandbox import SandboxServer
+    from worker.dev.sandbox import SandboxServer
 
     with SandboxServer(api_key="test-key-" + uuid.uuid4().hex, task_seconds=0.5) as server:
         yield server
@@ -79,11 +78,22 @@ def configure(monkeypatch):
     def apply(**env: str) -> None:
         for key, value in env.items():
             monkeypatch.setenv(key, str(value))
-        runtime.settings.cache_clear()
         runtime.reset()
-        limits.forget()
 
     yield apply
-    runtime.settings.cache_clear()
     runtime.reset()
-    limits.forget()
+
+
+@pytest.fixture
+def service(any_db_url, sandbox, configure):
+    """This process configured as a worker against the sandbox, on SQLite and on PostgreSQL."""
+    configure(
+        DATABASE_URL=any_db_url,
+        MODELLIX_BASE_URL=sandbox.url,
+        MODELLIX_API_KEY=sandbox.api_key,
+        KLING_MAX_ATTEMPTS=3,
+        KLING_BACKOFF_BASE=0.1,
+        KLING_ACCOUNT_RETRY=30,
+        KLING_POLL_DEADLINE=60,
+    )
+    return sandbox

@@ -10,14 +10,14 @@ import pytest
 
 from models.job import Job
 from worker import cli, runtime
-from worker.sandbox import png
+from worker.dev.sandbox import png
 
 
 @pytest.fixture
 def table(sqlite_url, configure):
     configure(DATABASE_URL=sqlite_url, MODELLIX_MAX_RPS="5", MODELLIX_MAX_IN_FLIGHT="7")
     now = datetime.now(UTC)
-    with runtime.session() as s:
+    with runtime.get().transaction() as s:
         for i, (status, age) in enumerate([("succeeded", 3), ("failed", 2), ("queued", 1), ("submitted", 0)]):
             when = now - timedelta(hours=age)
             s.add(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.processes import ROOT, Worker
 from tests.services import require_tool
+from worker.dev.processes import ROOT, Worker
 
 CLI = [sys.executable, "-m", "worker.cli"]
 
@@ -54,7 +54,7 @@ def test_enqueue_wait_list_show_stats_cancel(tmp_path, sandbox):
     )
     run(["db", "upgrade"], env)
     image = tmp_path / "in.png"
-    from worker.sandbox import png
+    from worker.dev.sandbox import png
 
     image.write_bytes(png(2, 2))
     worker = Worker(env, tmp_path, concurrency=4).wait_ready()

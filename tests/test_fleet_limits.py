@@ -7,8 +7,9 @@ import uuid
 
 import pytest
 
-from tests.processes import Worker, produce, valid, wait_for, wait_terminal, worker_env
-from worker.sandbox import Step
+from tests.support import valid, wait_for, wait_terminal, worker_env
+from worker.dev.processes import Worker, produce
+from worker.dev.sandbox import Step
 
 pytestmark = pytest.mark.services
 

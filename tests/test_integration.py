@@ -9,9 +9,10 @@ import uuid
 import pytest
 import requests
 
-from tests.processes import Worker, produce, rows, valid, wait_for, wait_terminal, worker_env
 from tests.proxy import TcpProxy
-from worker.sandbox import Step
+from tests.support import rows, valid, wait_for, wait_terminal, worker_env
+from worker.dev.processes import Worker, produce
+from worker.dev.sandbox import Step
 
 pytestmark = pytest.mark.services
 

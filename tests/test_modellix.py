@@ -9,8 +9,8 @@ import time
 import pytest
 
 from worker import modellix
+from worker.dev.sandbox import Step
 from worker.modellix import ModellixClient
-from worker.sandbox import Step
 
 BODY = {"prompt": "a red fox in snow"}
 

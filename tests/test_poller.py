@@ -1,4 +1,4 @@
-"""The per-process poll scheduler: order, chaining, and faults that must not stop it."""
+"""The per-process poll timer: due order, chaining, and faults that must not stop it."""
 
 from __future__ import annotations
 
@@ -8,39 +8,45 @@ import time
 from worker.poller import Poller
 
 
-def test_polls_run_in_due_order_and_chain_until_done():
+def test_calls_run_in_due_order_and_can_schedule_the_next():
     calls: list[tuple[str, int, float]] = []
     done = threading.Event()
     started = time.monotonic()
+    poller = Poller(threads=4)
 
-    def poll(job_id: str, seq: int):
+    def poll(job_id: str, seq: int) -> None:
         calls.append((job_id, seq, time.monotonic() - started))
         if job_id == "a" and seq < 2:
-            return seq + 1, 0.5
-        if job_id == "a":
+            poller.schedule(0.5, poll, "a", seq + 1)
+        elif job_id == "a":
             done.set()
-        return None
 
-    poller = Poller(poll, threads=4)
-    poller.schedule("b", 0, 0.2)  # between a's polls by 200 ms or more: order holds on a loaded machine
-    poller.schedule("a", 0, 0.0)
-    assert done.wait(5)
+    poller.schedule(0.2, poll, "b", 0)  # between a's polls by 200 ms or more: order holds on a loaded machine
+    poller.schedule(0.0, poll, "a", 0)
+    assert done.wait(10)
     assert [(j, s) for j, s, _ in calls] == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
     assert calls[-1][2] >= 1.0  # two 500 ms gaps were honoured
     assert poller.pending() == 0
+    poller.stop()
 
 
-def test_a_failing_poll_is_logged_and_the_poller_goes_on(caplog):
+def test_a_failing_call_is_logged_and_the_poller_goes_on(caplog):
     seen = threading.Event()
+    poller = Poller(threads=2)
 
-    def poll(job_id: str, seq: int):
-        if job_id == "bad":
-            raise RuntimeError("database gone")
-        seen.set()
-        return None
+    def bad(job_id: str) -> None:
+        raise RuntimeError("database gone")
 
-    poller = Poller(poll, threads=2)
-    poller.schedule("bad", 0, 0)
-    poller.schedule("good", 0, 0.05)
+    poller.schedule(0, bad, "bad-job")
+    poller.schedule(0.05, seen.set)
     assert seen.wait(5)
-    assert "job bad: poll 0 failed" in caplog.text
+    assert "bad('bad-job',) failed" in caplog.text and "database gone" in caplog.text
+    poller.stop()
+
+
+def test_stop_drops_what_is_scheduled():
+    ran = threading.Event()
+    poller = Poller(threads=1)
+    poller.schedule(0.3, ran.set)
+    poller.stop()
+    assert not ran.wait(0.6) and poller.pending() == 0

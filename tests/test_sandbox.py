@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from worker.sandbox import Faults, SandboxServer, Step
+from worker.dev.sandbox import Faults, SandboxServer, Step
 
 SUBMIT = "/api/v1/image-to-image/kling/kling-image-o1/async"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -243,7 +243,7 @@ def test_max_requests_per_second(server, http):
 
 
 def test_the_request_window_is_half_open():
-    from worker.sandbox import _max_in_window
+    from worker.dev.sandbox import _max_in_window
 
     assert _max_in_window([0.0, 0.5, 0.99, 1.0, 1.5, 1.98, 2.5], 1.0) == 4  # 0.99 to 1.98
     assert _max_in_window([0.0, 1.0, 2.0], 1.0) == 1

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from worker import backoff, runtime
+from worker import api_errors, runtime, schedule
 from worker.config import Settings
 
 
 def test_poll_schedule_is_2s_then_times_1_25_capped_at_30s():
     cfg = Settings()
-    gaps = [backoff.poll_delay(i, cfg) for i in range(20)]
+    gaps = [schedule.gap(i, cfg) for i in range(20)]
     due = [round(sum(gaps[: i + 1]), 1) for i in range(5)]
     assert due == [2.0, 4.5, 7.6, 11.5, 16.4]  # the README's figures
     assert max(gaps) == 30.0 and gaps[-1] == 30.0
@@ -19,9 +19,9 @@ def test_poll_schedule_is_2s_then_times_1_25_capped_at_30s():
 def test_retry_backoff_doubles_with_jitter_and_honours_retry_after():
     cfg = Settings(backoff_base=1.0, backoff_max=60.0)
     for attempt, ceiling in ((1, 1), (2, 2), (3, 4), (8, 60), (20, 60)):
-        delays = [backoff.retry_delay(attempt, cfg) for _ in range(50)]
+        delays = [api_errors.retry_delay(attempt, cfg) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
-    assert backoff.retry_delay(1, cfg, retry_after=9) == 9
+    assert api_errors.retry_delay(1, cfg, retry_after=9) == 9
 
 
 def test_at_least_one_attempt():
@@ -32,12 +32,12 @@ def test_at_least_one_attempt():
 @pytest.mark.parametrize("concurrency, db_pool, expected", [("128", None, 16), ("16", None, 4), ("32", "7", 7)])
 def test_database_pool_is_an_eighth_of_the_threads_at_least_four(configure, concurrency, db_pool, expected):
     configure(KLING_CONCURRENCY=concurrency, **({"KLING_DB_POOL": db_pool} if db_pool else {}))
-    assert runtime._pool_size() == expected
+    assert runtime.get().db_pool_size == expected
 
 
 def test_http_pool_holds_a_connection_per_thread(configure):
     configure(KLING_CONCURRENCY="48", MODELLIX_BASE_URL="http://127.0.0.1:9")
-    adapter = runtime.client().session.get_adapter("http://127.0.0.1:9")
+    adapter = runtime.get().client.session.get_adapter("http://127.0.0.1:9")
     assert adapter._pool_maxsize >= 48
 
 

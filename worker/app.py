@@ -3,27 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
-from worker.config import home
+from worker.config import Settings, home
 from worker.runtime import settings
 
 cfg = settings()
-home().mkdir(parents=True, exist_ok=True)  # beat's schedule file lives there
 app = Celery("kling_worker", broker=cfg.broker_url, include=["worker.tasks"])
+
+
+def _embedded_folders() -> dict[str, Path]:
+    """The embedded broker: one folder that producers write and workers read."""
+    folder = home() / "broker"
+    return {"queue": folder / "queue", "processed": folder / "processed", "control": folder / "control"}
+
+
+def prepare_folders(settings: Settings | None = None) -> None:
+    """Create the folders the embedded broker and beat's schedule file need (not at import)."""
+    settings = settings or cfg
+    home().mkdir(parents=True, exist_ok=True)
+    if settings.broker_url.startswith("filesystem"):
+        for path in _embedded_folders().values():
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@signals.celeryd_init.connect
+@signals.beat_init.connect
+def _on_start(**_: Any) -> None:
+    prepare_folders()
+
 
 transport_options: dict[str, object] = {}
 if cfg.broker_url.startswith("filesystem"):
-    # The embedded broker: one folder that producers write and workers read.
-    folder = home() / "broker"
-    for sub in ("queue", "processed", "control"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+    folders = _embedded_folders()
     transport_options = {
-        "data_folder_in": str(folder / "queue"),
-        "data_folder_out": str(folder / "queue"),
-        "processed_folder": str(folder / "processed"),
-        "control_folder": str(folder / "control"),
+        "data_folder_in": str(folders["queue"]),
+        "data_folder_out": str(folders["queue"]),
+        "processed_folder": str(folders["processed"]),
+        "control_folder": str(folders["control"]),
         "store_processed": False,
     }
 

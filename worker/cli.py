@@ -8,17 +8,16 @@ import json
 import mimetypes
 import re
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from marshmallow import ValidationError
-from sqlalchemy import select
 
-from models import TERMINAL, store
-from models.job import Job
+from models import TERMINAL, lifecycle, store
+from models.job import utcnow
 from worker import runtime
+from worker.watch import watch
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -27,7 +26,8 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ValidationError as exc:
         print(json.dumps(exc.messages, indent=2, ensure_ascii=False), file=sys.stderr)
         return 2
@@ -115,7 +115,7 @@ def _image(value: str) -> str:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from worker.app import app
+    from worker.app import app, prepare_folders
     from worker.schemas import GenerationRequestSchema, MessageSchema
 
     request = build_request(args)
@@ -127,6 +127,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     if not args.no_check:
         MessageSchema().load(kwargs)
         GenerationRequestSchema().load(request)
+    prepare_folders()
     result = app.send_task("kling.generate", kwargs=kwargs, queue=runtime.settings().queue)
     job_id = args.job_id or result.id
     print(job_id)
@@ -144,25 +145,6 @@ def _wait(job_id: str, timeout: float) -> int:
     return 1
 
 
-def watch(ids: list[str], timeout: float, out: TextIO) -> dict[str, dict[str, Any]]:
-    """Follow jobs in the table until all have ended (or `timeout`), printing each status change."""
-    deadline = time.monotonic() + timeout
-    seen: dict[str, str] = {}
-    rows: dict[str, dict[str, Any]] = {}
-    while time.monotonic() < deadline:
-        with runtime.session() as s:
-            rows = {j.id: j.to_dict() for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
-        for job_id in ids:
-            status = rows[job_id]["status"] if job_id in rows else "queued"  # no row until a worker takes it
-            if seen.get(job_id) != status:
-                seen[job_id] = status
-                print(f"{datetime.now():%H:%M:%S} {job_id:<22} {status}", file=out, flush=True)
-        if len(rows) == len(ids) and all(r["status"] in TERMINAL for r in rows.values()):
-            break
-        time.sleep(0.3)
-    return rows
-
-
 def _when(value: str | None) -> datetime | None:
     if not value:
         return None
@@ -174,7 +156,7 @@ def _when(value: str | None) -> datetime | None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with runtime.session() as s:
+    with runtime.get().transaction() as s:
         rows = [j.to_dict() for j in store.list_jobs(s, args.status, _when(args.since), _when(args.until), args.limit)]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -188,8 +170,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with runtime.session() as s:
-        job = s.get(Job, args.job_id)
+    with runtime.get().transaction() as s:
+        job = store.get_job(s, args.job_id)
         row = job.to_dict() if job else None
     if row is None:
         print(f"no job {args.job_id}", file=sys.stderr)
@@ -212,7 +194,7 @@ def _print_job(row: dict[str, Any]) -> None:
 def cmd_stats(args: argparse.Namespace) -> int:
     from worker import limits
 
-    with runtime.session() as s:
+    with runtime.get().transaction() as s:
         counts = store.count_by_status(s)
         budget = limits.status(s)
     if args.json:
@@ -229,21 +211,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from models import JobStatus
-    from models.job import utcnow
-
-    now = utcnow()
-    with runtime.session() as s:
-        done = store.transition(
-            s,
-            args.job_id,
-            {JobStatus.queued},
-            now,
-            status=JobStatus.cancelled.value,
-            finished_at=now,
-            error_code="cancelled",
-            error_message="cancelled by an operator",
-        )
+    with runtime.get().statement() as ex:
+        done = lifecycle.cancel(ex, args.job_id, utcnow())
     print("cancelled" if done else f"{args.job_id}: not queued, not cancelled", file=sys.stderr)
     return 0 if done else 1
 
@@ -257,7 +226,7 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from worker.sandbox import Faults, SandboxServer
+    from worker.dev.sandbox import Faults, SandboxServer
 
     faults = Faults(
         latency=args.latency,
@@ -274,7 +243,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run
+    from worker.dev.demo import run
 
     return run(args.timeout)
 

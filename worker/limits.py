@@ -7,17 +7,19 @@
 - `MODELLIX_MAX_IN_FLIGHT`: Modellix tasks submitted and not finished. A
   submit claim counts the active jobs under the same row lock, so two workers
   cannot both take the last place.
-- A 429 (or 401/402) pauses the whole fleet: the pause is written to the row,
-  and every worker reads it before its next request.
+- A pause (after a 429, 401 or 402, see worker.api_errors) stops the whole
+  fleet: it is written to the row, and every worker reads it before its next
+  request (at most PAUSE_REFRESH seconds late when no rate limit is set).
 
-A wait longer than MAX_SLEEP is not slept in a worker thread: the caller
-gets OverBudget and schedules the job again (it waits in `queued`). For a
-place in flight, a few threads per process (WAITERS) look again every few
-hundred milliseconds for up to MAX_SLEEP, so a freed place is taken at once
-without every waiting job hammering the lock; polls have threads of their own
+A wait longer than MAX_SLEEP is not slept in a worker thread: the caller gets
+OverBudget and the job waits in `queued`. For a place in flight, a few
+threads per process (WAITERS) look again every few hundred milliseconds for up
+to MAX_SLEEP (`place_tries`), so a freed place is taken at once without every
+waiting job hammering the lock; polls have threads of their own
 (worker.poller), so waiting submits never starve them.
 
-Clocks: slots are epoch seconds from each host's clock; hosts must be NTP-synced.
+The SQL is in models.budget. Clocks: slots are epoch seconds from each host's
+clock; hosts must be NTP-synced.
 """
 
 from __future__ import annotations
@@ -25,18 +27,14 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
-from sqlalchemy import Connection, func, select, update
-from sqlalchemy.orm import Session
-
-from models import ACTIVE, ApiBudget, Job, JobStatus
+from models import budget
+from models.db import Executor
 from worker import runtime
 
-T = TypeVar("T")
-NAME = "modellix"
+# A wait longer than this goes back to the broker instead of holding a thread.
 MAX_SLEEP = 5.0
 # Slots are spaced 10 % wider than 1/MAX_RPS: a request leaves a little after
 # its slot (thread wake-up, GIL), and that jitter must not add up to a burst
@@ -45,10 +43,9 @@ MAX_SLEEP = 5.0
 HEADROOM = 1.10
 # Without a rate limit nobody locks the row per request; the pause is read at most this often.
 PAUSE_REFRESH = 1.0
+# Threads per process that wait in place for a free place in flight.
 WAITERS = 2
 _waiters = threading.BoundedSemaphore(WAITERS)
-_budget = ApiBudget.__table__
-IN_FLIGHT = [s.value for s in ACTIVE | {JobStatus.submitting}]
 
 
 class OverBudget(Exception):
@@ -58,40 +55,31 @@ class OverBudget(Exception):
         self.reason = reason
 
 
-@dataclass
-class _Pause:
-    until: float = 0.0
-    reason: str = ""
-    read_at: float = float("-inf")
-
-
-_pause = _Pause()
-
-
 def take_request_slot() -> None:
-    """Wait until this process may send one API request."""
-    cfg = runtime.settings()
-    if cfg.max_rps is None:
-        until, reason = _current_pause()
+    """Wait until this process may send one API request; OverBudget if that is more than MAX_SLEEP away."""
+    res = runtime.get()
+    max_rps = res.settings.max_rps
+    if max_rps is None:
+        until, reason = _current_pause(res)
         wait = until - time.time()
     else:
-        with runtime.session() as s:
-            row = _lock(s)
+        with res.transaction() as s:
+            row = budget.lock(s)
             # Read the clock only once the lock is held: a time taken before a
             # contended lock would put the slot in the past and let a burst out.
             now = time.time()
             slot = max(row.next_slot, now, row.paused_until)
             wait, reason = slot - now, row.pause_reason or "rate limit"
             if wait <= MAX_SLEEP:
-                s.execute(update(_budget).where(_budget.c.name == NAME).values(next_slot=slot + HEADROOM / cfg.max_rps))
+                budget.book_slot(s, slot + HEADROOM / max_rps)
     if wait > MAX_SLEEP:
         raise OverBudget(wait + random.uniform(0, 1), reason)
     if wait > 0:
         time.sleep(wait)
 
 
-def check_in_flight(ex: Connection | Session) -> None:
-    """Within the caller's transaction: raise OverBudget if no place is free.
+def check_in_flight(ex: Executor) -> None:
+    """Within the caller's transaction: raise OverBudget if no place in flight is free.
 
     The budget row stays locked until that transaction commits the claim, which
     serialises submit claims across the fleet while the limit is set.
@@ -99,81 +87,60 @@ def check_in_flight(ex: Connection | Session) -> None:
     limit = runtime.settings().max_in_flight
     if limit is None:
         return
-    _lock(ex)
-    busy = ex.execute(
-        select(func.count()).select_from(select(Job.id).where(Job.status.in_(IN_FLIGHT)).limit(limit).subquery())
-    ).scalar_one()
-    if busy >= limit:
+    budget.lock(ex)
+    if budget.count_in_flight(ex, up_to=limit) >= limit:
         raise OverBudget(0.0, f"{limit} tasks in flight")
 
 
-def wait_for_place(claim: Callable[[], T]) -> T:
-    """Run `claim` (which calls check_in_flight) until a place in flight is free.
+def place_tries() -> Iterator[None]:
+    """Yield once per try at a place in flight; between tries, wait while this thread may.
 
-    One of WAITERS threads keeps trying for up to MAX_SLEEP; any other thread,
-    or a wait that runs out, gets OverBudget.
+    One of WAITERS threads per process keeps trying for up to MAX_SLEEP; any
+    other thread gets a single try. The caller stops iterating once its try
+    succeeds, and raises its last OverBudget when the tries run out.
     """
     deadline = time.monotonic() + MAX_SLEEP
-    waiting = False
+    yield
+    if not _waiters.acquire(blocking=False):
+        return
     try:
-        while True:
-            try:
-                return claim()
-            except OverBudget:
-                waiting = waiting or _waiters.acquire(blocking=False)
-                if not waiting or time.monotonic() > deadline:
-                    raise
+        while time.monotonic() < deadline:
             time.sleep(random.uniform(0.1, 0.3))
+            yield
     finally:
-        if waiting:
-            _waiters.release()
+        _waiters.release()
 
 
 def pause(seconds: float, reason: str) -> None:
     """Stop the whole fleet's API calls for `seconds` (never shortens a longer pause)."""
+    res = runtime.get()
     until = time.time() + seconds
-    with runtime.connect() as ex:
-        ex.execute(
-            update(_budget)
-            .where(_budget.c.name == NAME, _budget.c.paused_until < until)
-            .values(paused_until=until, pause_reason=reason)
-        )
-    if until > _pause.until:
-        _pause.until, _pause.reason = until, reason
+    with res.statement() as ex:
+        budget.pause_until(ex, until, reason)
+    if until > res.pause.until:
+        res.pause.until, res.pause.reason = until, reason
 
 
-def status(s: Session) -> dict[str, object]:
+def status(ex: Executor) -> dict[str, Any]:
+    """The limits, the tasks in flight and any pause, for `jobs stats`."""
     cfg = runtime.settings()
-    row = s.get(ApiBudget, NAME)
-    in_flight = s.execute(select(func.count()).where(Job.status.in_(IN_FLIGHT))).scalar_one()
+    row = budget.read(ex)
     paused = row is not None and row.paused_until > time.time()
     return {
         "max_rps": cfg.max_rps,
         "max_in_flight": cfg.max_in_flight,
-        "in_flight": in_flight,
-        "paused_for": round(row.paused_until - time.time(), 1) if paused else 0,
-        "pause_reason": row.pause_reason if paused else None,
+        "in_flight": budget.count_in_flight(ex),
+        "paused_for": round(row.paused_until - time.time(), 1) if row is not None and paused else 0,
+        "pause_reason": row.pause_reason if row is not None and paused else None,
     }
 
 
-def forget() -> None:
-    """Drop this process's cached pause (settings changed, e.g. between tests)."""
-    global _pause
-    _pause = _Pause()
-
-
-def _lock(ex: Connection | Session) -> Any:
-    row = ex.execute(select(_budget).where(_budget.c.name == NAME).with_for_update()).first()
-    if row is None:
-        raise RuntimeError("api_budget row missing: run `kling-worker db upgrade`")
-    return row
-
-
-def _current_pause() -> tuple[float, str]:
-    if time.monotonic() - _pause.read_at > PAUSE_REFRESH:
-        with runtime.session() as s:
-            row = s.get(ApiBudget, NAME)
+def _current_pause(res: runtime.Resources) -> tuple[float, str]:
+    seen = res.pause
+    if time.monotonic() - seen.read_at > PAUSE_REFRESH:
+        with res.statement() as ex:
+            row = budget.read(ex)
         if row is not None:
-            _pause.until, _pause.reason = row.paused_until, row.pause_reason or ""
-        _pause.read_at = time.monotonic()
-    return _pause.until, _pause.reason
+            seen.until, seen.reason = row.paused_until, row.pause_reason or ""
+        seen.read_at = time.monotonic()
+    return seen.until, seen.reason

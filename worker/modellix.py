@@ -1,13 +1,24 @@
 """A thin client for the Modellix kling-image-o1 API: plain requests, no Celery, no DB.
 
-Every call is one HTTP attempt; retry policy belongs to the caller, which knows
-whether it may wait. Failures are typed so callers can map them onto the job
-lifecycle without parsing strings.
+Every call is one HTTP attempt; what to do about a failure is decided in one
+place, worker.api_errors. The API's knowledge lives on these types: the
+exception tree below (each with the code a job records), and a task's phase.
+
+    ModellixError                the API's code: its HTTP status; ours otherwise
+    ├── TransientError           5xx: worth trying again later
+    │   ├── RateLimited          429 (Retry-After)
+    │   ├── NetworkError         nothing came back; for a submit, nothing was sent
+    │   └── ProtocolError        an answer that does not fit the documented shape
+    ├── AmbiguousSubmit          a submit that may have created a task (submit_unknown)
+    ├── AccountError             401/402: the key or the balance, for every job
+    ├── RequestRejected          400 and other 4xx
+    └── NotFound                 404
 """
 
 from __future__ import annotations
 
 import email.utils
+import enum
 import importlib.metadata
 import os
 import time
@@ -25,6 +36,18 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that w
 
 SUCCESS = frozenset({"completed", "succeeded", "success"})
 FAILURE = frozenset({"canceled", "cancelled", "error", "failed"})
+PENDING = frozenset({"pending"})
+# Running states seen or documented; any other word is also taken as running, but logged.
+RUNNING = frozenset({"processing", "running", "queued", "submitted"})
+
+
+class Phase(enum.Enum):
+    """Where a Modellix task is, from its status word (as Modellix's own CLI reads them)."""
+
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
 
 
 class ModellixError(Exception):
@@ -38,6 +61,11 @@ class ModellixError(Exception):
         self.message = message
         self.status = status
         self.retry_after = retry_after
+
+    @property
+    def stored_code(self) -> str:
+        """What a job records as its error_code: the API's own code (its HTTP status) where it answered."""
+        return str(self.status) if self.status else self.code
 
 
 class TransientError(ModellixError):
@@ -56,10 +84,14 @@ class NetworkError(TransientError):
 
 
 class AmbiguousSubmit(ModellixError):
-    """The submit may have reached Modellix (read timeout, dropped connection):
+    """The submit may have reached Modellix (read timeout, dropped connection, 200 without a task id):
     retrying could create and bill a second task, so it is not retried."""
 
     code = "submit_unknown"
+
+    @property
+    def stored_code(self) -> str:
+        return self.code  # even after a 200: what matters is that the outcome is unknown
 
 
 class AccountError(ModellixError):
@@ -106,16 +138,29 @@ class TaskState:
     result_urls: list[str] = field(default_factory=list)
 
     @property
+    def phase(self) -> Phase:
+        word = self.status.lower()
+        if word in SUCCESS:
+            return Phase.succeeded
+        if word in FAILURE:
+            return Phase.failed
+        return Phase.pending if word in PENDING else Phase.running
+
+    @property
+    def known_status(self) -> bool:
+        return self.status.lower() in SUCCESS | FAILURE | PENDING | RUNNING
+
+    @property
     def succeeded(self) -> bool:
-        return self.status.lower() in SUCCESS
+        return self.phase is Phase.succeeded
 
     @property
     def failed(self) -> bool:
-        return self.status.lower() in FAILURE
+        return self.phase is Phase.failed
 
     @property
     def finished(self) -> bool:
-        return self.succeeded or self.failed
+        return self.phase in (Phase.succeeded, Phase.failed)
 
     @property
     def error_message(self) -> str:

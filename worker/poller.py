@@ -1,11 +1,12 @@
-"""Each worker process's own poll scheduler: a timer heap feeding a thread pool.
+"""Each worker process's own poll timer: a heap of due times feeding a thread pool.
 
 A poll is a short HTTP call every few seconds per job; sending each one
 through the broker as a countdown message costs more than the poll itself
 (publish, consume, an ETA timer and a prefetch change per message). Here the
-process that submitted a job keeps polling it locally. Nothing is lost when
-the process dies: the job row says when its next poll is due, and the beat
-sweep re-dispatches every overdue poll through the broker (tracking.sweep).
+process that submitted a job keeps polling it locally: `schedule` runs a
+function after a delay on one of the pool's threads. Nothing is lost when the
+process dies: the job row says when its next poll is due, and the beat sweep
+re-dispatches every overdue poll through the broker (tracking.sweep).
 """
 
 from __future__ import annotations
@@ -13,63 +14,56 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 log = logging.getLogger("kling_worker.poller")
 
-PollFn = Callable[[str, int], "tuple[int, float] | None"]
-
 
 class Poller:
-    def __init__(self, poll: PollFn, threads: int):
-        self._poll = poll
-        self._heap: list[tuple[float, int, str, int]] = []
+    def __init__(self, threads: int):
+        self._heap: list[tuple[float, int, Callable[..., Any], tuple[Any, ...]]] = []
         self._order = itertools.count()
         self._wake = threading.Condition()
+        self._stopped = False
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kling-poll")
         self._thread = threading.Thread(target=self._run, name="kling-poller", daemon=True)
         self._thread.start()
 
-    def schedule(self, job_id: str, seq: int, delay: float) -> None:
+    def schedule(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) on a pool thread `delay` seconds from now."""
         with self._wake:
-            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._order), job_id, seq))
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._order), fn, args))
             self._wake.notify()
 
     def pending(self) -> int:
         return len(self._heap)
 
+    def stop(self) -> None:
+        """Drop what is scheduled and end the timer thread (the job rows still say what is due)."""
+        with self._wake:
+            self._stopped = True
+            self._heap.clear()
+            self._wake.notify()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._heap or self._heap[0][0] > time.monotonic():
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
                     self._wake.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
-                _, _, job_id, seq = heapq.heappop(self._heap)
-            self._pool.submit(self._one, job_id, seq)
+                if self._stopped:
+                    return
+                _, _, fn, args = heapq.heappop(self._heap)
+            self._pool.submit(self._one, fn, args)
 
-    def _one(self, job_id: str, seq: int) -> None:
+    @staticmethod
+    def _one(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:
-            following = self._poll(job_id, seq)
+            fn(*args)
         except Exception:
-            # The row keeps its lease; the sweep re-dispatches the poll when it runs out.
-            log.exception("job %s: poll %d failed; the sweep will retry it", job_id, seq)
-            return
-        if following is not None:
-            self.schedule(job_id, *following)
-
-
-_pollers: dict[int, Poller] = {}
-_lock = threading.Lock()
-
-
-def get(poll: PollFn, threads: int) -> Poller:
-    """This process's poller, started on first use (after any fork)."""
-    pid = os.getpid()
-    found = _pollers.get(pid)
-    if found is None:
-        with _lock:
-            found = _pollers.get(pid) or _pollers.setdefault(pid, Poller(poll, threads))
-    return found
+            # The job row keeps its lease; the sweep re-dispatches the poll when it runs out.
+            log.exception("%s%r failed; the sweep will make it again", getattr(fn, "__name__", fn), args)

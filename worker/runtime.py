@@ -1,67 +1,126 @@
-"""Per-process resources: settings, the Modellix client, database sessions.
+"""This process's resources: settings, the database engine, the Modellix client, the poller, the pause.
 
-Built on first use in each process (never inherited across a fork), because
-neither a requests Session nor a database pool survives one.
+One object per process, made on first use in that process (never inherited
+across a fork: neither a requests Session nor a database pool survives one),
+with one `reset()` for tests that change the settings between cases.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from functools import lru_cache
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from models import db
 from worker.config import Settings, load
 from worker.modellix import ModellixClient
+from worker.poller import Poller
 
+T = TypeVar("T")
+
+
+@dataclass
+class PauseSeen:
+    """The fleet pause as this process last read it from the budget row (worker.limits)."""
+
+    until: float = 0.0
+    reason: str = ""
+    read_at: float = float("-inf")  # time.monotonic() of the last read
+
+
+class Resources:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.pid = os.getpid()
+        self.pause = PauseSeen()
+        self._lock = threading.Lock()
+        self._made: dict[str, Any] = {}
+
+    def _once(self, name: str, make: Callable[[], T]) -> T:
+        # Threads race to the first use; exactly one makes each resource.
+        found = self._made.get(name)
+        if found is None:
+            with self._lock:
+                found = self._made.get(name)
+                if found is None:
+                    found = self._made[name] = make()
+        return cast(T, found)
+
+    @property
+    def engine(self) -> Engine:
+        return self._once("engine", lambda: db.make_engine(self.settings.database_url, self.db_pool_size))
+
+    @property
+    def db_pool_size(self) -> int:
+        # Threads hold a connection only for a statement or two, never across an
+        # HTTP call, so an eighth of the threads is plenty, and a fixed cap per
+        # process keeps a fleet of workers under PostgreSQL's connection limit.
+        return self.settings.db_pool or max(4, self.settings.concurrency // 8)
+
+    @property
+    def client(self) -> ModellixClient:
+        s = self.settings
+        return self._once(
+            "client",
+            lambda: ModellixClient(
+                s.base_url, s.api_key, s.submit_path, s.connect_timeout, s.read_timeout, pool_size=s.concurrency + 4
+            ),
+        )
+
+    @property
+    def poller(self) -> Poller:
+        """This process's poll timer, started on first use, with as many threads as the worker."""
+        return self._once("poller", lambda: Poller(self.settings.concurrency))
+
+    def transaction(self) -> AbstractContextManager[Session]:
+        """One transaction (locks last until it commits)."""
+        return db.transaction(self.engine)
+
+    def statement(self) -> AbstractContextManager[Connection]:
+        """One statement that is atomic on its own."""
+        return db.statement(self.engine)
+
+    def close(self) -> None:
+        with self._lock:
+            made, self._made = self._made, {}
+        if "client" in made:
+            made["client"].close()
+        if "engine" in made:
+            made["engine"].dispose()
+        if "poller" in made:
+            made["poller"].stop()
+
+
+_current: Resources | None = None
 _lock = threading.Lock()
-_clients: dict[int, ModellixClient] = {}
 
 
-@lru_cache(maxsize=1)
-def settings() -> Settings:
-    return load()
-
-
-def client() -> ModellixClient:
-    pid = os.getpid()
-    found = _clients.get(pid)
-    if found is None:
+def get() -> Resources:
+    """This process's resources, made on first use (after any fork)."""
+    global _current
+    found = _current
+    if found is None or found.pid != os.getpid():
         with _lock:
-            found = _clients.get(pid)
-            if found is None:
-                s = settings()
-                found = ModellixClient(
-                    s.base_url, s.api_key, s.submit_path, s.connect_timeout, s.read_timeout, pool_size=s.concurrency + 4
-                )
-                _clients[pid] = found
+            if _current is None or _current.pid != os.getpid():
+                _current = Resources(load())
+            found = _current
     return found
 
 
-def _pool_size() -> int:
-    # Threads hold a connection only for a statement or two, never across an
-    # HTTP call, so an eighth of the threads is plenty, and a fixed cap per
-    # process keeps a fleet of workers under PostgreSQL's connection limit.
-    return settings().db_pool or max(4, settings().concurrency // 8)
-
-
-def session() -> AbstractContextManager[Session]:
-    """An ORM session in one transaction."""
-    return db.session(settings().database_url, _pool_size())
-
-
-def connect() -> AbstractContextManager[Connection]:
-    """A Core connection for the single-statement hot paths."""
-    return db.connect(settings().database_url, _pool_size())
+def settings() -> Settings:
+    return get().settings
 
 
 def reset() -> None:
-    """Forget this process's client (tests that change settings between cases)."""
+    """Forget this process's resources (tests that change the environment between cases)."""
+    global _current
     with _lock:
-        for found in _clients.values():
-            found.close()
-        _clients.clear()
+        if _current is not None and _current.pid == os.getpid():
+            _current.close()
+        _current = None

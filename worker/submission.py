@@ -1,7 +1,9 @@
-"""Validate → claim → submit → record, for one message. No Celery here.
+"""One `kling.generate` message: validate → claim → send → record. No Celery here.
 
-`handle` returns what the caller must do next (nothing, or retry after a
-delay); the Celery task turns that into a retry or an ack.
+Each step calls only downward (the schemas, the lifecycle, the fleet limits,
+the client, the API-error policy). `handle` returns an Outcome saying what the
+Celery task must do next: nothing, retry the message after a delay, or start
+polling the submitted task.
 """
 
 from __future__ import annotations
@@ -15,183 +17,174 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from models import JobStatus, store
+from models import JobStatus, lifecycle
 from models.job import utcnow
-from worker import limits, modellix, runtime
-from worker.backoff import poll_delay, retry_delay
+from worker import limits, modellix, runtime, schedule
+from worker.api_errors import Action, judge_submit, retry_delay
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
 
 log = logging.getLogger("kling_worker.submission")
 
 _message_schema = MessageSchema()
 _request_schema = GenerationRequestSchema()
+# An invalid request larger than this (inline images) is kept as its size and digest only.
 _MAX_STORED_REQUEST = 64 * 1024
+# A job waiting for the fleet's budget is looked at again at least this often.
 BUDGET_RECHECK = 10.0
 
 
 @dataclass(frozen=True)
 class Outcome:
     job_id: str
-    status: JobStatus | None  # None: another delivery owns the job, nothing was done
-    retry_in: float | None = None
-    first_poll_in: float | None = None
+    status: JobStatus | None  # the status this delivery gave the job; None: it changed nothing
+    retry_in: float | None = None  # send the message again after this many seconds
+    first_poll: schedule.NextPoll | None = None  # the task was submitted: poll it then
+
+    @property
+    def duplicate(self) -> bool:
+        """Another delivery owns (or owned) the job, so this one did nothing."""
+        return self.status is None
 
 
 def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retries: int = 0) -> Outcome:
-    """Process one `kling.generate` message; `delivery_id` is the Celery task id,
-    `retries` how often this message was scheduled again."""
+    """Process one message; `delivery_id` is the Celery task id, `retries` how often it was sent again."""
     if args:
-        return _reject(
-            delivery_id,
-            kwargs.get("request"),
-            kwargs.get("metadata"),
-            {"_message": ["kling.generate takes keyword arguments only: request, job_id, metadata"]},
-        )
+        errors = {"_message": ["kling.generate takes keyword arguments only: request, job_id, metadata"]}
+        return _reject(delivery_id, kwargs.get("request"), kwargs.get("metadata"), errors)
     try:
         message = _message_schema.load(kwargs)
     except ValidationError as exc:
+        errors = _as_dict(exc)
         job_id = kwargs.get("job_id")
         # A bad job id cannot key a row: record the job under the delivery id instead.
-        if "job_id" in exc.messages or not isinstance(job_id, str):
+        if "job_id" in errors or not isinstance(job_id, str):
             job_id = delivery_id
-        meta = kwargs.get("metadata") if "metadata" not in exc.messages else None
-        return _reject(job_id, kwargs.get("request"), meta, exc.messages)
+        meta = kwargs.get("metadata") if "metadata" not in errors else None
+        return _reject(job_id, kwargs.get("request"), meta, errors)
 
     job_id = message["job_id"] or delivery_id
     try:
         request = _request_schema.load(message["request"])
     except ValidationError as exc:
-        return _reject(job_id, message["request"], message["metadata"], exc.messages)
+        return _reject(job_id, message["request"], message["metadata"], _as_dict(exc))
     return _submit(job_id, request, message["metadata"], retries)
 
 
 def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, retries: int) -> Outcome:
-    cfg = runtime.settings()
     stored = redact_request(request)
-
-    # `submitting` is committed before the POST: if this process dies before the
-    # answer is recorded the row says so, and the sweeper resolves it
-    # (tracking.resolve_interrupted) instead of silently submitting again.
-    def claim() -> int | None:
-        # With an in-flight limit the check and the claim share one transaction.
-        with runtime.session() if cfg.max_in_flight else runtime.connect() as ex:
-            limits.check_in_flight(ex)
-            return store.claim_for_submit(ex, job_id, stored, meta, utcnow())
-
     try:
-        attempt = limits.wait_for_place(claim)
+        attempt = _claim(job_id, stored, meta)
     except limits.OverBudget:
-        with runtime.connect() as s:
-            store.add_job(s, job_id, JobStatus.queued, stored, meta, utcnow())
+        with runtime.get().statement() as ex:
+            lifecycle.create(ex, job_id, JobStatus.queued, stored, meta, utcnow())
         # Back off while the fleet is full, so a long queue does not churn the
         # broker, but look again at least every BUDGET_RECHECK seconds.
-        return Outcome(job_id, JobStatus.queued, retry_in=min(retry_delay(retries + 1, cfg), BUDGET_RECHECK))
+        retry_in = min(retry_delay(retries + 1, runtime.settings()), BUDGET_RECHECK)
+        return Outcome(job_id, JobStatus.queued, retry_in=retry_in)
     if attempt is None:
         log.info("job %s: already submitted or in progress elsewhere; not submitting again", job_id)
         return Outcome(job_id, None)
+    return _send(job_id, request, attempt)
 
+
+def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None) -> int | None:
+    """Take the job for this delivery (`submitting`, committed before the POST); its attempt number.
+
+    If this process dies before the answer is recorded, the row says so and the
+    sweep resolves it (tracking.resolve_interrupted) instead of silently
+    submitting again. With an in-flight limit, the count and the claim share
+    one transaction, and a few threads wait here for a freed place.
+    """
+    res = runtime.get()
+    if res.settings.max_in_flight is None:
+        with res.statement() as ex:
+            return lifecycle.claim_for_submit(ex, job_id, stored, meta, utcnow())
+    full: limits.OverBudget | None = None
+    for _ in limits.place_tries():
+        try:
+            with res.transaction() as s:
+                limits.check_in_flight(s)
+                return lifecycle.claim_for_submit(s, job_id, stored, meta, utcnow())
+        except limits.OverBudget as exc:
+            full = exc
+    assert full is not None  # place_tries yields at least once
+    raise full
+
+
+def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
+    res = runtime.get()
     try:
         limits.take_request_slot()
-        submission = runtime.client().submit(request)
+        submitted = res.client.submit(request)
     except limits.OverBudget as exc:
-        _back_to_queue(job_id, refund=True)
+        with res.statement() as ex:
+            lifecycle.requeue(ex, job_id, utcnow(), refund=True)
         return Outcome(job_id, JobStatus.queued, retry_in=exc.retry_in)
-    except modellix.AccountError as exc:
-        # Every job would fail the same way: pause the fleet and keep the jobs
-        # queued, rather than burn through the queue marking each one failed.
+    except modellix.ModellixError as exc:
+        return _after_error(job_id, exc, attempt)
+    return _record(job_id, submitted)
+
+
+def _record(job_id: str, submitted: modellix.Submission) -> Outcome:
+    now = utcnow()
+    first = schedule.first(runtime.settings())
+    with runtime.get().statement() as ex:
+        lifecycle.mark_submitted(
+            ex,
+            job_id,
+            now,
+            task_id=submitted.task_id,
+            answer=submitted.raw,
+            next_poll_at=now + timedelta(seconds=first.delay),
+        )
+    return Outcome(job_id, JobStatus.submitted, first_poll=first)
+
+
+def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outcome:
+    verdict = judge_submit(exc, attempt, runtime.settings())
+    if verdict.pause:
+        limits.pause(verdict.pause, verdict.pause_reason)
+    if verdict.account:
         log.error(
             "job %s: Modellix rejects the account (%s %s); the fleet pauses %.0fs and retries until fixed",
             job_id,
             exc.status,
             exc.message,
-            cfg.account_retry,
+            verdict.pause,
         )
-        limits.pause(cfg.account_retry, f"{exc.status} {exc.message}")
-        _back_to_queue(job_id, exc, refund=True)
-        return Outcome(job_id, JobStatus.queued, retry_in=retry_delay(1, cfg, cfg.account_retry))
-    except modellix.TransientError as exc:
-        if isinstance(exc, modellix.RateLimited):
-            limits.pause(exc.retry_after or retry_delay(attempt, cfg), "429 from Modellix")
-        if attempt >= cfg.max_attempts:
-            log.warning("job %s: giving up after %d attempts: %s", job_id, attempt, exc.message)
-            return _fail(job_id, exc, JobStatus.submitting)
-        delay = retry_delay(attempt, cfg, exc.retry_after)
-        log.info("job %s: attempt %d failed (%s), retrying in %.1fs", job_id, attempt, exc.message, delay)
-        _back_to_queue(job_id, exc)
-        return Outcome(job_id, JobStatus.queued, retry_in=delay)
-    except modellix.ModellixError as exc:
-        return _fail(job_id, exc, JobStatus.submitting)
-
     now = utcnow()
-    first_poll = poll_delay(0, cfg)
-    with runtime.connect() as s:
-        store.transition(
-            s,
-            job_id,
-            {JobStatus.submitting},
-            now,
-            status=JobStatus.submitted.value,
-            modellix_task_id=submission.task_id,
-            submitted_at=now,
-            next_poll_at=now + timedelta(seconds=first_poll),
-            last_response=submission.raw,
-            error_code=None,
-            error_message=None,
-        )
-    return Outcome(job_id, JobStatus.submitted, first_poll_in=first_poll)
-
-
-def error_code(exc: modellix.ModellixError) -> str:
-    """The API's own code (its HTTP status) where it answered; ours otherwise."""
-    return str(exc.status) if exc.status and not isinstance(exc, modellix.AmbiguousSubmit) else exc.code
-
-
-def _back_to_queue(job_id: str, exc: modellix.ModellixError | None = None, refund: bool = False) -> None:
-    """`refund`: the attempt does not count (the API was not at fault for this job)."""
-    extra: dict[str, Any] = {"attempts": store.jobs.c.attempts - 1} if refund else {}
-    if exc is not None:
-        extra.update(error_code=error_code(exc), error_message=exc.message)
-    with runtime.connect() as s:
-        store.transition(s, job_id, {JobStatus.submitting}, utcnow(), status=JobStatus.queued.value, **extra)
-
-
-def _fail(job_id: str, exc: modellix.ModellixError, current: JobStatus) -> Outcome:
-    now = utcnow()
-    with runtime.connect() as s:
-        store.transition(
-            s,
-            job_id,
-            {current},
-            now,
-            status=JobStatus.failed.value,
-            error_code=error_code(exc),
-            error_message=exc.message,
-            finished_at=now,
-        )
-    log.warning("job %s failed: %s %s", job_id, error_code(exc), exc.message)
-    return Outcome(job_id, JobStatus.failed)
+    with runtime.get().statement() as ex:
+        if verdict.action is Action.fail:
+            lifecycle.fail_submit(ex, job_id, now, exc.stored_code, exc.message)
+        else:
+            lifecycle.requeue(
+                ex, job_id, now, refund=not verdict.counts, error_code=exc.stored_code, error_message=exc.message
+            )
+    if verdict.action is Action.fail:
+        log.warning("job %s failed after %d attempt(s): %s %s", job_id, attempt, exc.stored_code, exc.message)
+        return Outcome(job_id, JobStatus.failed)
+    if not verdict.account:
+        log.info("job %s: attempt %d failed (%s), retrying in %.1fs", job_id, attempt, exc.message, verdict.delay)
+    return Outcome(job_id, JobStatus.queued, retry_in=verdict.delay)
 
 
 def _reject(job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any]) -> Outcome:
     message = json.dumps(errors, ensure_ascii=False)
     log.warning("job %s rejected: %s", job_id, message)
-    now = utcnow()
-    with runtime.connect() as s:
-        created = store.add_job(
-            s,
-            job_id,
-            JobStatus.rejected,
-            _storable(raw_request),
-            meta if isinstance(meta, dict) else None,
-            now,
-            error_code="validation",
-            error_message=message,
-            finished_at=now,
+    with runtime.get().statement() as ex:
+        created = lifecycle.reject(
+            ex, job_id, _storable(raw_request), meta if isinstance(meta, dict) else None, utcnow(), message
         )
     if not created:
         # The id is taken by an earlier job: that row stays as it is.
         log.warning("job %s: invalid duplicate of an existing job ignored", job_id)
-    return Outcome(job_id, JobStatus.rejected if created else None)
+        return Outcome(job_id, None)
+    return Outcome(job_id, JobStatus.rejected)
+
+
+def _as_dict(exc: ValidationError) -> dict[str, Any]:
+    messages = exc.messages
+    return messages if isinstance(messages, dict) else {"_schema": messages}
 
 
 def _storable(raw: Any) -> dict[str, Any]:

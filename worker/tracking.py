@@ -1,9 +1,8 @@
-"""Status tracking: poll a submitted Modellix task until it ends. No Celery here.
+"""Following a submitted Modellix task until it ends, and the sweep that repairs what was lost. No Celery here.
 
-Schedule: polls at the gaps of backoff.poll_delay (2 s, then x1.25, at most
-30 s), kept by the submitting worker's own poller (worker.poller). A job whose
-task has not ended `poll_deadline` seconds after submission fails with
-`timeout`. Nothing relies on that process alone: the periodic sweep
+`check` makes one poll of a job (the schedule is worker.schedule's) and says
+when the next is due. The submitting worker's own timer (worker.poller) runs
+the checks; nothing relies on that process alone: the periodic `sweep`
 re-dispatches any active job whose poll is overdue (worker killed or
 restarted) through the broker, and the poll token in the row
 (models.store.claim_poll) keeps two workers from polling one job at once.
@@ -14,16 +13,16 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from models import ACTIVE, JobStatus, store
+from models import JobStatus, lifecycle, store
 from models.job import utcnow
-from worker import limits, modellix, runtime
-from worker.backoff import poll_delay
+from worker import limits, modellix, runtime, schedule
+from worker.api_errors import Action, judge_poll
 from worker.config import Settings
-from worker.submission import error_code
+from worker.modellix import Phase
 
 log = logging.getLogger("kling_worker.tracking")
 
-# How late a scheduled poll may be before the sweep assumes its message is gone.
+# How late a scheduled poll may be before the sweep assumes its worker is gone.
 OVERDUE_SLACK = 10.0
 SWEEP_BATCH = 500
 
@@ -33,88 +32,113 @@ def _lease(cfg: Settings) -> float:
     return cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
 
 
-def poll(job_id: str, seq: int) -> tuple[int, float] | None:
-    """Make poll number `seq` of a job: (next poll's number, seconds until it), None when done."""
-    cfg = runtime.settings()
+def check(job_id: str, seq: int) -> schedule.NextPoll | None:
+    """Make poll number `seq` of a job; the next poll, or None when the job needs no more."""
+    res = runtime.get()
+    cfg = res.settings
     now = utcnow()
-    with runtime.connect() as s:
-        claimed = store.claim_poll(s, job_id, seq, now, _lease(cfg))
+    with res.statement() as ex:
+        claimed = store.claim_poll(ex, job_id, seq, now, _lease(cfg))
     if claimed is None:
         return None  # finished, or another worker holds this poll
     task_id, submitted_at = claimed
-    deadline = submitted_at + timedelta(seconds=cfg.poll_deadline)
-    delay = poll_delay(seq + 1, cfg)
-
+    deadline = schedule.deadline(submitted_at, cfg)
+    gap = schedule.gap(seq + 1, cfg)
     try:
         # The slot is taken right before the request, so the spacing holds at the API.
         limits.take_request_slot()
-        state = runtime.client().get_task(task_id)
+        state = res.client.get_task(task_id)
     except limits.OverBudget as exc:
         # This poll did not happen: give its number back and try again later.
-        return _reschedule(job_id, seq, now, deadline, exc.retry_in, polls=seq)
-    except modellix.NotFound as exc:
-        return _finish(job_id, JobStatus.failed, error_code=error_code(exc), error_message=exc.message)
-    except modellix.AccountError as exc:
-        log.error("job %s: Modellix rejects the account while polling (%s); polling slowly", job_id, exc.message)
-        limits.pause(cfg.account_retry, f"{exc.status} {exc.message}")
-        delay = max(delay, cfg.account_retry)
+        return _next(job_id, schedule.NextPoll(seq, exc.retry_in), now, deadline, give_back=True)
     except modellix.ModellixError as exc:
-        log.info("job %s: poll failed (%s); next poll in %.1fs", job_id, exc.message, delay)
-        delay = max(delay, exc.retry_after or 0.0)
-        if isinstance(exc, modellix.RateLimited):
-            limits.pause(delay, "429 from Modellix")
+        return _after_error(job_id, exc, schedule.NextPoll(seq + 1, gap), now, deadline)
+    return _record(job_id, state, schedule.NextPoll(seq + 1, gap), now, deadline)
+
+
+def _record(
+    job_id: str, state: modellix.TaskState, following: schedule.NextPoll, now: datetime, deadline: datetime
+) -> schedule.NextPoll | None:
+    res = runtime.get()
+    phase = state.phase
+    if phase is Phase.succeeded:
+        with res.statement() as ex:
+            if state.result_urls:
+                lifecycle.succeed(ex, job_id, utcnow(), result_urls=state.result_urls, answer=state.raw)
+            else:
+                lifecycle.fail_task(
+                    ex,
+                    job_id,
+                    utcnow(),
+                    "no_results",
+                    f"task {state.task_id} succeeded without any http(s) result URL",
+                    state.raw,
+                )
+        log.info("job %s %s", job_id, "succeeded" if state.result_urls else "failed: no results")
+        return None
+    if phase is Phase.failed:
+        with res.statement() as ex:
+            lifecycle.fail_task(ex, job_id, utcnow(), "task_failed", state.error_message, state.raw)
+        log.info("job %s failed: task_failed", job_id)
+        return None
+    if not state.known_status:
+        log.warning("job %s: unknown Modellix status %r, treated as still running", job_id, state.status)
+    return _next(job_id, following, now, deadline, running=phase is Phase.running, answer=state.raw)
+
+
+def _after_error(
+    job_id: str, exc: modellix.ModellixError, following: schedule.NextPoll, now: datetime, deadline: datetime
+) -> schedule.NextPoll | None:
+    verdict = judge_poll(exc, following.delay, runtime.settings())
+    if verdict.pause:
+        limits.pause(verdict.pause, verdict.pause_reason)
+    if verdict.action is Action.fail:
+        with runtime.get().statement() as ex:
+            lifecycle.fail_task(ex, job_id, utcnow(), exc.stored_code, exc.message)
+        log.warning("job %s failed: %s %s", job_id, exc.stored_code, exc.message)
+        return None
+    if verdict.account:
+        log.error("job %s: Modellix rejects the account while polling (%s); polling slowly", job_id, exc.message)
     else:
-        if state.succeeded and state.result_urls:
-            return _finish(job_id, JobStatus.succeeded, result_urls=state.result_urls, last_response=state.raw)
-        if state.succeeded:
-            return _finish(
-                job_id,
-                JobStatus.failed,
-                error_code="no_results",
-                last_response=state.raw,
-                error_message=f"task {task_id} succeeded without any http(s) result URL",
-            )
-        if state.failed:
-            return _finish(
-                job_id,
-                JobStatus.failed,
-                error_code="task_failed",
-                error_message=state.error_message,
-                last_response=state.raw,
-            )
-        if state.status.lower() not in ("pending", "processing", "running", "queued", "submitted"):
-            log.warning("job %s: unknown Modellix status %r, treated as still running", job_id, state.status)
-        status = JobStatus.submitted if state.status.lower() == "pending" else JobStatus.processing
-        return _reschedule(job_id, seq + 1, now, deadline, delay, status=status.value, last_response=state.raw)
-    return _reschedule(job_id, seq + 1, now, deadline, delay)
+        log.info("job %s: poll failed (%s); next poll in %.1fs", job_id, exc.message, verdict.delay)
+    return _next(job_id, schedule.NextPoll(following.seq, verdict.delay), now, deadline)
 
 
-def _reschedule(
-    job_id: str, next_seq: int, now: datetime, deadline: datetime, delay: float, **values: object
-) -> tuple[int, float] | None:
+def _next(
+    job_id: str,
+    following: schedule.NextPoll,
+    now: datetime,
+    deadline: datetime,
+    *,
+    running: bool = False,
+    answer: dict[str, object] | None = None,
+    give_back: bool = False,
+) -> schedule.NextPoll | None:
+    """Record when the next poll is due (never past the deadline); past the deadline, fail the job."""
+    res = runtime.get()
     if now >= deadline:
-        return _finish(
+        with res.statement() as ex:
+            lifecycle.fail_task(
+                ex, job_id, utcnow(), "timeout", f"Modellix task not finished by the deadline ({deadline.isoformat()})"
+            )
+        log.info("job %s failed: timeout", job_id)
+        return None
+    delay = min(following.delay, max(0.0, (deadline - now).total_seconds()))
+    with res.statement() as ex:
+        moved = lifecycle.observe(
+            ex,
             job_id,
-            JobStatus.failed,
-            error_code="timeout",
-            error_message=f"Modellix task not finished by the deadline ({deadline.isoformat()})",
+            now,
+            running=running,
+            next_poll_at=now + timedelta(seconds=delay),
+            answer=answer,
+            polls=following.seq if give_back else None,
         )
-    delay = min(delay, max(0.0, (deadline - now).total_seconds()))
-    with runtime.connect() as s:
-        moved = store.transition(s, job_id, ACTIVE, now, next_poll_at=now + timedelta(seconds=delay), **values)
-    return (next_seq, delay) if moved else None
-
-
-def _finish(job_id: str, status: JobStatus, **values: object) -> None:
-    now = utcnow()
-    with runtime.connect() as s:
-        store.transition(s, job_id, ACTIVE, now, status=status.value, finished_at=now, next_poll_at=None, **values)
-    log.info("job %s %s", job_id, status.value)
-    return None
+    return schedule.NextPoll(following.seq, delay) if moved else None
 
 
 def sweep() -> list[tuple[str, int]]:
-    """Periodic repair; returns the polls to dispatch again.
+    """Periodic repair; returns the (job id, poll number) of the polls to dispatch again.
 
     - active jobs whose next poll is overdue get it re-dispatched;
     - active jobs past the deadline fail with `timeout` (by their next poll);
@@ -122,14 +146,16 @@ def sweep() -> list[tuple[str, int]]:
       between committing `submitting` and recording the answer) fail with
       `submit_interrupted`, see resolve_interrupted.
     """
-    cfg = runtime.settings()
+    res = runtime.get()
     now = utcnow()
-    with runtime.session() as s:
-        overdue = store.claim_overdue_polls(s, now - timedelta(seconds=OVERDUE_SLACK), _lease(cfg), SWEEP_BATCH)
+    with res.transaction() as s:
+        overdue = store.claim_overdue_polls(
+            s, now - timedelta(seconds=OVERDUE_SLACK), _lease(res.settings), SWEEP_BATCH
+        )
     if overdue:
         log.warning("re-dispatching %d overdue polls", len(overdue))
-    resolve_interrupted(now - timedelta(seconds=cfg.submit_grace))
-    return overdue
+    resolve_interrupted(now - timedelta(seconds=res.settings.submit_grace))
+    return list(overdue)
 
 
 def resolve_interrupted(before: datetime) -> int:
@@ -141,19 +167,16 @@ def resolve_interrupted(before: datetime) -> int:
     `submit_interrupted`; the caller re-enqueues under a new job id if it wants
     another try.
     """
-    with runtime.session() as s:
+    with runtime.get().transaction() as s:
         ids = store.claim_stale(s, JobStatus.submitting, before, SWEEP_BATCH)
         now = utcnow()
         for job_id in ids:
-            store.transition(
+            lifecycle.fail_submit(
                 s,
                 job_id,
-                {JobStatus.submitting},
                 now,
-                status=JobStatus.failed.value,
-                finished_at=now,
-                error_code="submit_interrupted",
-                error_message="the worker stopped while submitting; the Modellix task may exist "
+                "submit_interrupted",
+                "the worker stopped while submitting; the Modellix task may exist "
                 "but its id is unknown, so the job is not submitted again",
             )
     if ids:

@@ -17,9 +17,9 @@ import uuid
 
 from models import TERMINAL
 from worker import runtime
-from worker.cli import watch
 from worker.config import home
-from worker.sandbox import SandboxServer, png
+from worker.dev.sandbox import SandboxServer, png
+from worker.watch import watch
 
 
 def example_jobs(run: str, sandbox_url: str) -> list[tuple[str, dict]]:
@@ -78,7 +78,9 @@ def run(timeout: float = 120.0) -> int:
         env=env,
     )
     try:
-        from worker.app import app
+        from worker.app import app, prepare_folders
+
+        prepare_folders()
 
         ids = []
         for job_id, request in example_jobs(uuid.uuid4().hex[:6], sandbox.url):

@@ -1,5 +1,5 @@
-"""Real processes for integration tests and benchmarks: Celery workers, beat, a separate producer,
-and the helpers that read what they did from the job table."""
+"""Real processes for integration tests and benchmarks: Celery workers (and beat), and a producer
+that knows nothing of kling-worker."""
 
 from __future__ import annotations
 
@@ -10,18 +10,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session
-
-from models import TERMINAL
-from models.job import Job
-
-ROOT = Path(__file__).resolve().parents[1]
+# The project's root: workers run from there, as `celery -A worker` would in production.
+ROOT = Path(__file__).resolve().parents[2]
 
 # The producer is its own process that knows nothing of kling-worker: plain
 # Celery and a broker URL, as any other service would use. It prints the time
@@ -133,67 +125,3 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log_file.close()
-
-
-def worker_env(broker: str, database: str, sandbox, tmp_path, **extra) -> dict[str, str]:
-    env = {
-        "CELERY_BROKER_URL": broker,
-        "DATABASE_URL": database,
-        "MODELLIX_BASE_URL": sandbox.url,
-        "MODELLIX_API_KEY": sandbox.api_key,
-        "KLING_QUEUE": f"kling-test-{uuid.uuid4().hex[:8]}",
-        "KLING_HOME": str(tmp_path / "home"),
-        "KLING_POLL_FIRST": "0.3",
-        "KLING_POLL_MAX": "1",
-        "KLING_SWEEP_INTERVAL": "1",
-        "KLING_SUBMIT_GRACE": "3",
-        "KLING_BACKOFF_BASE": "0.2",
-    }
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def rows(database: str) -> dict[str, Job]:
-    engine = create_engine(database.replace("postgresql://", "postgresql+psycopg://"))
-    with Session(engine) as s:
-        found = {j.id: j for j in s.scalars(select(Job))}
-    engine.dispose()
-    return found
-
-
-def wait_terminal(database: str, count: int, timeout: float, workers: list[Worker]) -> dict[str, Job]:
-    deadline = time.monotonic() + timeout
-    found: dict[str, Job] = {}
-    while time.monotonic() < deadline:
-        found = rows(database)
-        if len(found) >= count and all(j.status in TERMINAL for j in found.values()):
-            return found
-        time.sleep(0.3)
-    statuses = {j.id: j.status for j in found.values() if j.status not in TERMINAL}
-    logs = "\n".join(w.output() for w in workers)
-    pytest.fail(f"{len(found)}/{count} rows, not terminal: {statuses}\n{logs}")
-
-
-def valid(tag: str, i: int) -> dict:
-    return {
-        "request": {
-            "prompt": f"{tag} picture {i} of <<<image_1>>>",
-            "n": 1 + i % 2,
-            "image_list": [{"image": f"https://img.example/{i}.png"}],
-        },
-        "job_id": f"{tag}-{i}",
-        "metadata": {"i": i},
-    }
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, workers: list[Worker] = ()) -> Any:
-    """Poll `condition` until it returns something true; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            logs = "\n".join(w.output() for w in workers)
-            pytest.fail(f"not within {timeout:.0f}s: {what}\n{logs}")
-        time.sleep(0.1)

@@ -1,0 +1,94 @@
+"""The lifecycle table on its own: every allowed and every forbidden transition, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from models import TERMINAL, JobStatus, lifecycle, store
+from models.db import make_engine, statement, transaction
+from models.job import Job, utcnow
+
+
+@pytest.fixture
+def engine(any_db_url):
+    eng = make_engine(any_db_url)
+    yield eng
+    eng.dispose()
+
+
+def put(engine, job_id: str, status: JobStatus) -> None:
+    now = utcnow()
+    with transaction(engine) as s:
+        s.add(Job(id=job_id, status=status.value, request={"prompt": "x"}, created_at=now, updated_at=now))
+
+
+def status_of(engine, job_id: str) -> str:
+    with transaction(engine) as s:
+        return store.get_job(s, job_id).status
+
+
+def test_terminal_states_have_no_way_out():
+    assert all(lifecycle.NEXT[s] == frozenset() for s in TERMINAL)
+    assert set(lifecycle.NEXT) == set(JobStatus)
+
+
+def test_every_transition_is_allowed_exactly_when_the_table_says(engine):
+    pairs = list(itertools.product(JobStatus, JobStatus))
+    for i, (start, _to) in enumerate(pairs):
+        put(engine, f"j{i}", start)
+    with statement(engine) as ex:
+        moved = {(start, to): lifecycle.move(ex, f"j{i}", to, utcnow()) for i, (start, to) in enumerate(pairs)}
+    for i, (start, to) in enumerate(pairs):
+        allowed = to in lifecycle.NEXT[start]
+        assert moved[(start, to)] is allowed, f"{start.value} -> {to.value}"
+        assert status_of(engine, f"j{i}") == (to if allowed else start).value
+
+
+def test_a_move_to_an_end_sets_finished_at_and_stops_polling(engine):
+    put(engine, "j", JobStatus.processing)
+    with statement(engine) as ex:
+        assert lifecycle.succeed(ex, "j", utcnow(), result_urls=["https://r/0.png"], answer={"status": "success"})
+    with transaction(engine) as s:
+        row = store.get_job(s, "j")
+        assert row.finished_at is not None and row.next_poll_at is None and row.result_urls == ["https://r/0.png"]
+
+
+def test_a_verb_may_narrow_the_table_but_not_widen_it(engine):
+    put(engine, "active", JobStatus.submitted)
+    with statement(engine) as ex:
+        # fail_submit fails only a job being submitted, never an active one the table would allow.
+        assert not lifecycle.fail_submit(ex, "active", utcnow(), "x", "y")
+        with pytest.raises(ValueError, match="cannot follow"):
+            lifecycle.move(ex, "active", JobStatus.cancelled, utcnow(), only_from={JobStatus.submitted})
+    assert status_of(engine, "active") == "submitted"
+
+
+@pytest.mark.parametrize("status", list(JobStatus))
+def test_a_job_starts_only_as_queued_submitting_or_rejected(engine, status):
+    with statement(engine) as ex:
+        if status in lifecycle.CREATED_AS:
+            assert lifecycle.create(ex, f"new-{status.value}", status, {"prompt": "x"}, None, utcnow())
+            assert not lifecycle.create(ex, f"new-{status.value}", status, {"prompt": "x"}, None, utcnow())
+        else:
+            with pytest.raises(ValueError, match="cannot start"):
+                lifecycle.create(ex, f"new-{status.value}", status, {"prompt": "x"}, None, utcnow())
+
+
+def test_pending_after_running_keeps_the_job_processing(engine):
+    put(engine, "j", JobStatus.processing)
+    with statement(engine) as ex:
+        assert lifecycle.observe(ex, "j", utcnow(), running=False, next_poll_at=utcnow())
+    assert status_of(engine, "j") == "processing"
+
+
+def test_claim_takes_a_new_or_queued_job_once(engine):
+    put(engine, "waiting", JobStatus.queued)
+    put(engine, "done", JobStatus.succeeded)
+    with statement(engine) as ex:
+        assert lifecycle.claim_for_submit(ex, "fresh", {"prompt": "x"}, None, utcnow()) == 1
+        assert lifecycle.claim_for_submit(ex, "fresh", {"prompt": "x"}, None, utcnow()) is None
+        assert lifecycle.claim_for_submit(ex, "waiting", {"prompt": "x"}, None, utcnow()) == 1
+        assert lifecycle.claim_for_submit(ex, "done", {"prompt": "x"}, None, utcnow()) is None
+    assert status_of(engine, "fresh") == status_of(engine, "waiting") == "submitting"

@@ -1,0 +1,78 @@
+"""The fleet's API budget as one worker sees it: pauses, request slots, places in flight.
+
+The same budget across several worker processes: test_fleet_limits.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from models import JobStatus
+from tests.support import budget, handle, job, seconds_until, set_budget, submitted
+from worker import limits, submission, tracking
+from worker.dev.sandbox import Step
+
+
+def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service):
+    service.script(Step(429, on="submit", retry_after=8))
+    first = handle(request={"prompt": "x"}, job_id="hit")
+    assert first.status is JobStatus.queued and first.retry_in >= 8
+    paused = budget()
+    assert 6 < paused["paused_for"] <= 8 and "429" in paused["pause_reason"]
+    other = handle(request={"prompt": "y"}, job_id="held")
+    assert other.status is JobStatus.queued and other.retry_in > 5
+    assert service.stats()["requests"] == 1  # the second job never reached the API
+    row = job("held")
+    assert row.status == "queued" and row.attempts == 0  # waiting for the pause costs no attempt
+
+
+@pytest.mark.parametrize("max_rps", [None, "50"])
+def test_a_pause_set_by_another_worker_holds_this_one_back(service, configure, max_rps):
+    if max_rps:
+        configure(MODELLIX_MAX_RPS=max_rps)
+    set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")  # another worker's write
+    out = handle(request={"prompt": "x"}, job_id="held")
+    assert out.status is JobStatus.queued and out.retry_in >= 25
+    assert service.stats()["requests"] == 0
+
+
+def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(service):
+    submitted("before")  # this process has read the budget row and cached "no pause"
+    set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")
+    time.sleep(limits.PAUSE_REFRESH + 0.1)
+    assert handle(request={"prompt": "y"}, job_id="after").status is JobStatus.queued
+    assert service.stats()["submits"] == 1
+
+
+def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(service, configure):
+    configure(MODELLIX_MAX_RPS="1")
+    set_budget(next_slot=time.time() + 100)  # the fleet has booked the next 100 s of requests
+    out = handle(request={"prompt": "x"}, job_id="later")
+    assert out.status is JobStatus.queued and 95 <= out.retry_in <= 102
+    row = job("later")
+    assert row.status == "queued" and row.attempts == 0
+    assert service.stats()["requests"] == 0
+
+
+def test_a_full_fleet_sends_the_job_back_within_ten_seconds(service, configure):
+    configure(MODELLIX_MAX_IN_FLIGHT="1")
+    submitted("running")
+    # A redelivery that has backed off many times: the backoff would say 60 s, the budget recheck says 10.
+    out = submission.handle((), {"request": {"prompt": "x"}, "job_id": "waiting"}, "d", retries=10)
+    assert out.status is JobStatus.queued and 5 <= out.retry_in <= 10
+    row = job("waiting")
+    assert row.status == "queued" and row.attempts == 0
+    assert service.stats()["submits"] == 1
+
+
+def test_a_poll_over_the_rate_budget_is_given_back_and_rescheduled(service, configure):
+    submitted("p")
+    configure(MODELLIX_MAX_RPS="1")
+    set_budget(next_slot=time.time() + 40)
+    following = tracking.check("p", 0)
+    assert following is not None and following.seq == 0 and 35 <= following.delay <= 42  # the same poll, later
+    row = job("p")
+    assert row.polls == 0 and row.status == "submitted" and 35 <= seconds_until(row.next_poll_at) <= 42
+    assert service.stats()["polls"] == 0

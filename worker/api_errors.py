@@ -1,0 +1,89 @@
+"""What to do about an error from the Modellix API: one policy for submits and polls.
+
+| answer                         | a submit                                   | a poll                           |
+|--------------------------------|--------------------------------------------|----------------------------------|
+| 429                            | retry after Retry-After (or the backoff)   | poll again, no sooner than that  |
+| 500, 503, network, odd answers | retry with backoff, at most                | poll again at the next gap       |
+|                                | KLING_MAX_ATTEMPTS, then fail              | (no sooner than Retry-After)     |
+| 401, 402                       | wait KLING_ACCOUNT_RETRY in `queued`; the  | poll again after                 |
+|                                | attempt does not count; never fails        | KLING_ACCOUNT_RETRY              |
+| 404                            | fail with the API's code and message       | fail (the task is gone)          |
+| 400 and other 4xx              | fail with the API's code and message       | poll again (the task may be fine)|
+| outcome unknown                | fail as submit_unknown, never resent       | (cannot happen)                  |
+
+A 429 pauses the whole fleet for its Retry-After, and a 401/402 for
+KLING_ACCOUNT_RETRY: every worker would get the same answer. Exponential
+backoff with full jitter; Retry-After is always a floor.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+from worker import modellix
+from worker.config import Settings
+
+
+class Action(enum.Enum):
+    retry = "retry"  # try the same call again after `delay`
+    fail = "fail"  # the job fails with the error
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    delay: float = 0.0  # seconds until the next try
+    pause: float = 0.0  # seconds the whole fleet stops calling the API (0: no pause)
+    pause_reason: str = ""
+    counts: bool = True  # whether the try counts against KLING_MAX_ATTEMPTS
+    account: bool = False  # the account is refused: worth an ERROR on every try
+
+
+def retry_delay(attempt: int, settings: Settings, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter for attempt 1, 2, ...; Retry-After is a floor."""
+    ceiling = min(settings.backoff_max, settings.backoff_base * 2 ** (attempt - 1))
+    delay = random.uniform(ceiling / 2, ceiling)
+    return max(delay, retry_after or 0.0)
+
+
+def judge_submit(exc: modellix.ModellixError, attempt: int, settings: Settings) -> Verdict:
+    """A submit failed on its `attempt`-th try."""
+    if isinstance(exc, modellix.AccountError):
+        return _account(exc, settings)
+    if isinstance(exc, modellix.TransientError):
+        delay = retry_delay(attempt, settings, exc.retry_after)
+        pause = (exc.retry_after or delay) if isinstance(exc, modellix.RateLimited) else 0.0
+        if attempt >= settings.max_attempts:
+            return Verdict(Action.fail, pause=pause, pause_reason=_RATE_LIMITED)
+        return Verdict(Action.retry, delay, pause=pause, pause_reason=_RATE_LIMITED)
+    return Verdict(Action.fail)  # 400, 404, ambiguous: trying again cannot help, or could bill twice
+
+
+def judge_poll(exc: modellix.ModellixError, next_gap: float, settings: Settings) -> Verdict:
+    """A poll failed; `next_gap` is when the schedule would poll next anyway."""
+    if isinstance(exc, modellix.AccountError):
+        return _account(exc, settings, floor=next_gap)
+    if isinstance(exc, modellix.NotFound):
+        return Verdict(Action.fail)
+    delay = max(next_gap, exc.retry_after or 0.0)
+    pause = delay if isinstance(exc, modellix.RateLimited) else 0.0
+    return Verdict(Action.retry, delay, pause=pause, pause_reason=_RATE_LIMITED)
+
+
+_RATE_LIMITED = "429 from Modellix"
+
+
+def _account(exc: modellix.ModellixError, settings: Settings, floor: float = 0.0) -> Verdict:
+    # Every job would fail the same way: pause the fleet and keep the jobs,
+    # rather than burn through the queue marking each one failed.
+    wait = settings.account_retry
+    return Verdict(
+        Action.retry,
+        max(floor, retry_delay(1, settings, wait)),
+        pause=wait,
+        pause_reason=f"{exc.status} {exc.message}",
+        counts=False,
+        account=True,
+    )
