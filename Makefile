@@ -1,6 +1,6 @@
 # `make demo`: set up and run the service embedded (SQLite, file broker, sandbox).
 # `make test`: set up and run the whole test suite (needs PostgreSQL, RabbitMQ, Redis).
-# `make lint`: ruff (lint and format check).
+# `make lint`: ruff (lint and format check) and mypy (strict on worker/ and models/).
 # `make mutation`: mutmut over worker/ and models/ with the fast tests (no servers);
 #   prints the score, writes mutants/survivors.txt. See .ci/mutation.
 VENV ?= .venv
@@ -26,6 +26,7 @@ test: $(PY)
 lint: $(PY)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: $(PY)
 	$(PY) bench/run.py

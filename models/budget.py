@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Float, Row, String, Text, func, select, update
+from sqlalchemy import Float, Row, String, Table, Text, func, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Executor
 from models.job import IN_FLIGHT, Base, Job
 
-jobs = Job.__table__
+jobs = cast(Table, Job.__table__)
 
 
 class ApiBudget(Base):
@@ -28,7 +28,7 @@ class ApiBudget(Base):
 # -- its SQL (the rules that use it live in worker.limits) ---------------------
 
 NAME = "modellix"
-_budget = ApiBudget.__table__
+_budget = cast(Table, ApiBudget.__table__)
 
 
 def lock(ex: Executor) -> Row[Any]:

@@ -12,16 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ClauseElement, Connection, bindparam, func, select, update
+from sqlalchemy import ClauseElement, Connection, Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models.db import Executor
 from models.job import ACTIVE, Job, JobStatus
 
-jobs = Job.__table__
+jobs = cast(Table, Job.__table__)
 
 
 def _values(statuses: Iterable[JobStatus]) -> list[str]:

@@ -14,14 +14,24 @@ DEFAULT_BASE_URL = "https://api.modellix.ai"
 DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
 
 
-def _float(name: str, default: float | None) -> float | None:
-    raw = os.environ.get(name, "").strip()
-    return float(raw) if raw else default
+def _float(name: str, default: float) -> float:
+    found = _optional_float(name)
+    return default if found is None else found
 
 
-def _int(name: str, default: int | None) -> int | None:
+def _int(name: str, default: int) -> int:
+    found = _optional_int(name)
+    return default if found is None else found
+
+
+def _optional_float(name: str) -> float | None:
     raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+    return float(raw) if raw else None
+
+
+def _optional_int(name: str) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else None
 
 
 def home() -> Path:
@@ -68,12 +78,12 @@ class Settings:
     sweep_interval: float = field(default_factory=lambda: _float("KLING_SWEEP_INTERVAL", 1.0))
 
     # Fleet-wide API budget (unset = unlimited).
-    max_rps: float | None = field(default_factory=lambda: _float("MODELLIX_MAX_RPS", None))
-    max_in_flight: int | None = field(default_factory=lambda: _int("MODELLIX_MAX_IN_FLIGHT", None))
+    max_rps: float | None = field(default_factory=lambda: _optional_float("MODELLIX_MAX_RPS"))
+    max_in_flight: int | None = field(default_factory=lambda: _optional_int("MODELLIX_MAX_IN_FLIGHT"))
     # HTTP and DB pools are sized to the worker's thread concurrency.
     concurrency: int = field(default_factory=lambda: _int("KLING_CONCURRENCY", 32))
     # Database connections per worker process (default: an eighth of the threads, at least 4).
-    db_pool: int | None = field(default_factory=lambda: _int("KLING_DB_POOL", None))
+    db_pool: int | None = field(default_factory=lambda: _optional_int("KLING_DB_POOL"))
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

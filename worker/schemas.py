@@ -88,7 +88,7 @@ class StrictInt(fields.Integer):
         return super()._validated(value)
 
 
-class Unsupported(fields.Field):
+class Unsupported(fields.Field[Any]):
     """A parameter of other Kling models: named in the error rather than "Unknown field.".
 
     A field (not a load() override) so that Schema.validate(), which the sandbox

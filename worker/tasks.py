@@ -21,7 +21,7 @@ _INFRA: dict[str, Any] = {
 }
 
 
-@app.task(name="kling.generate", bind=True, **_INFRA)  # type: ignore[untyped-decorator]
+@app.task(name="kling.generate", bind=True, **_INFRA)
 def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
     outcome = submission.handle(args, kwargs, self.request.id, self.request.retries)
     if outcome.retry_in is not None:
@@ -32,13 +32,13 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
     return outcome.status.value if outcome.status else None
 
 
-@app.task(name="kling.poll", **_INFRA)  # type: ignore[untyped-decorator]
+@app.task(name="kling.poll", **_INFRA)
 def redispatched_poll(job_id: str, seq: int) -> None:
     """A poll the sweep re-dispatched (its worker is gone); this process follows the job from here on."""
     follow(job_id, seq)
 
 
-@app.task(name="kling.sweep")  # type: ignore[untyped-decorator]
+@app.task(name="kling.sweep")
 def sweep() -> int:
     overdue = tracking.sweep()
     for job_id, seq in overdue:

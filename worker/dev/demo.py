@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 from models import TERMINAL
 from worker import runtime
@@ -22,7 +23,7 @@ from worker.dev.sandbox import SandboxServer, png
 from worker.watch import watch
 
 
-def example_jobs(run: str, sandbox_url: str) -> list[tuple[str, dict]]:
+def example_jobs(run: str, sandbox_url: str) -> list[tuple[str, dict[str, Any]]]:
     inline = "data:image/png;base64," + base64.b64encode(png(2, 2)).decode()
     return [
         (

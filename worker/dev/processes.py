@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 # The project's root: workers run from there, as `celery -A worker` would in production.
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +38,9 @@ for line in sys.stdin:
 """
 
 
-def produce(broker_url: str, queue: str, messages: list[dict], env: dict | None = None, stamp: bool = False) -> float:
+def produce(
+    broker_url: str, queue: str, messages: list[dict[str, Any]], env: dict[str, str] | None = None, stamp: bool = False
+) -> float:
     """Enqueue from a separate process; returns the time of its first send."""
     lines = "".join(json.dumps(m) + "\n" for m in messages)
     done = subprocess.run(
