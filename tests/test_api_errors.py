@@ -1,0 +1,91 @@
+"""The one API-error policy, answer by answer, for a submit and for a poll (the table in worker/api_errors.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker import modellix
+from worker.api_errors import Action, judge_poll, judge_submit
+from worker.config import Settings
+
+CFG = Settings(max_attempts=3, backoff_base=1.0, backoff_max=60.0, account_retry=60.0)
+
+
+def error(cls: type[modellix.ModellixError], status: int, retry_after: float | None = None):
+    return cls(f"HTTP {status}", status, retry_after)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        error(modellix.TransientError, 500),
+        error(modellix.TransientError, 503),
+        modellix.NetworkError("refused"),
+        error(modellix.ProtocolError, 200),
+    ],
+)
+def test_a_transient_submit_error_is_retried_with_backoff_until_the_last_attempt(exc):
+    first = judge_submit(exc, 1, CFG)
+    assert first.action is Action.retry and 0.5 <= first.delay <= 1.0 and first.counts and not first.pause
+    assert judge_submit(exc, 2, CFG).action is Action.retry
+    assert judge_submit(exc, 3, CFG).action is Action.fail  # KLING_MAX_ATTEMPTS
+
+
+def test_a_429_on_submit_pauses_the_fleet_for_its_retry_after():
+    verdict = judge_submit(error(modellix.RateLimited, 429, retry_after=7), 1, CFG)
+    assert verdict.action is Action.retry and verdict.delay >= 7 and verdict.pause == 7
+    assert "429" in verdict.pause_reason
+    without = judge_submit(error(modellix.RateLimited, 429), 2, CFG)
+    assert 1 <= without.pause <= 2 and without.pause == without.delay  # no Retry-After: the backoff
+    last = judge_submit(error(modellix.RateLimited, 429, retry_after=7), 3, CFG)
+    assert last.action is Action.fail and last.pause == 7  # failing the job still pauses the others
+
+
+@pytest.mark.parametrize("status", [401, 402])
+@pytest.mark.parametrize("judge", ["submit", "poll"])
+def test_account_errors_pause_the_fleet_and_never_count(status, judge):
+    exc = error(modellix.AccountError, status)
+    verdict = judge_submit(exc, 99, CFG) if judge == "submit" else judge_poll(exc, 5.0, CFG)
+    assert verdict.action is Action.retry and not verdict.counts and verdict.account
+    assert verdict.pause == 60 and verdict.delay >= 60 and str(status) in verdict.pause_reason
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [error(modellix.RequestRejected, 400), error(modellix.NotFound, 404), modellix.AmbiguousSubmit("read timeout")],
+)
+def test_a_submit_that_cannot_succeed_or_may_have_billed_fails_at_once(exc):
+    verdict = judge_submit(exc, 1, CFG)
+    assert verdict.action is Action.fail and not verdict.pause
+
+
+def test_a_poll_of_a_task_that_is_gone_fails():
+    assert judge_poll(error(modellix.NotFound, 404), 5.0, CFG).action is Action.fail
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        error(modellix.TransientError, 500),
+        modellix.NetworkError("reset"),
+        error(modellix.ProtocolError, 200),
+        error(modellix.RequestRejected, 400),
+    ],
+)
+def test_other_poll_errors_poll_again_at_the_next_gap(exc):
+    verdict = judge_poll(exc, 4.5, CFG)
+    assert verdict.action is Action.retry and verdict.delay == 4.5 and not verdict.pause
+
+
+def test_a_429_while_polling_waits_its_retry_after_and_pauses_the_fleet():
+    verdict = judge_poll(error(modellix.RateLimited, 429, retry_after=9), 4.5, CFG)
+    assert verdict.action is Action.retry and verdict.delay == 9 and verdict.pause == 9
+    short = judge_poll(error(modellix.RateLimited, 429, retry_after=1), 4.5, CFG)
+    assert short.delay == 4.5 and short.pause == 4.5  # never sooner than the schedule
+
+
+def test_stored_codes_are_the_apis_own_or_ours():
+    assert error(modellix.RequestRejected, 400).stored_code == "400"
+    assert error(modellix.RateLimited, 429).stored_code == "429"
+    assert modellix.NetworkError("refused").stored_code == "network"
+    assert modellix.AmbiguousSubmit("no task id", 200).stored_code == "submit_unknown"
