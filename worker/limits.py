@@ -45,7 +45,6 @@ HEADROOM = 1.10
 PAUSE_REFRESH = 1.0
 # Threads per process that wait in place for a free place in flight.
 WAITERS = 2
-_waiters = threading.BoundedSemaphore(WAITERS)
 
 
 class OverBudget(Exception):
@@ -101,14 +100,15 @@ def place_tries() -> Iterator[None]:
     """
     deadline = time.monotonic() + MAX_SLEEP
     yield
-    if not _waiters.acquire(blocking=False):
+    waiters = runtime.get().once("place_waiters", lambda: threading.BoundedSemaphore(WAITERS))
+    if not waiters.acquire(blocking=False):
         return
     try:
         while time.monotonic() < deadline:
             time.sleep(random.uniform(0.1, 0.3))
             yield
     finally:
-        _waiters.release()
+        waiters.release()
 
 
 def pause(seconds: float, reason: str) -> None:

@@ -42,8 +42,8 @@ class Resources:
         self._lock = threading.Lock()
         self._made: dict[str, Any] = {}
 
-    def _once(self, name: str, make: Callable[[], T]) -> T:
-        # Threads race to the first use; exactly one makes each resource.
+    def once(self, name: str, make: Callable[[], T]) -> T:
+        """This process's `name`, made by `make` on first use; threads racing to it get the same one."""
         found = self._made.get(name)
         if found is None:
             with self._lock:
@@ -54,7 +54,7 @@ class Resources:
 
     @property
     def engine(self) -> Engine:
-        return self._once("engine", lambda: db.make_engine(self.settings.database_url, self.db_pool_size))
+        return self.once("engine", lambda: db.make_engine(self.settings.database_url, self.db_pool_size))
 
     @property
     def db_pool_size(self) -> int:
@@ -66,7 +66,7 @@ class Resources:
     @property
     def client(self) -> ModellixClient:
         s = self.settings
-        return self._once(
+        return self.once(
             "client",
             lambda: ModellixClient(
                 s.base_url, s.api_key, s.submit_path, s.connect_timeout, s.read_timeout, pool_size=s.concurrency + 4
@@ -76,7 +76,7 @@ class Resources:
     @property
     def poller(self) -> Poller:
         """This process's poll timer, started on first use, with as many threads as the worker."""
-        return self._once("poller", lambda: Poller(self.settings.concurrency))
+        return self.once("poller", lambda: Poller(self.settings.concurrency))
 
     def transaction(self) -> AbstractContextManager[Session]:
         """One transaction (locks last until it commits)."""
