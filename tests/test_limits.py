@@ -10,8 +10,9 @@ import time
 import pytest
 
 from models import JobStatus
+from models.budget import read as budget_row
 from tests.support import budget, handle, job, seconds_until, set_budget, submitted
-from worker import limits, submission, tracking
+from worker import limits, runtime, submission, tracking
 from worker.dev.sandbox import Step
 
 
@@ -76,3 +77,28 @@ def test_a_poll_over_the_rate_budget_is_given_back_and_rescheduled(service, conf
     row = job("p")
     assert row.polls == 0 and row.status == "submitted" and 35 <= seconds_until(row.next_poll_at) <= 42
     assert service.stats()["polls"] == 0
+
+
+def test_requests_leave_evenly_spaced_at_the_rate_limit(service, configure):
+    configure(MODELLIX_MAX_RPS="20")
+    set_budget(next_slot=0.0)  # a slot booked long ago must not let a burst through now
+    started = time.monotonic()
+    for _ in range(6):
+        limits.take_request_slot()
+    assert time.monotonic() - started >= 5 * limits.HEADROOM / 20 - 0.01
+    with runtime.get().transaction() as s:
+        row = budget_row(s)
+    assert row.next_slot >= time.time() + 0.9 * limits.HEADROOM / 20  # the next one is booked ahead
+
+
+def test_a_shorter_pause_never_cuts_a_longer_one(service):
+    limits.pause(30, "402 Payment Required")
+    limits.pause(5, "429 from Modellix")
+    paused = budget()
+    assert paused["paused_for"] > 25 and paused["pause_reason"] == "402 Payment Required"
+
+
+def test_a_pause_that_ran_out_is_not_reported(service):
+    set_budget(paused_until=time.time() - 1, pause_reason="429 from Modellix")
+    paused = budget()
+    assert paused["paused_for"] == 0 and paused["pause_reason"] is None

@@ -294,6 +294,7 @@ def test_real_png_and_jpeg_inline_images():
         ("data:image/png;base64,@@not base64@@", "not valid base64"),
         ("data:image/png;base64,iVBORw0KGgo", "not valid base64"),  # missing padding
         (data_uri("png", PNG)[:-1] + "\n", "not valid base64"),
+        (data_uri("png", PNG)[:30] + "*" + data_uri("png", PNG)[30:], "not valid base64"),  # a stray character
         (data_uri("png", b"GIF89a" + b"\x00" * 20), "declared png but is neither a JPEG nor a PNG"),
         (data_uri("jpeg", b"hello world"), "declared jpeg but is neither a JPEG nor a PNG"),
         (data_uri("png", b""), "neither a JPEG nor a PNG"),

@@ -49,3 +49,48 @@ def test_delivery_settings_lose_no_message(configure, tmp_path):
     assert conf.task_acks_late and conf.task_reject_on_worker_lost  # a killed worker's message is requeued
     assert conf.worker_prefetch_multiplier == 1 and conf.worker_pool == "threads"
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+
+
+def test_kling_home_holds_the_embedded_database(monkeypatch, tmp_path):
+    from worker import config
+
+    monkeypatch.setenv("KLING_HOME", str(tmp_path / "h"))
+    assert config.home() == tmp_path / "h"
+    assert Settings().database_url == f"sqlite:///{tmp_path / 'h' / 'jobs.sqlite'}"
+    monkeypatch.delenv("KLING_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert config.home() == tmp_path / ".kling"
+
+
+def test_celery_finds_the_app_as_worker_celery(configure, tmp_path):
+    configure(KLING_HOME=str(tmp_path))
+    import worker
+    from worker.app import app
+
+    assert worker.celery is app  # what `celery -A worker` looks up
+    with pytest.raises(AttributeError):
+        _ = worker.nothing_here
+
+
+def test_the_job_row_as_json_has_the_documented_columns():
+    from models.job import Job
+
+    documented = {
+        "id",
+        "status",
+        "modellix_task_id",
+        "request",
+        "metadata",
+        "result_urls",
+        "error_code",
+        "error_message",
+        "attempts",
+        "polls",
+        "next_poll_at",
+        "last_response",
+        "created_at",
+        "updated_at",
+        "submitted_at",
+        "finished_at",
+    }
+    assert set(Job(id="j", status="queued", request={}).to_dict()) == documented

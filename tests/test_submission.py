@@ -5,10 +5,13 @@ Celery only carries messages; these tests drive the same function its task calls
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from models import JobStatus
-from tests.support import budget, handle, job, set_budget
+from tests.support import budget, handle, job, set_budget, submitted
 from worker import cli, runtime, submission
 from worker.dev.sandbox import Step
 from worker.schedule import NextPoll
@@ -54,9 +57,29 @@ def test_malformed_messages_are_recorded_not_raised(service, args, kwargs, expec
 
 
 def test_large_invalid_request_is_not_stored_whole(service):
-    handle(request={"prompt": "x", "image_list": [{"image": "data:image/png;base64," + "A" * 200_000}]}, job_id="big")
+    request = {"prompt": "x", "image_list": [{"image": "data:image/png;base64," + "A" * 200_000}]}
+    handle(request=request, job_id="big")
     row = job("big")
-    assert row.status == "rejected" and row.request["_omitted"] and row.request["bytes"] > 200_000
+    canonical = json.dumps(request, ensure_ascii=False, sort_keys=True)
+    assert row.status == "rejected" and row.request == {
+        "_omitted": True,
+        "bytes": len(canonical),
+        "sha256": hashlib.sha256(canonical.encode()).hexdigest(),
+    }
+
+
+def test_a_rejected_job_keeps_the_callers_metadata_and_the_request(service):
+    out = handle(request={"prompt": "x", "n": 0}, job_id="bad", metadata={"order": 7, "note": "é"})
+    row = job("bad")
+    assert out.status is JobStatus.rejected and row.meta == {"order": 7, "note": "é"}
+    assert row.request == {"prompt": "x", "n": 0} and row.finished_at is not None
+
+
+def test_an_invalid_message_reusing_a_job_id_leaves_that_job_alone(service):
+    submitted("taken")
+    out = handle(request={"prompt": "x", "n": 0}, job_id="taken", metadata={"other": True})
+    row = job("taken")
+    assert out.duplicate and row.status == "submitted" and row.meta is None and row.error_code is None
 
 
 def test_transient_errors_back_off_then_fail_with_the_last_error(service):
@@ -64,7 +87,9 @@ def test_transient_errors_back_off_then_fail_with_the_last_error(service):
     delays = []
     for _ in range(2):
         out = handle(request={"prompt": "x"}, job_id="flaky")
-        assert out.status is JobStatus.queued and job("flaky").status == "queued"
+        row = job("flaky")
+        assert out.status is JobStatus.queued and row.status == "queued"
+        assert row.error_code == "503" and "Service Unavailable" in row.error_message  # why it waits
         delays.append(out.retry_in)
     assert 0.05 <= delays[0] <= 0.1 and 0.1 <= delays[1] <= 0.2  # exponential, jittered
     out = handle(request={"prompt": "x"}, job_id="flaky")

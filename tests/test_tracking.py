@@ -33,7 +33,7 @@ def test_a_failed_task_fails_the_job_with_its_message(service):
     assert tracking.check("f", 0) is None
     row = job("f")
     assert row.status == "failed" and row.error_code == "task_failed" and "Generation failed" in row.error_message
-    assert row.finished_at and row.next_poll_at is None
+    assert row.finished_at and row.next_poll_at is None and row.last_response["status"] == "failed"
 
 
 def test_a_task_still_running_at_the_deadline_times_out(service):
@@ -43,7 +43,7 @@ def test_a_task_still_running_at_the_deadline_times_out(service):
         s.execute(update(Job).where(Job.id == "slow").values(submitted_at=utcnow() - timedelta(seconds=61)))
     assert tracking.check("slow", 0) is None
     row = job("slow")
-    assert row.status == "failed" and row.error_code == "timeout"
+    assert row.status == "failed" and row.error_code == "timeout" and "deadline" in row.error_message
 
 
 def test_the_next_poll_never_lands_past_the_deadline(service):
@@ -97,6 +97,7 @@ def test_not_found_while_polling_fails_the_job(service):
     assert tracking.check("p", 0) is None
     row = job("p")
     assert row.status == "failed" and row.error_code == "404" and row.next_poll_at is None
+    assert row.error_message.startswith("Not Found") and row.finished_at
 
 
 def test_an_answer_for_another_task_is_retried_not_trusted(service):
@@ -114,6 +115,7 @@ def test_success_without_results_fails_as_no_results(service):
     assert tracking.check("p", 0) is None
     row = job("p")
     assert row.status == "failed" and row.error_code == "no_results" and row.last_response["status"] == "success"
+    assert row.modellix_task_id in row.error_message and "result URL" in row.error_message
 
 
 def test_an_unknown_status_is_logged_and_followed_as_running(service, caplog):
@@ -186,3 +188,12 @@ def test_sweep_fails_a_job_left_submitting_as_interrupted(service, configure):
     assert tracking.sweep() == []
     row = job("stuck")
     assert row.status == "failed" and row.error_code == "submit_interrupted" and row.finished_at
+    assert "not submitted again" in row.error_message
+
+
+@pytest.mark.parametrize("word", ["pending", "processing", "running", "queued", "submitted", "PENDING", "Running"])
+def test_known_running_statuses_are_followed_quietly(service, caplog, word):
+    submitted("p")
+    service.script(Step(f"status:{word}"))
+    assert tracking.check("p", 0) is not None
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

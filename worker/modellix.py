@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
 
 try:
     _VERSION = importlib.metadata.version("kling-worker")
@@ -301,14 +302,6 @@ def _get(body: Any, key: str, default: Any) -> Any:
 
 
 def _never_sent(exc: requests.ConnectionError) -> bool:
-    text = str(exc)
-    return any(
-        s in text
-        for s in (
-            "Connection refused",
-            "Name or service not known",
-            "NewConnectionError",
-            "Failed to resolve",
-            "No route to host",
-        )
-    )
+    """True when no connection was made (refused, unresolvable, unreachable): nothing was sent."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, NewConnectionError)  # NameResolutionError is one too
