@@ -82,13 +82,14 @@ def test_a_poll_over_the_rate_budget_is_given_back_and_rescheduled(service, conf
 def test_requests_leave_evenly_spaced_at_the_rate_limit(service, configure):
     configure(MODELLIX_MAX_RPS="20")
     set_budget(next_slot=0.0)  # a slot booked long ago must not let a burst through now
-    started = time.monotonic()
+    spacing = limits.HEADROOM / 20
+    wall, started = time.time(), time.monotonic()
     for _ in range(6):
         limits.take_request_slot()
-    assert time.monotonic() - started >= 5 * limits.HEADROOM / 20 - 0.01
+    assert time.monotonic() - started >= 5 * spacing - 0.01
     with runtime.get().transaction() as s:
         row = budget_row(s)
-    assert row.next_slot >= time.time() + 0.9 * limits.HEADROOM / 20  # the next one is booked ahead
+    assert row.next_slot >= wall + 6 * spacing - 0.01  # six slots booked from now on, the next one after them
 
 
 def test_a_shorter_pause_never_cuts_a_longer_one(service):
