@@ -44,7 +44,7 @@ def test_demo_runs_the_embedded_default_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_enqueue_wait_list_show_stats_cancel(tmp_path, sandbox):
+def test_a_job_enqueued_from_the_cli_runs_to_its_end_and_is_queryable(tmp_path, sandbox):
     env = embedded_env(
         tmp_path,
         MODELLIX_BASE_URL=sandbox.url,
