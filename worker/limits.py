@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from models import budget
@@ -91,7 +91,7 @@ def check_in_flight(ex: Executor) -> None:
         raise OverBudget(0.0, f"{limit} tasks in flight")
 
 
-def place_tries() -> Iterator[None]:
+def place_tries() -> Generator[None, None, None]:
     """Yield once per try at a place in flight; between tries, wait while this thread may.
 
     One of WAITERS threads per process keeps trying for up to MAX_SLEEP; any

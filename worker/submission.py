@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -100,15 +101,15 @@ def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None) -> 
         with res.statement() as ex:
             return lifecycle.claim_for_submit(ex, job_id, stored, meta, utcnow())
     full: limits.OverBudget | None = None
-    for _ in limits.place_tries():
-        try:
-            with res.transaction() as s:
-                limits.check_in_flight(s)
-                return lifecycle.claim_for_submit(s, job_id, stored, meta, utcnow())
-        except limits.OverBudget as exc:
-            full = exc
-    assert full is not None  # place_tries yields at least once
-    raise full
+    with closing(limits.place_tries()) as tries:  # closing: a waiter's place is given back at once
+        for _ in tries:
+            try:
+                with res.transaction() as s:
+                    limits.check_in_flight(s)
+                    return lifecycle.claim_for_submit(s, job_id, stored, meta, utcnow())
+            except limits.OverBudget as exc:
+                full = exc
+    raise full or limits.OverBudget(0.0, "no place in flight")
 
 
 def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
