@@ -21,10 +21,8 @@ def _embedded_folders() -> dict[str, Path]:
 
 
 def prepare_folders(settings: Settings | None = None) -> None:
-    """Create the folders the embedded broker and beat's schedule file need (not at import)."""
-    settings = settings or cfg
-    home().mkdir(parents=True, exist_ok=True)
-    if settings.broker_url.startswith("filesystem"):
+    """Create the embedded broker's folders (not at import): producers and workers call this first."""
+    if (settings or cfg).broker_url.startswith("filesystem"):
         for path in _embedded_folders().values():
             path.mkdir(parents=True, exist_ok=True)
 
@@ -32,6 +30,7 @@ def prepare_folders(settings: Settings | None = None) -> None:
 @signals.celeryd_init.connect
 @signals.beat_init.connect
 def _on_start(**_: Any) -> None:
+    home().mkdir(parents=True, exist_ok=True)  # beat's schedule file lives there
     prepare_folders()
 
 
