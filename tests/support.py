@@ -31,7 +31,11 @@ def worker_env(broker: str, database: str, sandbox: SandboxServer, tmp_path: Pat
         "KLING_POLL_FIRST": "0.3",
         "KLING_POLL_MAX": "1",
         "KLING_SWEEP_INTERVAL": "1",
-        "KLING_SUBMIT_GRACE": "3",
+        # Short timeouts so that the grace after which the sweep fails an interrupted submit
+        # can be short too (it must outlast a live submit: 5 s budget wait + connect + read).
+        "MODELLIX_CONNECT_TIMEOUT": "1",
+        "MODELLIX_READ_TIMEOUT": "3",
+        "KLING_SUBMIT_GRACE": "10",
         "KLING_BACKOFF_BASE": "0.2",
     }
     env.update({k: str(v) for k, v in extra.items()})

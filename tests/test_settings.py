@@ -24,6 +24,14 @@ def test_retry_backoff_doubles_with_jitter_and_honours_retry_after():
     assert api_errors.retry_delay(1, cfg, retry_after=9) == 9
 
 
+def test_the_submit_grace_must_outlast_a_live_submit():
+    # 5 s of budget wait + 5 s connect + 30 s read: a shorter grace would fail live submits as interrupted.
+    with pytest.raises(ValueError, match="KLING_SUBMIT_GRACE .* 40s"):
+        Settings(submit_grace=40)
+    assert Settings(submit_grace=41).submit_grace == 41
+    assert Settings(submit_grace=10, connect_timeout=1, read_timeout=3).submit_grace == 10
+
+
 def test_at_least_one_attempt():
     with pytest.raises(ValueError, match="KLING_MAX_ATTEMPTS"):
         Settings(max_attempts=0)

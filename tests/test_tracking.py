@@ -150,10 +150,10 @@ def test_sweep_leaves_polls_that_are_late_by_less_than_the_slack(service):
 
 
 def test_sweep_waits_for_the_submit_grace(service, configure):
-    configure(KLING_SUBMIT_GRACE=30)
+    configure(KLING_SUBMIT_GRACE=60)
     now = utcnow()
     with runtime.get().transaction() as s:
-        for job_id, age in (("young", 20), ("old", 40)):
+        for job_id, age in (("young", 45), ("old", 75)):
             when = now - timedelta(seconds=age)
             s.add(
                 Job(
@@ -179,7 +179,7 @@ def test_sweep_redispatches_an_overdue_poll_once(service):
 
 
 def test_sweep_fails_a_job_left_submitting_as_interrupted(service, configure):
-    configure(KLING_SUBMIT_GRACE=5)
+    configure(KLING_SUBMIT_GRACE=50)
     past = utcnow() - timedelta(seconds=60)
     with runtime.get().transaction() as s:
         s.add(

@@ -12,6 +12,9 @@ from pathlib import Path
 
 DEFAULT_BASE_URL = "https://api.modellix.ai"
 DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
+# The longest a worker thread sleeps for the fleet's API budget (worker.limits):
+# a claimed job can stay `submitting` this long before its POST even starts.
+MAX_BUDGET_SLEEP = 5.0
 
 
 def _float(name: str, default: float) -> float:
@@ -88,6 +91,15 @@ class Settings:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("KLING_MAX_ATTEMPTS must be at least 1")
+        # The sweep fails a job left `submitting` longer than the grace as interrupted: the
+        # grace must outlast a live submit (budget wait, connect, read), or a slow one is failed.
+        longest = MAX_BUDGET_SLEEP + self.connect_timeout + self.read_timeout
+        if self.submit_grace <= longest:
+            raise ValueError(
+                f"KLING_SUBMIT_GRACE ({self.submit_grace:g}s) must be longer than a submit can take: "
+                f"{MAX_BUDGET_SLEEP:g}s of budget wait + MODELLIX_CONNECT_TIMEOUT + MODELLIX_READ_TIMEOUT "
+                f"= {longest:g}s"
+            )
 
 
 def load() -> Settings:

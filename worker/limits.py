@@ -33,9 +33,11 @@ from typing import Any
 from models import budget
 from models.db import Executor
 from worker import runtime
+from worker.config import MAX_BUDGET_SLEEP
 
-# A wait longer than this goes back to the broker instead of holding a thread.
-MAX_SLEEP = 5.0
+# A wait longer than this goes back to the broker instead of holding a thread
+# (config bounds KLING_SUBMIT_GRACE by it).
+MAX_SLEEP = MAX_BUDGET_SLEEP
 # Slots are spaced 10 % wider than 1/MAX_RPS: a request leaves a little after
 # its slot (thread wake-up, GIL), and that jitter must not add up to a burst
 # over the limit in the API's own one-second window. At 5 % a loaded 2-core
