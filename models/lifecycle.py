@@ -97,7 +97,7 @@ def requeue(
     job_id: str,
     now: datetime,
     *,
-    refund: bool = False,
+    refund: bool,
     error_code: str | None = None,
     error_message: str | None = None,
 ) -> bool:

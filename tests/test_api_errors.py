@@ -39,6 +39,7 @@ def test_a_429_on_submit_pauses_the_fleet_for_its_retry_after():
     assert 1 <= without.pause <= 2 and without.pause == without.delay  # no Retry-After: the backoff
     last = judge_submit(error(modellix.RateLimited, 429, retry_after=7), 3, CFG)
     assert last.action is Action.fail and last.pause == 7  # failing the job still pauses the others
+    assert "429" in last.pause_reason
 
 
 @pytest.mark.parametrize("status", [401, 402])

@@ -64,6 +64,9 @@ def test_show_prints_one_job_or_says_there_is_none(table, capsys):
     code, out, _ = run(capsys, "jobs", "show", "j0", "--json")
     shown = json.loads(out)
     assert code == 0 and shown["status"] == "succeeded" and shown["metadata"] == {"i": 0}
+    assert datetime.fromisoformat(shown["created_at"]) == table - timedelta(hours=3)
+    assert datetime.fromisoformat(shown["updated_at"]) == table - timedelta(hours=3)
+    assert shown["submitted_at"] is None and shown["finished_at"] is None
     code, out, _ = run(capsys, "jobs", "show", "j0")
     assert code == 0 and 'result_urls: ["https://r/0.png"]' in out and "last_response" not in out
     code, _, err = run(capsys, "jobs", "show", "nope")
@@ -83,7 +86,9 @@ def test_stats_counts_by_status_and_shows_the_budget(table, capsys):
 def test_cancel_only_a_queued_job(table, capsys):
     code, _, err = run(capsys, "jobs", "cancel", "j2")
     assert code == 0 and "cancelled" in err
-    assert json.loads(run(capsys, "jobs", "show", "j2", "--json")[1])["status"] == "cancelled"
+    shown = json.loads(run(capsys, "jobs", "show", "j2", "--json")[1])
+    assert (shown["status"], shown["error_code"]) == ("cancelled", "cancelled") and "operator" in shown["error_message"]
+    assert shown["finished_at"]
     code, _, err = run(capsys, "jobs", "cancel", "j3")
     assert code == 1 and "not queued" in err
 
@@ -137,3 +142,40 @@ def test_ages_are_counted_back_from_now(value, ago):
 def test_iso_times_without_a_zone_are_utc():
     assert cli._when("2026-11-24T12:00") == datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
     assert cli._when(None) is None
+
+
+def test_list_shows_fifty_by_default_with_since_inclusive_and_until_exclusive(sqlite_url, configure, capsys):
+    configure(DATABASE_URL=sqlite_url)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    with runtime.get().transaction() as s:
+        for i in range(55):
+            when = base + timedelta(minutes=i)
+            s.add(Job(id=f"m{i:02d}", status="queued", request={}, created_at=when, updated_at=when))
+    assert len(json.loads(run(capsys, "jobs", "list", "--json")[1])) == 50
+    since, until = "2026-01-01T00:10:00", "2026-01-01T00:12:00"
+    found = json.loads(run(capsys, "jobs", "list", "--since", since, "--until", until, "--json")[1])
+    assert [r["id"] for r in found] == ["m11", "m10"]
+
+
+def test_watch_prints_each_job_once_per_status_and_returns_when_all_ended(table, capsys):
+    from io import StringIO
+
+    from worker.watch import watch
+
+    out = StringIO()
+    rows = watch(["j0", "j1"], 10, out)
+    assert {k: r["status"] for k, r in rows.items()} == {"j0": "succeeded", "j1": "failed"}
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].split()[1:] == ["j0", "succeeded"] and lines[1].split()[1:] == ["j1", "failed"]
+
+
+def test_watch_gives_up_after_its_timeout_on_a_job_nobody_takes(table):
+    import time
+    from io import StringIO
+
+    from worker.watch import watch
+
+    out = StringIO()
+    started = time.monotonic()
+    assert watch(["never-seen"], 1.0, out) == {}
+    assert 1.0 <= time.monotonic() - started < 5 and out.getvalue().split()[1:] == ["never-seen", "queued"]

@@ -5,12 +5,14 @@ The same budget across several worker processes: test_fleet_limits.py.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
-from models import JobStatus
+from models import JobStatus, lifecycle
 from models.budget import read as budget_row
+from models.job import utcnow
 from tests.support import budget, handle, job, seconds_until, set_budget, submitted
 from worker import limits, runtime, submission, tracking
 from worker.dev.sandbox import Step
@@ -103,3 +105,18 @@ def test_a_pause_that_ran_out_is_not_reported(service):
     set_budget(paused_until=time.time() - 1, pause_reason="429 from Modellix")
     paused = budget()
     assert paused["paused_for"] == 0 and paused["pause_reason"] is None
+
+
+def test_a_waiting_job_takes_a_freed_place_at_once(service, configure):
+    configure(MODELLIX_MAX_IN_FLIGHT="1")
+    submitted("running")
+    outcome: list[submission.Outcome] = []
+    waiter = threading.Thread(target=lambda: outcome.append(handle(request={"prompt": "y"}, job_id="waiting")))
+    started = time.monotonic()
+    waiter.start()
+    time.sleep(1.0)
+    with runtime.get().statement() as ex:  # the running task ends
+        lifecycle.succeed(ex, "running", utcnow(), result_urls=["https://r/0.png"], answer={})
+    waiter.join(15)
+    assert outcome and outcome[0].status is JobStatus.submitted  # it waited in place, not in the broker
+    assert time.monotonic() - started < limits.MAX_SLEEP

@@ -201,3 +201,23 @@ def test_retry_after_parsing():
     assert modellix.parse_retry_after("soon") is None
     future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
     assert 25 <= modellix.parse_retry_after(future) <= 31
+
+
+def test_an_error_page_instead_of_json_is_a_transient_error_with_its_status(client, sandbox):
+    sandbox.script(Step("html"))
+    with pytest.raises(modellix.TransientError) as info:
+        client.submit(BODY)
+    assert info.value.status == 502 and info.value.message.startswith("HTTP 502: <html>")
+    assert sandbox.stats()["submits"] == 0
+
+
+def test_without_a_key_error_texts_are_left_as_they_are(sandbox):
+    c = ModellixClient(sandbox.url, "")
+    with pytest.raises(modellix.AccountError) as info:
+        c.submit(BODY)
+    assert info.value.message == "Unauthorized: invalid or missing API key"
+
+
+def test_a_retry_after_date_in_the_past_means_now():
+    past = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() - 30))
+    assert modellix.parse_retry_after(past) == 0.0

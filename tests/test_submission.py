@@ -180,3 +180,9 @@ def test_cancel_keeps_a_waiting_job_from_being_submitted(service):
     assert row.status == "cancelled" and row.error_code == "cancelled" and row.finished_at
     assert service.stats()["submits"] == 0
     assert cli.main(["jobs", "cancel", "c1"]) == 1  # terminal stays terminal
+
+
+def test_metadata_that_is_not_an_object_is_not_stored(service):
+    out = submission.handle(({"prompt": "x"},), {"metadata": "just text"}, "positional")
+    row = job("positional")
+    assert out.status is JobStatus.rejected and row.meta is None and "keyword arguments" in row.error_message

@@ -38,10 +38,12 @@ _RESULT = re.compile(r"^/results/[^/]+/\d+\.png$")
 _ARRIVALS_KEPT = 200_000  # enough for max_requests_per_second at any rate a benchmark reaches
 
 Answer = tuple[int, dict[str, Any], dict[str, str]]  # status, JSON body, extra headers
-# A status of DROP tells the HTTP handler to close the connection without answering.
+# A status of DROP tells the HTTP handler to close the connection without answering;
+# HTML, to answer 502 with the body's "page" as text/html.
 DROP = -1
+HTML = -2
 # Scripted answers besides plain HTTP error statuses (see Step).
-SPECIAL = ("drop", "no_task_id", "wrong_task_id", "no_results", "echo")
+SPECIAL = ("drop", "no_task_id", "wrong_task_id", "no_results", "echo", "html")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Step:
     - "no_results": a poll answered `success` with no result;
     - "echo": a 400 whose message echoes the request's headers, as a careless
       proxy might: the key reaches the client's error text unless it scrubs it;
+    - "html": a 502 with an HTML page instead of the API's JSON, as a proxy in front of it sends;
     - "status:WORD": a poll answered with the task status WORD.
     """
 
@@ -212,7 +215,7 @@ class SandboxServer:
 
     def requests_log(self) -> list[dict[str, Any]]:
         """Every API request so far: {"at": epoch seconds, "client": User-Agent, "kind": "submit"|"poll"|"other",
-        "status": answer status (-1: dropped)}."""
+        "status": answer status (-1: dropped, -2: the HTML 502 page)}."""
         with self._lock:
             return list(self._log)
 
@@ -309,6 +312,8 @@ class SandboxServer:
             with self._lock:
                 self._counts["errors_injected"] += 1
             return _error(answer, f"{_CATEGORIES.get(answer, 'Error')}: scripted", extra)
+        if answer == "html":
+            return HTML, {"page": "<html><body><h1>502 Bad Gateway</h1></body></html>"}, extra
         if answer == "echo":
             echoed = json.dumps({"path": path, "headers": headers}, sort_keys=True)
             return _error(400, f"Bad Request: could not parse request {echoed}", extra)
@@ -524,6 +529,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return None
+        if status == HTML:
+            return self._send(502, payload["page"].encode(), {"Content-Type": "text/html", **headers})
         self._json(status, payload, headers)
 
     def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
