@@ -30,6 +30,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
+from worker.config import DEFAULT_SUBMIT_PATH
+
 try:
     _VERSION = importlib.metadata.version("kling-worker")
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
@@ -208,7 +210,7 @@ class ModellixClient:
         self,
         base_url: str,
         api_key: str,
-        submit_path: str = "/api/v1/image-to-image/kling/kling-image-o1/async",
+        submit_path: str = DEFAULT_SUBMIT_PATH,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         pool_size: int = 32,

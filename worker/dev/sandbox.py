@@ -29,9 +29,11 @@ from dataclasses import asdict, dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from worker.config import DEFAULT_SUBMIT_PATH
 from worker.schemas import GenerationRequestSchema
 
-SUBMIT_PATHS = ("/api/v1/image-to-image/kling/kling-image-o1/async", "/api/v1/kling/kling-image-o1/async")
+# Ours (configurable in the worker) and the newer documented one (modellix-api.md).
+SUBMIT_PATHS = (DEFAULT_SUBMIT_PATH, "/api/v1/kling/kling-image-o1/async")
 MODEL_ID = "kling-image-o1"
 _TASK = re.compile(r"^/api/v1/tasks/([^/]+)$")
 _RESULT = re.compile(r"^/results/[^/]+/\d+\.png$")
