@@ -39,3 +39,26 @@ def test_an_sqlite_file_in_a_new_folder_is_shared_by_threads(tmp_path):
             assert ex.exec_driver_sql("pragma journal_mode").scalar_one() == "wal"
     finally:
         engine.dispose()
+
+
+def test_times_are_utc_aware_on_sqlite_and_naive_ones_are_refused(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    import pytest
+
+    from models.db import transaction
+    from models.job import Base, Job
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    try:
+        Base.metadata.create_all(engine)
+        paris = datetime(2026, 6, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+        with transaction(engine) as s:
+            s.add(Job(id="j", status="queued", request={}, created_at=paris, updated_at=paris))
+        with transaction(engine) as s:
+            stored = s.get(Job, "j").created_at
+        assert stored == paris and stored.utcoffset() == timedelta(0)  # the same instant, in UTC
+        with pytest.raises(Exception, match="naive datetime"), transaction(engine) as s:
+            s.add(Job(id="k", status="queued", request={}, created_at=datetime(2026, 6, 1), updated_at=paris))
+    finally:
+        engine.dispose()

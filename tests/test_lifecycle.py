@@ -92,3 +92,14 @@ def test_claim_takes_a_new_or_queued_job_once(engine):
         assert lifecycle.claim_for_submit(ex, "waiting", {"prompt": "x"}, None, utcnow()) == 1
         assert lifecycle.claim_for_submit(ex, "done", {"prompt": "x"}, None, utcnow()) is None
     assert status_of(engine, "fresh") == status_of(engine, "waiting") == "submitting"
+
+
+def test_a_refunded_requeue_touches_only_its_own_job(engine):
+    with statement(engine) as ex:
+        for job_id in ("a", "b"):
+            assert lifecycle.claim_for_submit(ex, job_id, {"prompt": "x"}, None, utcnow()) == 1
+        assert lifecycle.requeue(ex, "a", utcnow(), refund=True, error_code="402", error_message="balance")
+    with transaction(engine) as s:
+        a, b = store.get_job(s, "a"), store.get_job(s, "b")
+        assert (a.status, a.attempts, a.error_code) == ("queued", 0, "402")
+        assert (b.status, b.attempts, b.error_code) == ("submitting", 1, None)

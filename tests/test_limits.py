@@ -61,13 +61,17 @@ def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(ser
 
 def test_a_full_fleet_sends_the_job_back_within_ten_seconds(service, configure):
     configure(MODELLIX_MAX_IN_FLIGHT="1")
-    submitted("running")
+    assert handle(request={"prompt": "r"}, job_id="running", metadata={"m": 1}).status is JobStatus.submitted
+    assert job("running").meta == {"m": 1}
     # A redelivery that has backed off many times: the backoff would say 60 s, the budget recheck says 10.
-    out = submission.handle((), {"request": {"prompt": "x"}, "job_id": "waiting"}, "d", retries=10)
+    message = {"request": {"prompt": "x"}, "job_id": "waiting", "metadata": {"m": 2}}
+    out = submission.handle((), message, "d", retries=10)
     assert out.status is JobStatus.queued and 5 <= out.retry_in <= 10
     row = job("waiting")
-    assert row.status == "queued" and row.attempts == 0
+    assert row.status == "queued" and row.attempts == 0 and row.meta == {"m": 2}
     assert service.stats()["submits"] == 1
+    # A first wait backs off briefly (KLING_BACKOFF_BASE 0.1 s here), so a freed place is soon used.
+    assert 0.05 <= submission.handle((), message, "d", retries=0).retry_in <= 0.1
 
 
 def test_a_poll_over_the_rate_budget_is_given_back_and_rescheduled(service, configure):

@@ -35,6 +35,7 @@ def test_the_submit_grace_must_outlast_a_live_submit():
 def test_at_least_one_attempt():
     with pytest.raises(ValueError, match="KLING_MAX_ATTEMPTS"):
         Settings(max_attempts=0)
+    assert Settings(max_attempts=1).max_attempts == 1
 
 
 @pytest.mark.parametrize("concurrency, db_pool, expected", [("128", None, 16), ("16", None, 4), ("32", "7", 7)])

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from models import JobStatus
-from tests.support import budget, handle, job, set_budget, submitted
+from tests.support import budget, handle, job, seconds_until, set_budget, submitted
 from worker import cli, runtime, submission
 from worker.dev.sandbox import Step
 from worker.schedule import NextPoll
@@ -24,6 +24,8 @@ def test_valid_request_is_submitted_once(service):
     assert again.status is None  # duplicate: nothing done
     row = job("j1")
     assert row.status == "submitted" and row.modellix_task_id and row.attempts == 1 and row.meta == {"user": 7}
+    assert row.last_response["task_id"] == row.modellix_task_id and row.submitted_at
+    assert 1.0 <= seconds_until(row.next_poll_at) <= 2.0  # the first poll is due 2 s after submission
     assert service.stats()["submits"] == 1
 
 
@@ -186,3 +188,16 @@ def test_metadata_that_is_not_an_object_is_not_stored(service):
     out = submission.handle(({"prompt": "x"},), {"metadata": "just text"}, "positional")
     row = job("positional")
     assert out.status is JobStatus.rejected and row.meta is None and "keyword arguments" in row.error_message
+
+
+@pytest.mark.parametrize(
+    "args, kwargs",
+    [
+        ((), {"request": {"prompt": "x"}, "priority": 1, "metadata": {"k": 1}}),
+        (({"prompt": "y"},), {"request": {"prompt": "x"}, "metadata": {"k": 1}}),
+    ],
+)
+def test_a_malformed_message_keeps_its_request_and_metadata(service, args, kwargs):
+    submission.handle(args, kwargs, "malformed")
+    row = job("malformed")
+    assert row.status == "rejected" and row.request == {"prompt": "x"} and row.meta == {"k": 1}
