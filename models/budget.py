@@ -8,9 +8,8 @@ from sqlalchemy import Float, Row, String, Table, Text, func, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Executor
-from models.job import IN_FLIGHT, Base, Job
-
-jobs = cast(Table, Job.__table__)
+from models.job import IN_FLIGHT, Base
+from models.store import jobs
 
 
 class ApiBudget(Base):

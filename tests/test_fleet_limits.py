@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -14,18 +15,25 @@ from worker.dev.sandbox import Step
 pytestmark = pytest.mark.services
 
 
-def run_fleet(rabbit_url, pg_url, sandbox, tmp_path, jobs: int, **limits: str):
-    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, **limits)
-    workers = [Worker(env, tmp_path, concurrency=16, beat=(i == 0)) for i in range(4)]
+@contextmanager
+def fleet(rabbit_url, pg_url, sandbox, tmp_path, jobs: int, size: int = 4, concurrency: int = 16, **settings: str):
+    """`size` workers (the first with beat) fed `jobs` valid messages; yields the workers, stops them after."""
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, **settings)
+    workers = [Worker(env, tmp_path, concurrency=concurrency, beat=(i == 0)) for i in range(size)]
     try:
         for w in workers:
             w.wait_ready()
         tag = uuid.uuid4().hex[:6]
         produce(rabbit_url, env["KLING_QUEUE"], [valid(tag, i) for i in range(jobs)])
-        found = wait_terminal(pg_url, jobs, 180, workers)
+        yield workers
     finally:
         for w in workers:
             w.stop()
+
+
+def run_fleet(rabbit_url, pg_url, sandbox, tmp_path, jobs: int, **limits: str):
+    with fleet(rabbit_url, pg_url, sandbox, tmp_path, jobs, **limits) as workers:
+        found = wait_terminal(pg_url, jobs, 180, workers)
     assert {j.status for j in found.values()} == {"succeeded"}
     stats = sandbox.stats()
     assert stats["submits"] == jobs and stats["duplicate_prompts"] == 0
@@ -48,21 +56,12 @@ def test_max_in_flight_holds_across_four_workers(rabbit_url, pg_url, sandbox, tm
 def test_a_429_pauses_every_worker_for_its_retry_after(rabbit_url, pg_url, sandbox, tmp_path):
     """One worker gets the 429; the others must fall silent too (they learn of it from the database)."""
     sandbox.task_seconds = 10.0  # polls keep every worker busy for the whole test
-    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, KLING_POLL_MAX="0.5")
-    workers = [Worker(env, tmp_path, concurrency=8, beat=(i == 0)) for i in range(3)]
     jobs = 30
-    try:
-        for w in workers:
-            w.wait_ready()
-        tag = uuid.uuid4().hex[:6]
-        produce(rabbit_url, env["KLING_QUEUE"], [valid(tag, i) for i in range(jobs)])
+    with fleet(rabbit_url, pg_url, sandbox, tmp_path, jobs, size=3, concurrency=8, KLING_POLL_MAX="0.5") as workers:
         wait_for(lambda: sandbox.stats()["submits"] == jobs, 60, "every job submitted", workers)
         time.sleep(1)  # polling in full swing
         sandbox.script(Step(429, on="poll", retry_after=4))
         found = wait_terminal(pg_url, jobs, 120, workers)
-    finally:
-        for w in workers:
-            w.stop()
     assert {j.status for j in found.values()} == {"succeeded"}
     log = sandbox.requests_log()
     hit = next(r for r in log if r["status"] == 429)

@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker.config import Settings, home
+from worker.config import home
 from worker.runtime import settings
 
 cfg = settings()
@@ -20,9 +20,9 @@ def _embedded_folders() -> dict[str, Path]:
     return {"queue": folder / "queue", "processed": folder / "processed", "control": folder / "control"}
 
 
-def prepare_folders(settings: Settings | None = None) -> None:
+def prepare_folders() -> None:
     """Create the embedded broker's folders (not at import): producers and workers call this first."""
-    if (settings or cfg).broker_url.startswith("filesystem"):
+    if cfg.broker_url.startswith("filesystem"):
         for path in _embedded_folders().values():
             path.mkdir(parents=True, exist_ok=True)
 

@@ -128,13 +128,17 @@ def status(ex: Executor) -> dict[str, Any]:
     """The limits, the tasks in flight and any pause, for `jobs stats`."""
     cfg = runtime.settings()
     row = budget.read(ex)
-    paused = row is not None and row.paused_until > time.time()
+    now = time.time()
+    paused_for: float = 0
+    reason: str | None = None
+    if row is not None and row.paused_until > now:
+        paused_for, reason = round(row.paused_until - now, 1), row.pause_reason
     return {
         "max_rps": cfg.max_rps,
         "max_in_flight": cfg.max_in_flight,
         "in_flight": budget.count_in_flight(ex),
-        "paused_for": round(row.paused_until - time.time(), 1) if row is not None and paused else 0,
-        "pause_reason": row.pause_reason if row is not None and paused else None,
+        "paused_for": paused_for,
+        "pause_reason": reason,
     }
 
 
