@@ -15,20 +15,40 @@ def error(cls: type[modellix.ModellixError], status: int, retry_after: float | N
     return cls(f"HTTP {status}", status, retry_after)
 
 
+RETRY_5XX = Settings(max_attempts=3, backoff_base=1.0, backoff_max=60.0, account_retry=60.0, submit_5xx="retry")
+
+
 @pytest.mark.parametrize(
-    "exc",
+    "exc, cfg",
     [
-        error(modellix.TransientError, 500),
-        error(modellix.TransientError, 503),
-        modellix.NetworkError("refused"),
-        error(modellix.ProtocolError, 200),
+        (modellix.NetworkError("refused"), CFG),
+        (error(modellix.ServerError, 500), RETRY_5XX),
+        (error(modellix.ServerError, 503), RETRY_5XX),
     ],
 )
-def test_a_transient_submit_error_is_retried_with_backoff_until_the_last_attempt(exc):
-    first = judge_submit(exc, 1, CFG)
+def test_a_submit_that_surely_created_nothing_is_retried_with_backoff_until_the_last_attempt(exc, cfg):
+    first = judge_submit(exc, 1, cfg)
     assert first.action is Action.retry and 0.5 <= first.delay <= 1.0 and first.counts and not first.pause
-    assert judge_submit(exc, 2, CFG).action is Action.retry
-    assert judge_submit(exc, 3, CFG).action is Action.fail  # KLING_MAX_ATTEMPTS
+    assert judge_submit(exc, 2, cfg).action is Action.retry
+    assert judge_submit(exc, 3, cfg).action is Action.fail  # KLING_MAX_ATTEMPTS
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_by_default_a_5xx_to_a_submit_is_an_unknown_outcome_and_never_resent(status):
+    verdict = judge_submit(error(modellix.ServerError, status), 1, CFG)
+    assert CFG.submit_5xx == "unknown"
+    assert verdict.action is Action.fail and verdict.error_code == "submit_unknown" and not verdict.pause
+
+
+def test_resending_after_a_5xx_is_flagged_as_possibly_billing_twice():
+    assert judge_submit(error(modellix.ServerError, 500), 1, RETRY_5XX).resubmits_unknown
+    assert not judge_submit(modellix.NetworkError("refused"), 1, RETRY_5XX).resubmits_unknown
+    assert not judge_submit(error(modellix.RateLimited, 429), 1, RETRY_5XX).resubmits_unknown
+
+
+def test_the_5xx_setting_takes_only_its_two_values():
+    with pytest.raises(ValueError, match="KLING_SUBMIT_5XX"):
+        Settings(submit_5xx="sometimes")
 
 
 def test_a_429_on_submit_pauses_the_fleet_for_its_retry_after():
@@ -53,11 +73,17 @@ def test_account_errors_pause_the_fleet_and_never_count(status, judge):
 
 @pytest.mark.parametrize(
     "exc",
-    [error(modellix.RequestRejected, 400), error(modellix.NotFound, 404), modellix.AmbiguousSubmit("read timeout")],
+    [
+        error(modellix.RequestRejected, 400),
+        error(modellix.RequestRejected, 422),
+        error(modellix.NotFound, 404),
+        modellix.AmbiguousSubmit("read timeout"),
+    ],
 )
-def test_a_submit_that_cannot_succeed_or_may_have_billed_fails_at_once(exc):
-    verdict = judge_submit(exc, 1, CFG)
-    assert verdict.action is Action.fail and not verdict.pause
+@pytest.mark.parametrize("cfg", [CFG, RETRY_5XX])
+def test_a_submit_that_cannot_succeed_or_may_have_billed_fails_at_once(exc, cfg):
+    verdict = judge_submit(exc, 1, cfg)
+    assert verdict.action is Action.fail and not verdict.pause and verdict.error_code is None
 
 
 def test_a_poll_of_a_task_that_is_gone_fails():
@@ -67,7 +93,7 @@ def test_a_poll_of_a_task_that_is_gone_fails():
 @pytest.mark.parametrize(
     "exc",
     [
-        error(modellix.TransientError, 500),
+        error(modellix.ServerError, 500),
         modellix.NetworkError("reset"),
         error(modellix.ProtocolError, 200),
         error(modellix.RequestRejected, 400),

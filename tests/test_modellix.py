@@ -47,8 +47,8 @@ def test_failed_task_carries_its_error(client, sandbox):
     "fault, status, cls, retryable",
     [
         ({"rate_429": 1.0, "retry_after": 2.5}, 429, modellix.RateLimited, True),
-        ({"rate_500": 1.0}, 500, modellix.TransientError, True),
-        ({"rate_503": 1.0}, 503, modellix.TransientError, True),
+        ({"rate_500": 1.0}, 500, modellix.ServerError, True),
+        ({"rate_503": 1.0}, 503, modellix.ServerError, True),
         ({"reject_key": True}, 401, modellix.AccountError, False),
         ({"no_balance": True}, 402, modellix.AccountError, False),
     ],
@@ -158,6 +158,26 @@ def test_submit_answered_without_a_task_id_is_ambiguous(client, sandbox):
     assert info.value.status == 200 and "task_id" in info.value.message
 
 
+@pytest.mark.parametrize("status", [403, 405, 413, 415, 422])
+def test_a_safe_rejection_of_a_submit_is_a_rejection(client, sandbox, status):
+    sandbox.script(Step(status, on="submit"))
+    with pytest.raises(modellix.RequestRejected) as info:
+        client.submit(BODY)
+    assert info.value.status == status and not info.value.retryable
+
+
+@pytest.mark.parametrize("status", [408, 409, 410])
+def test_any_other_4xx_to_a_submit_is_an_unknown_outcome_but_to_a_poll_a_rejection(client, sandbox, status):
+    task_id = client.submit(BODY).task_id
+    sandbox.script(Step(status, on="submit"))
+    with pytest.raises(modellix.AmbiguousSubmit) as info:
+        client.submit(BODY)
+    assert info.value.status == status and info.value.stored_code == "submit_unknown"
+    sandbox.script(Step(status, on="poll"))
+    with pytest.raises(modellix.RequestRejected):
+        client.get_task(task_id)
+
+
 def test_poll_answered_for_another_task_is_a_protocol_error(client, sandbox):
     task_id = client.submit(BODY).task_id
     sandbox.script(Step("wrong_task_id"))
@@ -203,9 +223,9 @@ def test_retry_after_parsing():
     assert 25 <= modellix.parse_retry_after(future) <= 31
 
 
-def test_an_error_page_instead_of_json_is_a_transient_error_with_its_status(client, sandbox):
+def test_an_error_page_instead_of_json_is_a_server_error_with_its_status(client, sandbox):
     sandbox.script(Step("html"))
-    with pytest.raises(modellix.TransientError) as info:
+    with pytest.raises(modellix.ServerError) as info:
         client.submit(BODY)
     assert info.value.status == 502 and info.value.message.startswith("HTTP 502: <html>")
     assert sandbox.stats()["submits"] == 0

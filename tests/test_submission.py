@@ -84,7 +84,19 @@ def test_an_invalid_message_reusing_a_job_id_leaves_that_job_alone(service):
     assert out.duplicate and row.status == "submitted" and row.meta is None and row.error_code is None
 
 
-def test_transient_errors_back_off_then_fail_with_the_last_error(service):
+def test_by_default_a_5xx_to_a_submit_fails_the_job_as_unknown_and_never_resends_it(service):
+    service.set_faults(rate_503=1.0)
+    out = handle(request={"prompt": "x"}, job_id="five")
+    row = job("five")
+    assert out.status is JobStatus.failed and row.status == "failed" and row.attempts == 1
+    assert row.error_code == "submit_unknown" and "503" in row.error_message and "not submitted again" in row.error_message
+    service.set_faults(rate_503=0.0)
+    assert handle(request={"prompt": "x"}, job_id="five").duplicate  # a redelivery sends nothing
+    assert service.stats()["submits"] == 0
+
+
+def test_transient_errors_back_off_then_fail_with_the_last_error(service, configure, caplog):
+    configure(KLING_SUBMIT_5XX="retry")
     service.set_faults(rate_503=1.0)
     delays = []
     for _ in range(2):
@@ -98,6 +110,8 @@ def test_transient_errors_back_off_then_fail_with_the_last_error(service):
     row = job("flaky")
     assert out.status is JobStatus.failed and row.status == "failed" and row.attempts == 3
     assert row.error_code == "503" and "Service Unavailable" in row.error_message
+    resends = [r for r in caplog.records if "second task may be created" in r.getMessage()]
+    assert len(resends) == 2 and all(r.levelname == "WARNING" for r in resends)
 
 
 def test_retry_after_is_honoured(service):
@@ -172,7 +186,8 @@ def test_a_submit_answered_without_a_task_id_fails_as_unknown(service):
     assert service.stats()["submits"] == 1
 
 
-def test_cancel_keeps_a_waiting_job_from_being_submitted(service):
+def test_cancel_keeps_a_waiting_job_from_being_submitted(service, configure):
+    configure(KLING_SUBMIT_5XX="retry")
     service.set_faults(rate_503=1.0)
     assert handle(request={"prompt": "x"}, job_id="c1").status is JobStatus.queued
     assert cli.main(["jobs", "cancel", "c1"]) == 0

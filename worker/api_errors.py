@@ -3,13 +3,23 @@
 | answer                         | a submit                                   | a poll                           |
 |--------------------------------|--------------------------------------------|----------------------------------|
 | 429                            | retry after Retry-After (or the backoff)   | poll again, no sooner than that  |
-| 500, 503, network, odd answers | retry with backoff, at most                | poll again at the next gap       |
-|                                | KLING_MAX_ATTEMPTS, then fail              | (no sooner than Retry-After)     |
+| refused (nothing sent)         | retry with backoff, at most                | poll again at the next gap       |
+|                                | KLING_MAX_ATTEMPTS, then fail              |                                  |
+| 5xx                            | KLING_SUBMIT_5XX=unknown (default): fail   | poll again at the next gap       |
+|                                | as submit_unknown, never resent;           | (no sooner than Retry-After)     |
+|                                | =retry: as "refused", with a WARNING       |                                  |
 | 401, 402                       | wait KLING_ACCOUNT_RETRY in `queued`; the  | poll again after                 |
 |                                | attempt does not count; never fails        | KLING_ACCOUNT_RETRY              |
 | 404                            | fail with the API's code and message       | fail (the task is gone)          |
-| 400 and other 4xx              | fail with the API's code and message       | poll again (the task may be fine)|
-| outcome unknown                | fail as submit_unknown, never resent       | (cannot happen)                  |
+| 400, 403, 405, 413, 415, 422   | fail with the API's code and message       | poll again (the task may be fine)|
+| outcome unknown: a timeout or  | fail as submit_unknown, never resent       | poll again at the next gap       |
+| dropped connection after the   |                                            |                                  |
+| POST was sent, any other       |                                            |                                  |
+| answer (a 200 without task id) |                                            |                                  |
+
+Only the submit's definite rejections (modellix.SAFE_REJECTIONS) and a
+connection that was never made prove that no task exists; the default
+resends nothing else, so a job is never billed twice.
 
 A 429 pauses the whole fleet for its Retry-After, and a 401/402 for
 KLING_ACCOUNT_RETRY: every worker would get the same answer. Exponential
@@ -39,6 +49,8 @@ class Verdict:
     pause_reason: str = ""
     counts: bool = True  # whether the try counts against KLING_MAX_ATTEMPTS
     account: bool = False  # the account is refused: worth an ERROR on every try
+    error_code: str | None = None  # what the job records, if not the error's own stored_code
+    resubmits_unknown: bool = False  # the retry may create a second task (KLING_SUBMIT_5XX=retry)
 
 
 def retry_delay(attempt: int, settings: Settings, retry_after: float | None = None) -> float:
@@ -52,12 +64,15 @@ def judge_submit(exc: modellix.ModellixError, attempt: int, settings: Settings) 
     """A submit failed on its `attempt`-th try."""
     if isinstance(exc, modellix.AccountError):
         return _account(exc, settings)
+    if isinstance(exc, modellix.ServerError) and settings.submit_5xx == "unknown":
+        return Verdict(Action.fail, error_code=modellix.AmbiguousSubmit.code)
     if isinstance(exc, modellix.TransientError):
         delay = retry_delay(attempt, settings, exc.retry_after)
         pause = (exc.retry_after or delay) if isinstance(exc, modellix.RateLimited) else 0.0
         if attempt >= settings.max_attempts:
             return Verdict(Action.fail, pause=pause, pause_reason=_RATE_LIMITED)
-        return Verdict(Action.retry, delay, pause=pause, pause_reason=_RATE_LIMITED)
+        unknown = isinstance(exc, modellix.ServerError)
+        return Verdict(Action.retry, delay, pause=pause, pause_reason=_RATE_LIMITED, resubmits_unknown=unknown)
     return Verdict(Action.fail)  # 400, 404, ambiguous: trying again cannot help, or could bill twice
 
 

@@ -15,6 +15,8 @@ DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
 # The longest a worker thread sleeps for the fleet's API budget (worker.limits):
 # a claimed job can stay `submitting` this long before its POST even starts.
 MAX_BUDGET_SLEEP = 5.0
+# What a 5xx answer to a submit means (Settings.submit_5xx).
+SUBMIT_5XX = ("unknown", "retry")
 
 
 def _float(name: str, default: float) -> float:
@@ -65,6 +67,11 @@ class Settings:
     max_attempts: int = field(default_factory=lambda: _int("KLING_MAX_ATTEMPTS", 6))
     backoff_base: float = field(default_factory=lambda: _float("KLING_BACKOFF_BASE", 1.0))
     backoff_max: float = field(default_factory=lambda: _float("KLING_BACKOFF_MAX", 60.0))
+    # A 5xx answer to a submit may come after the task was created. "unknown" (the
+    # default, as Modellix's official CLI): the job fails as submit_unknown and is
+    # never sent again. "retry" (as Modellix's REST documentation suggests): it is
+    # sent again like a 503, at the risk of a second, billed task.
+    submit_5xx: str = field(default_factory=lambda: os.environ.get("KLING_SUBMIT_5XX", "").strip() or "unknown")
     # 401/402: the account is blocked; jobs wait this long between tries, without limit.
     account_retry: float = field(default_factory=lambda: _float("KLING_ACCOUNT_RETRY", 60.0))
 
@@ -91,6 +98,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("KLING_MAX_ATTEMPTS must be at least 1")
+        if self.submit_5xx not in SUBMIT_5XX:
+            raise ValueError(f"KLING_SUBMIT_5XX must be one of {', '.join(SUBMIT_5XX)}, not {self.submit_5xx!r}")
         # The sweep fails a job left `submitting` longer than the grace as interrupted: the
         # grace must outlast a live submit (budget wait, connect, read), or a slow one is failed.
         longest = MAX_BUDGET_SLEEP + self.connect_timeout + self.read_timeout

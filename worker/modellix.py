@@ -5,14 +5,20 @@ place, worker.api_errors. The API's knowledge lives on these types: the
 exception tree below (each with the code a job records), and a task's phase.
 
     ModellixError                the API's code: its HTTP status; ours otherwise
-    ├── TransientError           5xx: worth trying again later
+    ├── TransientError           worth trying again later
     │   ├── RateLimited          429 (Retry-After)
+    │   ├── ServerError          5xx; for a submit the task may exist (KLING_SUBMIT_5XX decides)
     │   ├── NetworkError         nothing came back; for a submit, nothing was sent
-    │   └── ProtocolError        an answer that does not fit the documented shape
+    │   └── ProtocolError        a poll's answer that does not fit the documented shape
     ├── AmbiguousSubmit          a submit that may have created a task (submit_unknown)
     ├── AccountError             401/402: the key or the balance, for every job
     ├── RequestRejected          400 and other 4xx
     └── NotFound                 404
+
+A submit's answer either proves that no task was created (SAFE_REJECTIONS, or
+no connection made) or leaves the outcome unknown: AmbiguousSubmit, or a
+ServerError, which Modellix's documentation says to retry and its own CLI
+treats as unknown.
 """
 
 from __future__ import annotations
@@ -82,6 +88,12 @@ class RateLimited(TransientError):
     code = "rate_limited"
 
 
+class ServerError(TransientError):
+    """5xx: Modellix failed. A poll tries again; whether a submit may is the operator's choice."""
+
+    code = "server_error"
+
+
 class NetworkError(TransientError):
     code = "network"
 
@@ -116,6 +128,11 @@ class ProtocolError(TransientError):
 
     code = "protocol"
 
+
+# The answers to a POST that prove no task was created (Modellix's official CLI
+# retries a paid submission only after one of these); any other answer to a
+# submit that was sent may have created a task.
+SAFE_REJECTIONS = frozenset({400, 401, 402, 403, 404, 405, 413, 415, 422, 429})
 
 _BY_STATUS: dict[int, type[ModellixError]] = {
     400: RequestRejected,
@@ -275,7 +292,13 @@ class ModellixClient:
             raise NetworkError(f"timeout: {self._scrub(exc)}") from None
         except requests.RequestException as exc:
             raise NetworkError(f"request failed: {self._scrub(exc)}") from None
-        return self._parse(response)
+        try:
+            return self._parse(response)
+        except (ProtocolError, RequestRejected) as exc:
+            if submit and exc.status not in SAFE_REJECTIONS:
+                # A 200 that does not fit, or a 4xx outside the safe list: a task may exist.
+                raise AmbiguousSubmit(f"unexpected answer to a submit: {exc.message}", exc.status) from None
+            raise
 
     def _parse(self, response: requests.Response) -> dict[str, Any]:
         try:
@@ -290,7 +313,7 @@ class ModellixClient:
         status = response.status_code if response.status_code != 200 else int(_get(body, "code", 500))
         message = self._scrub(_get(body, "message", None) or f"HTTP {status}: {response.text[:200]}")
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        cls = _BY_STATUS.get(status, TransientError if status >= 500 else RequestRejected)
+        cls = _BY_STATUS.get(status, ServerError if status >= 500 else RequestRejected)
         raise cls(message, status, retry_after)
 
     def _scrub(self, value: object) -> str:

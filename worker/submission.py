@@ -153,16 +153,26 @@ def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outc
             exc.message,
             verdict.pause,
         )
+    code, message = verdict.error_code or exc.stored_code, exc.message
+    if verdict.error_code == modellix.AmbiguousSubmit.code:
+        message = f"HTTP {exc.status} {message}: the task may exist, so the job is not submitted again"
+    elif verdict.resubmits_unknown:
+        log.warning(
+            "job %s: Modellix answered %s to a submit; sending it again as KLING_SUBMIT_5XX=retry allows "
+            "(a second task may be created and billed)",
+            job_id,
+            exc.status,
+        )
     now = utcnow()
     with runtime.get().statement() as ex:
         if verdict.action is Action.fail:
-            lifecycle.fail_submit(ex, job_id, now, exc.stored_code, exc.message)
+            lifecycle.fail_submit(ex, job_id, now, code, message)
         else:
             lifecycle.requeue(
                 ex, job_id, now, refund=not verdict.counts, error_code=exc.stored_code, error_message=exc.message
             )
     if verdict.action is Action.fail:
-        log.warning("job %s failed after %d attempt(s): %s %s", job_id, attempt, exc.stored_code, exc.message)
+        log.warning("job %s failed after %d attempt(s): %s %s", job_id, attempt, code, message)
         return Outcome(job_id, JobStatus.failed)
     if not verdict.account:
         log.info("job %s: attempt %d failed (%s), retrying in %.1fs", job_id, attempt, exc.message, verdict.delay)
