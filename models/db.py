@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 # What the query functions in models/ accept: a single statement's connection or a transaction's session.
@@ -35,6 +36,19 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn):  # type: ignore[no-untyped-def]
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def unreachable(exc: BaseException) -> bool:
+    """The database could not be reached, dropped the connection or is too busy: an outage, not a bug.
+
+    The DB-API's OperationalError is what both psycopg and sqlite3 raise for a
+    refused or lost connection, an administrator's shutdown, or a lock that
+    timed out; a wrong statement raises ProgrammingError or IntegrityError instead.
+    """
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    # TimeoutError: every pooled connection is taken, and none came back in time.
+    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError))
 
 
 def normalise_url(url: str) -> str:

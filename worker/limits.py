@@ -30,7 +30,7 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from models import budget
+from models import budget, db
 from models.db import Executor
 from worker import runtime
 from worker.config import MAX_BUDGET_SLEEP
@@ -115,11 +115,20 @@ def place_tries() -> Generator[None, None, None]:
 
 
 def pause(seconds: float, reason: str) -> None:
-    """Stop the whole fleet's API calls for `seconds` (never shortens a longer pause)."""
+    """Stop the whole fleet's API calls for `seconds` (never shortens a longer pause).
+
+    Through a database outage only this process pauses; the others learn of
+    the limit from their own tries, as they would have before it was shared.
+    """
     res = runtime.get()
     until = time.time() + seconds
-    with res.statement() as ex:
-        budget.pause_until(ex, until, reason)
+    try:
+        with res.statement() as ex:
+            budget.pause_until(ex, until, reason)
+    except Exception as exc:
+        if not db.unreachable(exc):
+            raise
+        res.outage.defer("fleet pause", exc)
     if until > res.pause.until:
         res.pause.until, res.pause.reason = until, reason
 

@@ -6,7 +6,9 @@ through the broker as a countdown message costs more than the poll itself
 process that submitted a job keeps polling it locally: `schedule` runs a
 function after a delay on one of the pool's threads. Nothing is lost when the
 process dies: the job row says when its next poll is due, and the beat sweep
-re-dispatches every overdue poll through the broker (tracking.sweep).
+re-dispatches every overdue poll through the broker (tracking.sweep). A
+process that is asked to stop `drain`s its timer and hands what was scheduled
+to the other workers at once (worker.tasks).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 log = logging.getLogger("kling_worker.poller")
@@ -30,6 +32,7 @@ class Poller:
         self._wake = threading.Condition()
         self._stopped = False
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kling-poll")
+        self._running: set[Future[None]] = set()
         self._thread = threading.Thread(target=self._run, name="kling-poller", daemon=True)
         self._thread.start()
 
@@ -50,6 +53,21 @@ class Poller:
             self._wake.notify()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def drain(self, timeout: float) -> list[tuple[float, Callable[..., Any], tuple[Any, ...]]]:
+        """Stop the timer, give running calls up to `timeout` seconds to end, and return what was
+        still scheduled (those calls may have scheduled more) as (seconds left, fn, args)."""
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join()
+        wait(list(self._running), timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            now = time.monotonic()
+            left = [(max(0.0, due - now), fn, args) for due, _, fn, args in sorted(self._heap)]
+            self._heap.clear()
+        return left
+
     def _run(self) -> None:
         while True:
             with self._wake:
@@ -58,7 +76,9 @@ class Poller:
                 if self._stopped:
                     return
                 _, _, fn, args = heapq.heappop(self._heap)
-            self._pool.submit(self._one, fn, args)
+            future = self._pool.submit(self._one, fn, args)
+            self._running.add(future)
+            future.add_done_callback(self._running.discard)
 
     @staticmethod
     def _one(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:

@@ -1,4 +1,5 @@
-"""This process's resources: settings, the database engine, the Modellix client, the poller, the pause.
+"""This process's resources: settings, the database engine, the Modellix client, the poller, the pause,
+the database's outage state, and whether the process is stopping.
 
 One object per process, made on first use in that process (never inherited
 across a fork: neither a requests Session nor a database pool survives one),
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -18,6 +19,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from models import db
+from worker import outages
 from worker.config import Settings, load
 from worker.modellix import ModellixClient
 from worker.poller import Poller
@@ -39,6 +41,9 @@ class Resources:
         self.settings = settings
         self.pid = os.getpid()
         self.pause = PauseSeen()
+        self.outage = outages.database()
+        # Set when the worker is asked to stop (SIGTERM): what a thread holds is handed on, not kept.
+        self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._made: dict[str, Any] = {}
 
@@ -51,6 +56,10 @@ class Resources:
                 if found is None:
                     found = self._made[name] = make()
         return cast(T, found)
+
+    def made(self, name: str) -> Any:
+        """This process's `name` if it was made, else None."""
+        return self._made.get(name)
 
     @property
     def engine(self) -> Engine:
@@ -78,13 +87,19 @@ class Resources:
         """This process's poll timer, started on first use, with as many threads as the worker."""
         return self.once("poller", lambda: Poller(self.settings.concurrency))
 
-    def transaction(self) -> AbstractContextManager[Session]:
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
         """One transaction (locks last until it commits)."""
-        return db.transaction(self.engine)
+        with db.transaction(self.engine) as s:
+            yield s
+        self.outage.ok()
 
-    def statement(self) -> AbstractContextManager[Connection]:
+    @contextmanager
+    def statement(self) -> Iterator[Connection]:
         """One statement that is atomic on its own."""
-        return db.statement(self.engine)
+        with db.statement(self.engine) as conn:
+            yield conn
+        self.outage.ok()
 
     def close(self) -> None:
         with self._lock:

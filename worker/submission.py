@@ -2,8 +2,10 @@
 
 Each step calls only downward (the schemas, the lifecycle, the fleet limits,
 the client, the API-error policy). `handle` returns an Outcome saying what the
-Celery task must do next: nothing, retry the message after a delay, or start
-polling the submitted task.
+Celery task must do next: nothing, retry the message after a delay, start
+polling the submitted task, or hand on an answer the database has not taken.
+Once a job is claimed, everything Modellix answers is written as a Fact
+(worker.holding), which a database outage cannot make the worker drop.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ import hashlib
 import json
 import logging
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
 from marshmallow import ValidationError
 
-from models import JobStatus, lifecycle
+from models import JobStatus, db, lifecycle
 from models.job import utcnow
-from worker import limits, modellix, runtime, schedule
+from worker import holding, limits, modellix, outages, runtime, schedule
 from worker.api_errors import Action, judge_submit, retry_delay
+from worker.holding import Fact
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
 
 log = logging.getLogger("kling_worker.submission")
@@ -32,6 +35,10 @@ _request_schema = GenerationRequestSchema()
 _MAX_STORED_REQUEST = 64 * 1024
 # A job waiting for the fleet's budget is looked at again at least this often.
 BUDGET_RECHECK = 10.0
+# A job given back because the database was unreachable before its POST is tried again after this.
+OUTAGE_RETRY = 2.0
+# The message keyword that carries a fact handed on by a stopping worker (not part of the public contract).
+CARRIED = "_kling_fact"
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class Outcome:
     status: JobStatus | None  # the status this delivery gave the job; None: it changed nothing
     retry_in: float | None = None  # send the message again after this many seconds
     first_poll: schedule.NextPoll | None = None  # the task was submitted: poll it then
+    hand_on: Fact | None = None  # not yet written, and this process is stopping: carry it in the message
 
     @property
     def duplicate(self) -> bool:
@@ -49,6 +57,23 @@ class Outcome:
 
 def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retries: int = 0) -> Outcome:
     """Process one message; `delivery_id` is the Celery task id, `retries` how often it was sent again."""
+    try:
+        return _handle(args, kwargs, delivery_id, retries)
+    except Exception as exc:
+        if not db.unreachable(exc):
+            raise
+        # Nothing was sent (answers are held, never raised): the message waits on the broker.
+        runtime.get().outage.defer("message", exc)
+        job_id = kwargs.get("job_id")
+        return Outcome(job_id if isinstance(job_id, str) else delivery_id, None, retry_in=outages.backoff(retries))
+
+
+def _handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retries: int) -> Outcome:
+    if CARRIED in kwargs:
+        kwargs = dict(kwargs)
+        carried = _write_carried(Fact.from_json(kwargs.pop(CARRIED)))
+        if carried is not None:
+            return carried
     if args:
         errors = {"_message": ["kling.generate takes keyword arguments only: request, job_id, metadata"]}
         return _reject(delivery_id, kwargs.get("request"), kwargs.get("metadata"), errors)
@@ -118,41 +143,22 @@ def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
         limits.take_request_slot()
         submitted = res.client.submit(request)
     except limits.OverBudget as exc:
-        with res.statement() as ex:
-            lifecycle.requeue(ex, job_id, utcnow(), refund=True)
-        return Outcome(job_id, JobStatus.queued, retry_in=exc.retry_in)
+        return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=exc.retry_in))
     except modellix.ModellixError as exc:
         return _after_error(job_id, exc, attempt)
-    return _record(job_id, submitted)
-
-
-def _record(job_id: str, submitted: modellix.Submission) -> Outcome:
-    now = utcnow()
-    first = schedule.first(runtime.settings())
-    with runtime.get().statement() as ex:
-        lifecycle.mark_submitted(
-            ex,
-            job_id,
-            now,
-            task_id=submitted.task_id,
-            answer=submitted.raw,
-            next_poll_at=now + timedelta(seconds=first.delay),
-        )
-    return Outcome(job_id, JobStatus.submitted, first_poll=first)
+    except Exception as exc:
+        if not db.unreachable(exc):  # reading the fleet's budget, before anything was sent
+            raise
+        res.outage.defer("submit", exc)
+        return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=OUTAGE_RETRY))
+    first = schedule.first(res.settings)
+    values = {"task_id": submitted.task_id, "answer": submitted.raw, "first_poll": first.delay}
+    fact = Fact(job_id, "submitted", utcnow(), values)
+    return _settle(fact, Outcome(job_id, JobStatus.submitted, first_poll=first))
 
 
 def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outcome:
     verdict = judge_submit(exc, attempt, runtime.settings())
-    if verdict.pause:
-        limits.pause(verdict.pause, verdict.pause_reason)
-    if verdict.account:
-        log.error(
-            "job %s: Modellix rejects the account (%s %s); the fleet pauses %.0fs and retries until fixed",
-            job_id,
-            exc.status,
-            exc.message,
-            verdict.pause,
-        )
     code, message = verdict.error_code or exc.stored_code, exc.message
     if verdict.error_code == modellix.AmbiguousSubmit.code:
         message = f"HTTP {exc.status} {message}: the task may exist, so the job is not submitted again"
@@ -163,20 +169,55 @@ def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outc
             job_id,
             exc.status,
         )
-    now = utcnow()
-    with runtime.get().statement() as ex:
-        if verdict.action is Action.fail:
-            lifecycle.fail_submit(ex, job_id, now, code, message)
-        else:
-            lifecycle.requeue(
-                ex, job_id, now, refund=not verdict.counts, error_code=exc.stored_code, error_message=exc.message
-            )
     if verdict.action is Action.fail:
+        fact = Fact(job_id, "submit_failed", utcnow(), {"error_code": code, "error_message": message})
+        outcome = _settle(fact, Outcome(job_id, JobStatus.failed))
         log.warning("job %s failed after %d attempt(s): %s %s", job_id, attempt, code, message)
-        return Outcome(job_id, JobStatus.failed)
-    if not verdict.account:
-        log.info("job %s: attempt %d failed (%s), retrying in %.1fs", job_id, attempt, exc.message, verdict.delay)
-    return Outcome(job_id, JobStatus.queued, retry_in=verdict.delay)
+    else:
+        fact = _requeue(job_id, refund=not verdict.counts, error_code=code, error_message=message)
+        outcome = _settle(fact, Outcome(job_id, JobStatus.queued, retry_in=verdict.delay))
+        if not verdict.account:
+            log.info("job %s: attempt %d failed (%s), retrying in %.1fs", job_id, attempt, message, verdict.delay)
+    if verdict.account:
+        log.error(
+            "job %s: Modellix rejects the account (%s %s); the fleet pauses %.0fs and retries until fixed",
+            job_id,
+            exc.status,
+            exc.message,
+            verdict.pause,
+        )
+    if verdict.pause:
+        limits.pause(verdict.pause, verdict.pause_reason)
+    return outcome
+
+
+def _requeue(job_id: str, refund: bool, error_code: str | None = None, error_message: str | None = None) -> Fact:
+    values: dict[str, Any] = {"refund": refund}
+    if error_code is not None:
+        values.update(error_code=error_code, error_message=error_message)
+    return Fact(job_id, "requeued", utcnow(), values)
+
+
+def _settle(fact: Fact, outcome: Outcome) -> Outcome:
+    """Write what the API said (holding it through an outage); `outcome` once written."""
+    held = holding.keep(fact)
+    return outcome if held is None else replace(outcome, hand_on=held)
+
+
+def _write_carried(fact: Fact) -> Outcome | None:
+    """A fact a stopping worker handed on: write it, then go on as the job's new status says.
+
+    None when the job is queued again (a refused or rate-limited try): this
+    delivery then takes it like any other message.
+    """
+    if fact.kind == "submitted":
+        due = fact.at + timedelta(seconds=fact.values["first_poll"])
+        first = schedule.NextPoll(0, max(0.0, (due - utcnow()).total_seconds()))
+        return _settle(fact, Outcome(fact.job_id, JobStatus.submitted, first_poll=first))
+    if fact.kind == "submit_failed":
+        return _settle(fact, Outcome(fact.job_id, JobStatus.failed))
+    outcome = _settle(fact, Outcome(fact.job_id, JobStatus.queued))
+    return outcome if outcome.hand_on is not None else None
 
 
 def _reject(job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any]) -> Outcome:

@@ -1,29 +1,35 @@
-"""Celery tasks: orchestration only. The work lives in submission (a message) and tracking (a poll)."""
+"""Celery tasks: orchestration only. The work lives in submission (a message) and tracking (a poll).
+
+A worker asked to stop (SIGTERM, a warm shutdown) finishes the submits it has
+started; threads holding an answer through a database outage hand it on in a
+message; then its scheduled polls go to the other workers through the broker,
+each due when it would have been here (`hand_over`).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery import Task
-from sqlalchemy.exc import OperationalError
+from celery import Task, signals
+from kombu.exceptions import OperationalError
 
-from worker import runtime, schedule, submission, tracking
+from worker import holding, runtime, schedule, submission, tracking
 from worker.app import app
 
-# The database being briefly unreachable must not cost a job: the message is
-# retried (kept on the broker) with backoff until it comes back.
-_INFRA: dict[str, Any] = {
-    "autoretry_for": (OperationalError,),
-    "retry_backoff": True,
-    "retry_backoff_max": 60,
-    "retry_jitter": True,
-    "max_retries": None,
-}
+log = logging.getLogger("kling_worker.tasks")
+
+# How long a stopping worker waits for its polls in progress before handing the rest over.
+HAND_OVER_WAIT = 10.0
 
 
-@app.task(name="kling.generate", bind=True, **_INFRA)
+@app.task(name="kling.generate", bind=True, max_retries=None)
 def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
     outcome = submission.handle(args, kwargs, self.request.id, self.request.retries)
+    if outcome.hand_on is not None:
+        # This process is stopping before the database took an answer: the next delivery writes it.
+        carried = {**kwargs, submission.CARRIED: outcome.hand_on.to_json()}
+        raise self.retry(countdown=outcome.retry_in or 0, kwargs=carried)
     if outcome.retry_in is not None:
         # A new message with the same id and arguments; this one is acked.
         raise self.retry(countdown=outcome.retry_in)
@@ -32,10 +38,16 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
     return outcome.status.value if outcome.status else None
 
 
-@app.task(name="kling.poll", **_INFRA)
-def redispatched_poll(job_id: str, seq: int) -> None:
-    """A poll the sweep re-dispatched (its worker is gone); this process follows the job from here on."""
-    follow(job_id, seq)
+@app.task(name="kling.poll", bind=True, max_retries=None)
+def redispatched_poll(self: Task, job_id: str, seq: int, fact: dict[str, Any] | None = None) -> None:
+    """A poll whose worker is gone (from the sweep or a stopping worker); this process follows the job now.
+
+    With `fact`, a finished task's result that a stopping worker could not write: write it instead.
+    """
+    if fact is None:
+        follow(job_id, seq)
+    elif holding.keep(holding.Fact.from_json(fact)) is not None:
+        raise self.retry(countdown=0)
 
 
 @app.task(name="kling.sweep")
@@ -49,9 +61,49 @@ def sweep() -> int:
 def follow(job_id: str, seq: int) -> None:
     """Make poll `seq` of a job, then schedule the next one on this process's poll timer."""
     following = tracking.check(job_id, seq)
-    if following is not None:
+    if isinstance(following, holding.Fact):
+        redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq, "fact": following.to_json()})
+    elif following is not None:
         follow_later(job_id, following)
 
 
 def follow_later(job_id: str, poll: schedule.NextPoll) -> None:
     runtime.get().poller.schedule(poll.delay, follow, job_id, poll.seq)
+
+
+@signals.worker_shutting_down.connect
+def _stopping(**_: Any) -> None:
+    runtime.get().stopping.set()
+
+
+@signals.worker_shutdown.connect
+def hand_over(**_: Any) -> int:
+    """Send the polls this process has scheduled to the other workers; how many were sent.
+
+    Runs after the last task ended, so the submits in flight have scheduled
+    their first polls. Without it, another worker takes a job over only when
+    its poll is OVERDUE_SLACK late (tracking.sweep).
+    """
+    poller = runtime.get().made("poller")
+    if poller is None:
+        return 0
+    left = poller.drain(HAND_OVER_WAIT)
+    polls = [(delay, args) for delay, fn, args in left if fn is follow]
+    sent = 0
+    try:
+        for delay, (job_id, seq) in polls:
+            redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq}, countdown=delay)
+            sent += 1
+    except (OSError, OperationalError) as exc:
+        log.warning(
+            "stopping: the broker took %d of %d scheduled polls (%s); the sweep re-dispatches the rest "
+            "when they are %.0fs overdue",
+            sent,
+            len(polls),
+            exc,
+            tracking.OVERDUE_SLACK,
+        )
+        return sent
+    if polls:
+        log.info("stopping: handed %d scheduled polls over to the other workers", sent)
+    return sent

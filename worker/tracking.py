@@ -6,6 +6,8 @@ the checks; nothing relies on that process alone: the periodic `sweep`
 re-dispatches any active job whose poll is overdue (worker killed or
 restarted) through the broker, and the poll token in the row
 (models.store.claim_poll) keeps two workers from polling one job at once.
+A finished task's result is written as a Fact (worker.holding): a database
+outage delays it but cannot make the worker drop it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from models import JobStatus, lifecycle, store
+from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
-from worker import limits, modellix, runtime, schedule
+from worker import holding, limits, modellix, runtime, schedule
 from worker.api_errors import Action, judge_poll
 from worker.config import Settings
+from worker.holding import Fact
 from worker.modellix import Phase
 
 log = logging.getLogger("kling_worker.tracking")
@@ -25,6 +28,11 @@ log = logging.getLogger("kling_worker.tracking")
 # How late a scheduled poll may be before the sweep assumes its worker is gone.
 OVERDUE_SLACK = 10.0
 SWEEP_BATCH = 500
+# A poll put off by a database outage is tried again after this many seconds.
+OUTAGE_RETRY = 2.0
+# The sweep fails a stale submit only once the database has been back this long in its
+# process: answers held through an outage land within holding.MAX_RETRY of its return.
+AFTER_OUTAGE = 3 * holding.MAX_RETRY
 
 
 def _lease(cfg: Settings) -> float:
@@ -32,71 +40,79 @@ def _lease(cfg: Settings) -> float:
     return cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
 
 
-def check(job_id: str, seq: int) -> schedule.NextPoll | None:
-    """Make poll number `seq` of a job; the next poll, or None when the job needs no more."""
+def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
+    """Make poll number `seq` of a job: the next poll, or None when the job needs no more.
+
+    A Fact is a finished task's result that the database has not taken before
+    this process began to stop: the caller hands it on.
+    """
     res = runtime.get()
     cfg = res.settings
     now = utcnow()
-    with res.statement() as ex:
-        claimed = store.claim_poll(ex, job_id, seq, now, _lease(cfg))
-    if claimed is None:
-        return None  # finished, or another worker holds this poll
-    task_id, submitted_at = claimed
-    deadline = schedule.deadline(submitted_at, cfg)
-    gap = schedule.gap(seq + 1, cfg)
+    token = seq  # the poll number the row expects next
     try:
-        # The slot is taken right before the request, so the spacing holds at the API.
-        limits.take_request_slot()
-        state = res.client.get_task(task_id)
-    except limits.OverBudget as exc:
-        # This poll did not happen: give its number back and try again later.
-        return _next(job_id, schedule.NextPoll(seq, exc.retry_in), now, deadline, give_back=True)
-    except modellix.ModellixError as exc:
-        return _after_error(job_id, exc, schedule.NextPoll(seq + 1, gap), now, deadline)
-    return _record(job_id, state, schedule.NextPoll(seq + 1, gap), now, deadline)
+        with res.statement() as ex:
+            claimed = store.claim_poll(ex, job_id, seq, now, _lease(cfg))
+        if claimed is None:
+            return None  # finished, or another worker holds this poll
+        token = seq + 1
+        task_id, submitted_at = claimed
+        deadline = schedule.deadline(submitted_at, cfg)
+        gap = schedule.gap(seq + 1, cfg)
+        try:
+            # The slot is taken right before the request, so the spacing holds at the API.
+            limits.take_request_slot()
+            state = res.client.get_task(task_id)
+        except limits.OverBudget as exc:
+            # This poll did not happen: give its number back and try again later.
+            return _next(job_id, schedule.NextPoll(seq, exc.retry_in), now, deadline, give_back=True)
+        except modellix.ModellixError as exc:
+            return _after_error(job_id, exc, schedule.NextPoll(seq + 1, gap), now, deadline)
+        return _record(job_id, state, schedule.NextPoll(seq + 1, gap), now, deadline)
+    except Exception as exc:
+        if not db.unreachable(exc):
+            raise
+        # Nothing learned is lost here: a finished result is held by _record, not raised.
+        res.outage.defer("poll", exc)
+        return schedule.NextPoll(token, OUTAGE_RETRY)
 
 
 def _record(
     job_id: str, state: modellix.TaskState, following: schedule.NextPoll, now: datetime, deadline: datetime
-) -> schedule.NextPoll | None:
-    res = runtime.get()
+) -> schedule.NextPoll | Fact | None:
     phase = state.phase
     if phase is Phase.succeeded:
-        with res.statement() as ex:
-            if state.result_urls:
-                lifecycle.succeed(ex, job_id, utcnow(), result_urls=state.result_urls, answer=state.raw)
-            else:
-                lifecycle.fail_task(
-                    ex,
-                    job_id,
-                    utcnow(),
-                    "no_results",
-                    f"task {state.task_id} succeeded without any http(s) result URL",
-                    state.raw,
-                )
-        log.info("job %s %s", job_id, "succeeded" if state.result_urls else "failed: no results")
-        return None
+        if state.result_urls:
+            held = holding.keep(
+                Fact(job_id, "succeeded", utcnow(), {"result_urls": state.result_urls, "answer": state.raw})
+            )
+            log.info("job %s succeeded", job_id)
+            return held
+        log.info("job %s failed: no results", job_id)
+        message = f"task {state.task_id} succeeded without any http(s) result URL"
+        return _fail(job_id, "no_results", message, state.raw)
     if phase is Phase.failed:
-        with res.statement() as ex:
-            lifecycle.fail_task(ex, job_id, utcnow(), "task_failed", state.error_message, state.raw)
         log.info("job %s failed: task_failed", job_id)
-        return None
+        return _fail(job_id, "task_failed", state.error_message, state.raw)
     if not state.known_status:
         log.warning("job %s: unknown Modellix status %r, treated as still running", job_id, state.status)
     return _next(job_id, following, now, deadline, running=phase is Phase.running, answer=state.raw)
 
 
+def _fail(job_id: str, code: str, message: str, answer: dict[str, object] | None = None) -> Fact | None:
+    values = {"error_code": code, "error_message": message, "answer": answer}
+    return holding.keep(Fact(job_id, "task_failed", utcnow(), values))
+
+
 def _after_error(
     job_id: str, exc: modellix.ModellixError, following: schedule.NextPoll, now: datetime, deadline: datetime
-) -> schedule.NextPoll | None:
+) -> schedule.NextPoll | Fact | None:
     verdict = judge_poll(exc, following.delay, runtime.settings())
     if verdict.pause:
         limits.pause(verdict.pause, verdict.pause_reason)
     if verdict.action is Action.fail:
-        with runtime.get().statement() as ex:
-            lifecycle.fail_task(ex, job_id, utcnow(), exc.stored_code, exc.message)
         log.warning("job %s failed: %s %s", job_id, exc.stored_code, exc.message)
-        return None
+        return _fail(job_id, exc.stored_code, exc.message)
     if verdict.account:
         log.error("job %s: Modellix rejects the account while polling (%s); polling slowly", job_id, exc.message)
     else:
@@ -148,13 +164,21 @@ def sweep() -> list[tuple[str, int]]:
     """
     res = runtime.get()
     now = utcnow()
-    with res.transaction() as s:
-        overdue = store.claim_overdue_polls(
-            s, now - timedelta(seconds=OVERDUE_SLACK), _lease(res.settings), SWEEP_BATCH
-        )
+    try:
+        with res.transaction() as s:
+            overdue = store.claim_overdue_polls(
+                s, now - timedelta(seconds=OVERDUE_SLACK), _lease(res.settings), SWEEP_BATCH
+            )
+    except Exception as exc:
+        if not db.unreachable(exc):
+            raise
+        res.outage.defer("sweep", exc)
+        return []
     if overdue:
         log.warning("re-dispatching %d overdue polls", len(overdue))
-    resolve_interrupted(now - timedelta(seconds=res.settings.submit_grace))
+    # Right after an outage, a submit's answer may still be on its way from a held fact.
+    if res.outage.quiet_for() >= AFTER_OUTAGE:
+        resolve_interrupted(now - timedelta(seconds=res.settings.submit_grace))
     return list(overdue)
 
 
