@@ -46,12 +46,20 @@ SOURCES: dict[JobStatus, frozenset[JobStatus]] = {
 
 
 def move(
-    ex: Executor, job_id: str, to: JobStatus, now: datetime, *, only_from: Iterable[JobStatus] = (), **values: Any
+    ex: Executor,
+    job_id: str,
+    to: JobStatus,
+    now: datetime,
+    *,
+    only_from: Iterable[JobStatus] = (),
+    unchanged_since: datetime | None = None,
+    **values: Any,
 ) -> bool:
     """Move a job to `to` if the table allows it from the job's current status; True if it moved.
 
     `only_from` narrows the allowed statuses to those the caller expects (a
-    submit step fails only a job it is submitting, never one a sweep has moved on).
+    submit step fails only a job it is submitting, never one a sweep has moved on);
+    `unchanged_since` moves it only if nothing changed the row since that time.
     """
     allowed = SOURCES[to] & frozenset(only_from) if only_from else SOURCES[to]
     if only_from and not frozenset(only_from) <= SOURCES[to]:
@@ -59,7 +67,7 @@ def move(
     if to in TERMINAL:
         values.setdefault("finished_at", now)
         values["next_poll_at"] = None
-    return store.update_if(ex, job_id, allowed, now, {"status": to.value, **values})
+    return store.update_if(ex, job_id, allowed, now, {"status": to.value, **values}, unchanged_since)
 
 
 def create(
@@ -106,6 +114,16 @@ def requeue(
     if error_code is not None:
         values.update(error_code=error_code, error_message=error_message)
     return move(ex, job_id, S.queued, now, **values)
+
+
+def release_claim(ex: Executor, job_id: str, claimed_at: datetime, now: datetime) -> bool:
+    """`submitting` -> `queued`, for a claim whose commit the worker never saw (the connection broke).
+
+    Only the claim made at `claimed_at` is released, and only while nothing else
+    touched the row: that worker never sent the job, so the attempt does not count.
+    """
+    attempts = store.jobs.c.attempts - 1
+    return move(ex, job_id, S.queued, now, only_from={S.submitting}, unchanged_since=claimed_at, attempts=attempts)
 
 
 def mark_submitted(

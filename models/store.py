@@ -98,14 +98,22 @@ def add_job(
     return ex.execute(stmt).first() is not None
 
 
-def update_if(ex: Executor, job_id: str, allowed: Iterable[JobStatus], now: datetime, values: dict[str, Any]) -> bool:
-    """Update a job only while its status is one of `allowed`; True if it was updated."""
+def update_if(
+    ex: Executor,
+    job_id: str,
+    allowed: Iterable[JobStatus],
+    now: datetime,
+    values: dict[str, Any],
+    unchanged_since: datetime | None = None,
+) -> bool:
+    """Update a job only while its status is one of `allowed` (and, with `unchanged_since`, only if
+    the row was last updated at that very time); True if it was updated."""
     allowed_values = tuple(sorted(_values(allowed)))
-    if any(isinstance(v, ClauseElement) for v in values.values()):
-        stmt = (
-            update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(allowed_values)).values(updated_at=now, **values)
-        )
-        return _one_row(ex.execute(stmt))
+    if any(isinstance(v, ClauseElement) for v in values.values()) or unchanged_since is not None:
+        stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(allowed_values))
+        if unchanged_since is not None:
+            stmt = stmt.where(jobs.c.updated_at == unchanged_since)
+        return _one_row(ex.execute(stmt.values(updated_at=now, **values)))
     stmt = _update_stmt(allowed_values, tuple(sorted(values)))
     return _one_row(ex.execute(stmt, {"job_id": job_id, "updated_at": now, **values}))
 

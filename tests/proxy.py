@@ -40,7 +40,9 @@ class TcpProxy:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
         if listener is not None:
-            listener.close()
+            # A thread blocked in accept() keeps a merely closed listener in LISTEN (and the
+            # port taken); shutting it down first wakes that thread and frees the port.
+            _close(listener)
         for conn in conns:
             _close(conn)
 

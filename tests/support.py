@@ -63,6 +63,19 @@ def wait_terminal(database: str, count: int, timeout: float, workers: list[Worke
     pytest.fail(f"{len(found)}/{count} rows, not terminal: {statuses}\n{logs}")
 
 
+def audit(sandbox: SandboxServer, sent: Sequence[dict[str, Any]], found: dict[str, Job]) -> dict[str, Any]:
+    """What a fault cost: jobs lost (no row or not ended), duplicate submissions, and orphaned tasks
+    (created by the API, so billed, but not the task of a job that succeeded)."""
+    followed = {j.modellix_task_id for j in found.values() if j.status == "succeeded"}
+    ended = {job_id for job_id, j in found.items() if j.status in TERMINAL}
+    return {
+        "lost": sorted(m["job_id"] for m in sent if m["job_id"] not in ended),
+        "duplicates": sandbox.stats()["duplicate_prompts"],
+        "orphaned": len(sandbox.task_ids() - followed),
+        "outcomes": sorted({(j.status, j.error_code) for j in found.values()}, key=str),
+    }
+
+
 def valid(tag: str, i: int) -> dict:
     return {
         "request": {

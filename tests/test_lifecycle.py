@@ -103,3 +103,14 @@ def test_a_refunded_requeue_touches_only_its_own_job(engine):
         a, b = store.get_job(s, "a"), store.get_job(s, "b")
         assert (a.status, a.attempts, a.error_code) == ("queued", 0, "402")
         assert (b.status, b.attempts, b.error_code) == ("submitting", 1, None)
+
+
+def test_a_claim_is_released_only_by_the_delivery_that_made_it(engine):
+    first = utcnow()
+    with statement(engine) as ex:
+        assert lifecycle.claim_for_submit(ex, "c", {"prompt": "x"}, None, first) == 1
+        assert not lifecycle.release_claim(ex, "c", first.replace(microsecond=(first.microsecond + 1) % 10**6), utcnow())
+        assert lifecycle.release_claim(ex, "c", first, utcnow())
+        assert not lifecycle.release_claim(ex, "c", first, utcnow())  # released once
+        assert lifecycle.claim_for_submit(ex, "c", {"prompt": "x"}, None, utcnow()) == 1  # the attempt was refunded
+    assert status_of(engine, "c") == "submitting"

@@ -50,3 +50,22 @@ def test_stop_drops_what_is_scheduled():
     poller.schedule(0.3, ran.set)
     poller.stop()
     assert not ran.wait(0.6) and poller.pending() == 0
+
+
+def test_drain_waits_for_running_calls_and_returns_what_is_left_with_its_time():
+    poller = Poller(threads=2)
+    finished = threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.5)
+        poller.schedule(3.0, finished.set)  # scheduled by a running call while draining
+        finished.set()
+
+    poller.schedule(0, slow)
+    poller.schedule(10.0, print, "later")
+    time.sleep(0.2)  # slow() is running
+    left = poller.drain(timeout=5)
+    assert finished.is_set()
+    assert [(fn, args) for _, fn, args in left] == [(finished.set, ()), (print, ("later",))]
+    assert 2.0 < left[0][0] <= 3.0 and 9.0 < left[1][0] <= 10.0
+    assert poller.pending() == 0

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from models import db, lifecycle
+from models.job import utcnow
 from worker import runtime
 
 log = logging.getLogger("kling_worker.holding")
@@ -28,7 +29,8 @@ log = logging.getLogger("kling_worker.holding")
 FIRST_RETRY = 0.25
 MAX_RETRY = 2.0
 
-KINDS = frozenset({"submitted", "requeued", "submit_failed", "succeeded", "task_failed"})
+# "claimed": a claim whose commit the worker never saw (at = the claim's time); the rest are the API's answers.
+KINDS = frozenset({"claimed", "submitted", "requeued", "submit_failed", "succeeded", "task_failed"})
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def keep(fact: Fact) -> Fact | None:
     failure = _write(fact)
     if failure is None:
         return None
-    outage.defer("answer", failure)
+    outage.defer("answers", failure)
     outage.holding(+1)
     try:
         wait = FIRST_RETRY
@@ -96,6 +98,8 @@ def _write(fact: Fact) -> Exception | None:
 def write(ex: db.Executor, fact: Fact) -> bool:
     """The lifecycle move the fact stands for; False if the job had already moved on."""
     v, at = fact.values, fact.at
+    if fact.kind == "claimed":
+        return lifecycle.release_claim(ex, fact.job_id, at, utcnow())
     if fact.kind == "submitted":
         return lifecycle.mark_submitted(
             ex,

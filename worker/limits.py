@@ -128,7 +128,7 @@ def pause(seconds: float, reason: str) -> None:
     except Exception as exc:
         if not db.unreachable(exc):
             raise
-        res.outage.defer("fleet pause", exc)
+        res.outage.defer("fleet pauses", exc)
     if until > res.pause.until:
         res.pause.until, res.pause.reason = until, reason
 

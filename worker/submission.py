@@ -15,7 +15,7 @@ import json
 import logging
 from contextlib import closing
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from marshmallow import ValidationError
@@ -47,7 +47,7 @@ class Outcome:
     status: JobStatus | None  # the status this delivery gave the job; None: it changed nothing
     retry_in: float | None = None  # send the message again after this many seconds
     first_poll: schedule.NextPoll | None = None  # the task was submitted: poll it then
-    hand_on: Fact | None = None  # not yet written, and this process is stopping: carry it in the message
+    carry: Fact | None = None  # not yet written (the database is away): the retried message carries it
 
     @property
     def duplicate(self) -> bool:
@@ -63,7 +63,7 @@ def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retr
         if not db.unreachable(exc):
             raise
         # Nothing was sent (answers are held, never raised): the message waits on the broker.
-        runtime.get().outage.defer("message", exc)
+        runtime.get().outage.defer("messages", exc)
         job_id = kwargs.get("job_id")
         return Outcome(job_id if isinstance(job_id, str) else delivery_id, None, retry_in=outages.backoff(retries))
 
@@ -100,6 +100,11 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
     stored = redact_request(request)
     try:
         attempt = _claim(job_id, stored, meta)
+    except ClaimUnknown as unknown:
+        # The claim may have committed unseen: the next delivery releases it if so (nothing was sent).
+        runtime.get().outage.defer("messages", unknown.cause)
+        claimed = Fact(job_id, "claimed", unknown.claimed_at)
+        return Outcome(job_id, None, retry_in=outages.backoff(retries), carry=claimed)
     except limits.OverBudget:
         with runtime.get().statement() as ex:
             lifecycle.create(ex, job_id, JobStatus.queued, stored, meta, utcnow())
@@ -123,18 +128,39 @@ def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None) -> 
     """
     res = runtime.get()
     if res.settings.max_in_flight is None:
-        with res.statement() as ex:
-            return lifecycle.claim_for_submit(ex, job_id, stored, meta, utcnow())
+        claimed_at = utcnow()
+        try:
+            with res.statement() as ex:
+                return lifecycle.claim_for_submit(ex, job_id, stored, meta, claimed_at)
+        except Exception as exc:
+            raise ClaimUnknown.after(exc, claimed_at) from exc
     full: limits.OverBudget | None = None
     with closing(limits.place_tries()) as tries:  # closing: a waiter's place is given back at once
         for _ in tries:
+            claimed_at = utcnow()
             try:
                 with res.transaction() as s:
                     limits.check_in_flight(s)
-                    return lifecycle.claim_for_submit(s, job_id, stored, meta, utcnow())
+                    return lifecycle.claim_for_submit(s, job_id, stored, meta, claimed_at)
             except limits.OverBudget as exc:
                 full = exc
+            except Exception as exc:
+                raise ClaimUnknown.after(exc, claimed_at) from exc
     raise full or limits.OverBudget(0.0, "no place in flight")
+
+
+class ClaimUnknown(Exception):
+    """The database became unreachable during a claim: it may have committed without the worker seeing it."""
+
+    def __init__(self, cause: Exception, claimed_at: datetime):
+        super().__init__(str(cause))
+        self.cause = cause
+        self.claimed_at = claimed_at
+
+    @classmethod
+    def after(cls, exc: Exception, claimed_at: datetime) -> Exception:
+        """The exception to raise for `exc`: a ClaimUnknown for an outage, `exc` itself for anything else."""
+        return cls(exc, claimed_at) if db.unreachable(exc) else exc
 
 
 def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
@@ -149,7 +175,7 @@ def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
     except Exception as exc:
         if not db.unreachable(exc):  # reading the fleet's budget, before anything was sent
             raise
-        res.outage.defer("submit", exc)
+        res.outage.defer("submits", exc)
         return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=OUTAGE_RETRY))
     first = schedule.first(res.settings)
     values = {"task_id": submitted.task_id, "answer": submitted.raw, "first_poll": first.delay}
@@ -201,14 +227,15 @@ def _requeue(job_id: str, refund: bool, error_code: str | None = None, error_mes
 def _settle(fact: Fact, outcome: Outcome) -> Outcome:
     """Write what the API said (holding it through an outage); `outcome` once written."""
     held = holding.keep(fact)
-    return outcome if held is None else replace(outcome, hand_on=held)
+    return outcome if held is None else replace(outcome, carry=held)
 
 
 def _write_carried(fact: Fact) -> Outcome | None:
-    """A fact a stopping worker handed on: write it, then go on as the job's new status says.
+    """A fact an earlier delivery could not write (it had to let go during an outage): write it,
+    then go on as the job's new status says.
 
-    None when the job is queued again (a refused or rate-limited try): this
-    delivery then takes it like any other message.
+    None when the job is queued again (a refused or rate-limited try, a claim
+    released): this delivery then takes it like any other message.
     """
     if fact.kind == "submitted":
         due = fact.at + timedelta(seconds=fact.values["first_poll"])
@@ -217,7 +244,7 @@ def _write_carried(fact: Fact) -> Outcome | None:
     if fact.kind == "submit_failed":
         return _settle(fact, Outcome(fact.job_id, JobStatus.failed))
     outcome = _settle(fact, Outcome(fact.job_id, JobStatus.queued))
-    return outcome if outcome.hand_on is not None else None
+    return outcome if outcome.carry is not None else None
 
 
 def _reject(job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any]) -> Outcome:

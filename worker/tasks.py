@@ -26,9 +26,9 @@ HAND_OVER_WAIT = 10.0
 @app.task(name="kling.generate", bind=True, max_retries=None)
 def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
     outcome = submission.handle(args, kwargs, self.request.id, self.request.retries)
-    if outcome.hand_on is not None:
-        # This process is stopping before the database took an answer: the next delivery writes it.
-        carried = {**kwargs, submission.CARRIED: outcome.hand_on.to_json()}
+    if outcome.carry is not None:
+        # The database has not taken a fact (an answer, a claim) before this process had to let go.
+        carried = {**kwargs, submission.CARRIED: outcome.carry.to_json()}
         raise self.retry(countdown=outcome.retry_in or 0, kwargs=carried)
     if outcome.retry_in is not None:
         # A new message with the same id and arguments; this one is acked.

@@ -73,7 +73,7 @@ def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
         if not db.unreachable(exc):
             raise
         # Nothing learned is lost here: a finished result is held by _record, not raised.
-        res.outage.defer("poll", exc)
+        res.outage.defer("polls", exc)
         return schedule.NextPoll(token, OUTAGE_RETRY)
 
 
@@ -172,7 +172,7 @@ def sweep() -> list[tuple[str, int]]:
     except Exception as exc:
         if not db.unreachable(exc):
             raise
-        res.outage.defer("sweep", exc)
+        res.outage.defer("sweeps", exc)
         return []
     if overdue:
         log.warning("re-dispatching %d overdue polls", len(overdue))

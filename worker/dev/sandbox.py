@@ -238,6 +238,11 @@ class SandboxServer:
             for name, value in checked.items():
                 setattr(self.faults, name, value)
 
+    def task_ids(self) -> set[str]:
+        """The ids of every task created so far: each is a billed generation someone must follow."""
+        with self._lock:
+            return set(self._tasks)
+
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
         with self._lock:

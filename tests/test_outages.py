@@ -1,0 +1,70 @@
+"""The shape of an outage in the log (worker.outages): one line when it starts, a summary while
+it lasts, one line when it ends; the backoff of messages it puts off."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from worker import outages
+
+
+def failure(text: str = "connection refused\nIs the server running?") -> OperationalError:
+    return OperationalError("SELECT secret_stuff FROM jobs", {"p": 1}, Exception(text))
+
+
+def lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "kling_worker.outages"]
+
+
+def test_an_outage_logs_one_warning_when_it_starts_and_one_line_when_it_ends(caplog):
+    caplog.set_level(logging.INFO)
+    outage = outages.database()
+    for _ in range(50):
+        outage.defer("messages", failure())
+    outage.defer("polls", failure())
+    outage.still(failure())
+    outage.holding(+1)
+    assert outage.down
+    outage.ok()
+    outage.ok()
+    assert not outage.down
+    start, end = lines(caplog)
+    assert start.startswith("database unreachable (Exception: connection refused)")
+    assert "held in memory" in start and "SELECT" not in start  # what happens meanwhile; not the statement
+    assert end.startswith("database reachable again after 0s") and "50 messages, 1 polls" in end
+    assert "held in memory now: 1" in end
+    assert all(r.levelname == "WARNING" and not r.exc_info for r in caplog.records)
+
+
+def test_a_long_outage_is_summarised_every_so_often(caplog, monkeypatch):
+    monkeypatch.setattr(outages, "SUMMARY_EVERY", 0.0)
+    outage = outages.database()
+    outage.defer("messages", failure())
+    outage.defer("messages", failure())
+    outage.still(failure())
+    assert [line.split(" (")[0] for line in lines(caplog)] == [
+        "database unreachable",
+        "database still unreachable after 0s",
+        "database still unreachable after 0s",
+    ]
+    assert "2 messages" in lines(caplog)[-1]
+
+
+def test_a_new_outage_after_the_end_starts_its_own_count(caplog):
+    outage = outages.database()
+    outage.defer("messages", failure())
+    outage.ok()
+    outage.defer("polls", failure())
+    outage.ok()
+    assert "put off meanwhile: 1 polls;" in lines(caplog)[-1]
+    assert outage.quiet_for() < 1.0
+    assert outages.database().quiet_for() == float("inf")
+
+
+@pytest.mark.parametrize("retries, low, high", [(0, 0.5, 1.0), (3, 4.0, 8.0), (20, 15.0, 30.0)])
+def test_messages_put_off_by_an_outage_back_off_up_to_a_ceiling(retries, low, high):
+    delays = [outages.backoff(retries) for _ in range(200)]
+    assert low <= min(delays) and max(delays) <= high and len(set(delays)) > 1
