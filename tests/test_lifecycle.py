@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from datetime import timedelta
 
 import pytest
 
@@ -109,7 +110,7 @@ def test_a_claim_is_released_only_by_the_delivery_that_made_it(engine):
     first = utcnow()
     with statement(engine) as ex:
         assert lifecycle.claim_for_submit(ex, "c", {"prompt": "x"}, None, first) == 1
-        assert not lifecycle.release_claim(ex, "c", first.replace(microsecond=(first.microsecond + 1) % 10**6), utcnow())
+        assert not lifecycle.release_claim(ex, "c", first + timedelta(microseconds=1), utcnow())
         assert lifecycle.release_claim(ex, "c", first, utcnow())
         assert not lifecycle.release_claim(ex, "c", first, utcnow())  # released once
         assert lifecycle.claim_for_submit(ex, "c", {"prompt": "x"}, None, utcnow()) == 1  # the attempt was refunded
