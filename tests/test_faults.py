@@ -62,3 +62,27 @@ def test_a_database_outage_mid_batch_orphans_nothing(rabbit_url, pg_url, sandbox
         assert len(re.findall(r"WARNING.*database unreachable", log)) == 1, log[-3000:]
         assert len(re.findall(r"database reachable again", log)) >= 1, log[-3000:]
         assert "Traceback" not in log, log[-6000:]
+
+
+def test_a_broker_outage_mid_batch_orphans_nothing(rabbit_url, pg_url, sandbox, tmp_path):
+    sandbox.task_seconds = 2.0
+    sandbox.set_faults(latency=0.3)
+    proxy = TcpProxy("127.0.0.1", 5672)
+    env = worker_env(rabbit_url.replace(":5672", f":{proxy.port}"), pg_url, sandbox, tmp_path)
+    workers = [Worker(env, tmp_path, concurrency=8, beat=(i == 0)) for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        messages = [valid(uuid.uuid4().hex[:6], i) for i in range(100)]
+        produce(rabbit_url, env["KLING_QUEUE"], messages)  # straight to RabbitMQ: the queue stays full
+        wait_for(lambda: sandbox.stats()["submits"] >= 20, 60, "submits under way", workers)
+        proxy.cut()
+        time.sleep(5)  # RabbitMQ unreachable for 5 s, as in a restart
+        proxy.restore()
+        found = wait_terminal(pg_url, len(messages), 240, workers)
+    finally:
+        for w in workers:
+            w.stop()
+        proxy.close()
+    result = audit(sandbox, messages, found)
+    assert result | CLEAN == result and result["outcomes"] == [("succeeded", None)], result

@@ -4,6 +4,7 @@ it lasts, one line when it ends; the backoff of messages it puts off."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -28,8 +29,10 @@ def test_an_outage_logs_one_warning_when_it_starts_and_one_line_when_it_ends(cap
     outage.still(failure())
     outage.holding(+1)
     assert outage.down
-    outage.ok()
-    outage.ok()
+    outage.ok(time.monotonic() - 60)  # a statement that began before the failures proves nothing
+    assert outage.down
+    outage.ok(time.monotonic())
+    outage.ok(time.monotonic())
     assert not outage.down
     start, end = lines(caplog)
     assert start.startswith("database unreachable (Exception: connection refused)")
@@ -56,9 +59,9 @@ def test_a_long_outage_is_summarised_every_so_often(caplog, monkeypatch):
 def test_a_new_outage_after_the_end_starts_its_own_count(caplog):
     outage = outages.database()
     outage.defer("messages", failure())
-    outage.ok()
+    outage.ok(time.monotonic())
     outage.defer("polls", failure())
-    outage.ok()
+    outage.ok(time.monotonic())
     assert "put off meanwhile: 1 polls;" in lines(caplog)[-1]
     assert outage.quiet_for() < 1.0
     assert outages.database().quiet_for() == float("inf")

@@ -68,6 +68,14 @@ app.conf.update(
     worker_pool="threads",
     worker_concurrency=cfg.concurrency,
     broker_connection_retry_on_startup=True,
+    # After a broker restart Celery would lower the prefetch count and raise it
+    # again as acks arrive; the acks of tasks that ran across the restart fail,
+    # and one of two workers stayed at one message for 3 minutes (measured here).
+    # One message per thread is already the limit, so there is nothing to lower.
+    worker_enable_prefetch_count_reduction=False,
+    # A task running when the connection drops finishes; its ack is lost, and its
+    # message comes back to a worker whose claim finds the job already handled.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     broker_transport_options=transport_options,
     worker_hijack_root_logger=False,
     beat_schedule={

@@ -69,12 +69,13 @@ class Outage:
         with self._lock:
             self._held += change
 
-    def ok(self) -> None:
-        """A statement succeeded: if this process was meeting an outage, it is over."""
+    def ok(self, began: float) -> None:
+        """A statement begun at `began` (time.monotonic()) succeeded: if it began after the last
+        failure, the outage is over. One that was already under way when the failures began proves nothing."""
         if self._since is None:
             return
         with self._lock:
-            if self._since is None:
+            if self._since is None or began < self._last_failure:
                 return
             took = time.monotonic() - self._since
             log.warning("%s reachable again after %.0fs; %s", self.name, took, self._tally())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,16 +91,18 @@ class Resources:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One transaction (locks last until it commits)."""
+        began = time.monotonic()
         with db.transaction(self.engine) as s:
             yield s
-        self.outage.ok()
+        self.outage.ok(began)
 
     @contextmanager
     def statement(self) -> Iterator[Connection]:
         """One statement that is atomic on its own."""
+        began = time.monotonic()
         with db.statement(self.engine) as conn:
             yield conn
-        self.outage.ok()
+        self.outage.ok(began)
 
     def close(self) -> None:
         with self._lock:
