@@ -15,9 +15,15 @@ app = Celery("kling_worker", broker=cfg.broker_url, include=["worker.tasks"])
 
 
 def _embedded_folders() -> dict[str, Path]:
-    """The embedded broker: one folder that producers write and workers read."""
+    """The embedded broker: one folder that producers write and workers read (see worker.embedded_broker)."""
     folder = home() / "broker"
-    return {"queue": folder / "queue", "processed": folder / "processed", "control": folder / "control"}
+    return {
+        "queue": folder / "queue",
+        "processed": folder / "processed",
+        "control": folder / "control",
+        "unacked": folder / "unacked",
+        "bad": folder / "bad",
+    }
 
 
 def prepare_folders() -> None:
@@ -35,14 +41,23 @@ def _on_start(**_: Any) -> None:
 
 
 transport_options: dict[str, object] = {}
+# kombu's filesystem transport loses every message a killed worker held; ours gives them back.
+# Chosen by class, not by URL scheme, so the URL stays plain `filesystem://` for any producer.
+transport: str | None = None
 if cfg.broker_url.startswith("filesystem"):
     folders = _embedded_folders()
+    transport = "worker.embedded_broker:Transport"
     transport_options = {
         "data_folder_in": str(folders["queue"]),
         "data_folder_out": str(folders["queue"]),
         "processed_folder": str(folders["processed"]),
         "control_folder": str(folders["control"]),
+        "unacked_folder": str(folders["unacked"]),
+        "bad_folder": str(folders["bad"]),
         "store_processed": False,
+        # kombu looks at the folder once a second by default: a job or a handed-over poll
+        # would wait up to that long; listing a small folder five times a second costs little.
+        "polling_interval": 0.2,
     }
 
 app.conf.update(
@@ -76,6 +91,7 @@ app.conf.update(
     # A task running when the connection drops finishes; its ack is lost, and its
     # message comes back to a worker whose claim finds the job already handled.
     worker_cancel_long_running_tasks_on_connection_loss=False,
+    broker_transport=transport,
     broker_transport_options=transport_options,
     worker_hijack_root_logger=False,
     beat_schedule={
