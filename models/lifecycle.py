@@ -12,7 +12,8 @@ and anything that must follow an end belongs there, once.
       │        │  └requeue─┘  └──────────┴─────────────┴─────▶ failed
       │        └─▶ cancelled
       ├─▶ submitting (claimed at once)
-      └─▶ rejected (never sent)
+      ├─▶ rejected (never sent)
+      └─▶ cancelled (by an operator, before any worker took the message)
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ NEXT: dict[JobStatus, frozenset[JobStatus]] = {
 }
 # Statuses whose row may change without a status change (S -> S in the table).
 IN_PLACE = frozenset(s for s, following in NEXT.items() if s in following)
-# The statuses a job may be created in (a worker sees its message for the first time).
-CREATED_AS = frozenset({S.queued, S.submitting, S.rejected})
+# The statuses a job may be created in: a worker sees its message for the first time, or
+# an operator cancels a job whose message no worker has taken yet.
+CREATED_AS = frozenset({S.queued, S.submitting, S.rejected, S.cancelled})
 # target -> the statuses it may be reached from.
 SOURCES: dict[JobStatus, frozenset[JobStatus]] = {
     to: frozenset(s for s, following in NEXT.items() if to in following) for to in JobStatus
@@ -190,6 +192,13 @@ def fail_task(
 def cancel(ex: Executor, job_id: str, now: datetime) -> bool:
     """`queued` -> `cancelled`: the job will not be submitted."""
     return move(ex, job_id, S.cancelled, now, error_code="cancelled", error_message="cancelled by an operator")
+
+
+def cancel_unseen(ex: Executor, job_id: str, now: datetime) -> bool:
+    """Record a job no worker has seen yet as `cancelled`: when its message is taken, the claim finds
+    the id ended and nothing is submitted. False if the job exists after all."""
+    message = "cancelled by an operator before a worker took its message"
+    return create(ex, job_id, S.cancelled, {}, None, now, error_code="cancelled", error_message=message)
 
 
 def reject(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import pytest
 
@@ -217,3 +218,18 @@ def test_a_malformed_message_keeps_its_request_and_metadata(service, args, kwarg
     submission.handle(args, kwargs, "malformed")
     row = job("malformed")
     assert row.status == "rejected" and row.request == {"prompt": "x"} and row.meta == {"k": 1}
+
+
+def test_a_job_cancelled_before_any_worker_saw_it_is_never_submitted(service, capsys, caplog):
+    caplog.set_level(logging.INFO, "kling_worker")
+    assert cli.main(["jobs", "show", "early"]) == 1
+    assert "not seen by any worker yet" in capsys.readouterr().err
+    assert cli.main(["jobs", "cancel", "early"]) == 0
+    assert "recorded as cancelled" in capsys.readouterr().err
+    out = handle(request={"prompt": "x"}, job_id="early")  # its message arrives
+    row = job("early")
+    assert out.duplicate and row.status == "cancelled" and row.finished_at and "before a worker" in row.error_message
+    assert service.stats()["submits"] == 0
+    assert "cancelled before it was submitted" in caplog.text
+    assert cli.main(["jobs", "cancel", "early"]) == 1
+    assert "cancelled, not queued" in capsys.readouterr().err

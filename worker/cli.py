@@ -174,7 +174,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         job = store.get_job(s, args.job_id)
         row = job.to_dict() if job else None
     if row is None:
-        print(f"no job {args.job_id}", file=sys.stderr)
+        print(
+            f"job {args.job_id}: not seen by any worker yet (its message may still be on the broker, "
+            "or no job has this id)",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(row, indent=2, ensure_ascii=False))
@@ -211,10 +215,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    with runtime.get().statement() as ex:
-        done = lifecycle.cancel(ex, args.job_id, utcnow())
-    print("cancelled" if done else f"{args.job_id}: not queued, not cancelled", file=sys.stderr)
-    return 0 if done else 1
+    with runtime.get().transaction() as s:
+        if lifecycle.cancel(s, args.job_id, utcnow()):
+            print("cancelled", file=sys.stderr)
+            return 0
+        if lifecycle.cancel_unseen(s, args.job_id, utcnow()):
+            print(
+                f"{args.job_id}: not seen by any worker yet; recorded as cancelled, so its message is "
+                "acknowledged without submitting when a worker takes it",
+                file=sys.stderr,
+            )
+            return 0
+        job = store.get_job(s, args.job_id)
+        status = job.status if job else "unknown"
+    print(f"{args.job_id}: {status}, not queued, not cancelled", file=sys.stderr)
+    return 1
 
 
 def cmd_db_upgrade(_args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from models import JobStatus, db, lifecycle
+from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
 from worker import holding, limits, modellix, outages, runtime, schedule
 from worker.api_errors import Action, judge_submit, retry_delay
@@ -113,7 +113,13 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
         retry_in = min(retry_delay(retries + 1, runtime.settings()), BUDGET_RECHECK)
         return Outcome(job_id, JobStatus.queued, retry_in=retry_in)
     if attempt is None:
-        log.info("job %s: already submitted or in progress elsewhere; not submitting again", job_id)
+        with runtime.get().transaction() as s:
+            found = store.get_job(s, job_id)
+            status = found.status if found else "gone"
+        if status == JobStatus.cancelled.value:
+            log.info("job %s was cancelled before it was submitted; its message is dropped", job_id)
+        else:
+            log.info("job %s: already %s (another delivery took it); not submitting again", job_id, status)
         return Outcome(job_id, None)
     return _send(job_id, request, attempt)
 
