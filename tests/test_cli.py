@@ -70,7 +70,7 @@ def test_show_prints_one_job_or_says_there_is_none(table, capsys):
     code, out, _ = run(capsys, "jobs", "show", "j0")
     assert code == 0 and 'result_urls: ["https://r/0.png"]' in out and "last_response" not in out
     code, _, err = run(capsys, "jobs", "show", "nope")
-    assert code == 1 and "no job nope" in err
+    assert code == 1 and "job nope: not seen by any worker yet" in err
 
 
 def test_stats_counts_by_status_and_shows_the_budget(table, capsys):
