@@ -19,16 +19,21 @@ import pytest
 from tests.proxy import TcpProxy
 from tests.support import audit, valid, wait_for, wait_terminal, worker_env
 from worker.dev.processes import Worker, produce
+from worker.dev.sandbox import Step
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 CLEAN = {"lost": [], "duplicates": 0, "orphaned": 0}
 
 
-def answered_between(sandbox, start: float, end: float) -> int:
-    """Submits answered in that time (the log has arrivals; each answer comes `latency` later)."""
+def answered_between(sandbox, start: float, end: float, client: str = "") -> int:
+    """Submits (of `client`) answered in that time (the log has arrivals; answers come `latency` later)."""
     latency = sandbox.faults.latency
-    return sum(1 for r in sandbox.requests_log() if r["kind"] == "submit" and start <= r["at"] + latency <= end)
+    return sum(
+        1
+        for r in sandbox.requests_log()
+        if r["kind"] == "submit" and client in r["client"] and start <= r["at"] + latency <= end
+    )
 
 
 def test_a_database_outage_mid_batch_orphans_nothing(rabbit_url, pg_url, sandbox, tmp_path):
@@ -86,3 +91,116 @@ def test_a_broker_outage_mid_batch_orphans_nothing(rabbit_url, pg_url, sandbox, 
         proxy.close()
     result = audit(sandbox, messages, found)
     assert result | CLEAN == result and result["outcomes"] == [("succeeded", None)], result
+
+
+def client_of(worker: Worker) -> str:
+    return f"(pid {worker.proc.pid})"
+
+
+def test_a_sigtermed_worker_finishes_its_submits_and_hands_its_polls_over_at_once(
+    rabbit_url, pg_url, sandbox, tmp_path
+):
+    sandbox.task_seconds = 15.0
+    sandbox.set_faults(latency=0.3)
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path)
+    leaving = Worker(env, tmp_path, concurrency=4).wait_ready()
+    staying = Worker(env, tmp_path, concurrency=4, beat=True).wait_ready()
+    workers = [leaving, staying]
+    try:
+        messages = [valid(uuid.uuid4().hex[:6], i) for i in range(40)]
+        produce(rabbit_url, env["KLING_QUEUE"], messages)
+        mine = client_of(leaving)
+        wait_for(
+            lambda: sum(1 for r in sandbox.requests_log() if r["kind"] == "submit" and mine in r["client"]) >= 8,
+            60,
+            "the leaving worker submitting",
+            workers,
+        )
+        stopped_at = time.time()
+        leaving.stop()  # SIGTERM: a warm shutdown
+        found = wait_terminal(pg_url, len(messages), 240, [staying])
+    finally:
+        for w in workers:
+            w.stop()
+    result = audit(sandbox, messages, found)
+    assert result | CLEAN == result and result["outcomes"] == [("succeeded", None)], result
+    log = sandbox.requests_log()
+    followed = {r["task"] for r in log if r["kind"] == "poll" and mine in r["client"] and r["at"] < stopped_at}
+    assert followed, "the leaving worker followed no task: the test proves nothing"
+    taken_over = {
+        task: min(r["at"] for r in log if r.get("task") == task and r["at"] > stopped_at) - stopped_at
+        for task in followed
+    }
+    # Polls were due within KLING_POLL_MAX (1 s) of the stop; without the hand-over the
+    # sweep takes a job over only when its poll is OVERDUE_SLACK (10 s) late.
+    slowest = max(taken_over.values())
+    assert slowest < 5.0, sorted(taken_over.values())
+    assert "handed" in leaving.output(10**7) and "scheduled polls over" in leaving.output(10**7)
+
+
+def test_a_worker_stopped_during_a_database_outage_hands_its_answers_on(rabbit_url, pg_url, sandbox, tmp_path):
+    sandbox.task_seconds = 2.0
+    sandbox.set_faults(latency=1.0)  # long submits: the answers arrive while the database is away
+    proxy = TcpProxy("127.0.0.1", 5432)
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path)
+    cut_off_env = dict(env, DATABASE_URL=pg_url.replace(":5432", f":{proxy.port}"))
+    leaving = Worker(cut_off_env, tmp_path, concurrency=4).wait_ready()
+    staying = Worker(env, tmp_path, concurrency=4, beat=True).wait_ready()
+    workers = [leaving, staying]
+    mine = client_of(leaving)
+    try:
+        messages = [valid(uuid.uuid4().hex[:6], i) for i in range(30)]
+        produce(rabbit_url, env["KLING_QUEUE"], messages)
+
+        def answered() -> int:
+            return sum(1 for r in sandbox.requests_log() if r["kind"] == "submit" and mine in r["client"])
+
+        wait_for(lambda: answered() >= 4, 60, "the leaving worker's first submits answered", workers)
+        time.sleep(0.5)  # its next submits are on their way (each takes 1 s)
+        cut_at = time.time()
+        proxy.cut()  # only the leaving worker loses its database
+        time.sleep(1.5)  # its submits are answered meanwhile: it holds the task ids
+        leaving.stop()
+        found = wait_terminal(pg_url, len(messages), 240, [staying])
+    finally:
+        for w in workers:
+            w.stop()
+        proxy.close()
+    assert answered_between(sandbox, cut_at, cut_at + 1.5, client=mine) >= 1, "no answer reached it in the outage"
+    assert "fact travels on in the retried message" in leaving.output(10**7)
+    result = audit(sandbox, messages, found)
+    assert result | CLEAN == result and result["outcomes"] == [("succeeded", None)], result
+
+
+@pytest.mark.parametrize("policy", ["unknown", "retry"])
+def test_api_faults_follow_the_submit_policy_and_orphan_only_what_the_api_left_unknown(
+    policy, rabbit_url, pg_url, sandbox, tmp_path
+):
+    sandbox.task_seconds = 1.0
+    sandbox.set_faults(rate_429=0.05, rate_500=0.05, rate_503=0.05, retry_after=0.2)
+    # Three submits whose connection drops after the task was created: the outcome is unknown.
+    sandbox.script(*[Step("drop", on="submit") for _ in range(3)])
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, KLING_SUBMIT_5XX=policy, KLING_MAX_ATTEMPTS=8)
+    workers = [Worker(env, tmp_path, concurrency=8, beat=(i == 0)) for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        messages = [valid(uuid.uuid4().hex[:6], i) for i in range(80)]
+        produce(rabbit_url, env["KLING_QUEUE"], messages)
+        found = wait_terminal(pg_url, len(messages), 240, workers)
+    finally:
+        for w in workers:
+            w.stop()
+    submits = [r["status"] for r in sandbox.requests_log() if r["kind"] == "submit"]
+    answered_5xx, dropped = sum(s in (500, 503) for s in submits), submits.count(-1)
+    assert dropped == 3 and answered_5xx > 0 and submits.count(429) > 0, submits
+    result = audit(sandbox, messages, found)
+    unknown = [j for j in found.values() if j.error_code == "submit_unknown"]
+    assert result["lost"] == [] and result["duplicates"] == 0, result
+    # Only the dropped connections created tasks nobody follows: the API said nothing about them.
+    assert result["orphaned"] == dropped, result
+    assert set(result["outcomes"]) <= {("succeeded", None), ("failed", "submit_unknown")}, result
+    if policy == "unknown":  # every 5xx to a submit ends its job: it is never sent again
+        assert len(unknown) == answered_5xx + dropped
+    else:  # 5xx answers are sent again; only the dropped connections stay unknown
+        assert len(unknown) == dropped

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.proxy import TcpProxy
-from tests.support import rows, valid, wait_for, wait_terminal, worker_env
+from tests.support import audit, rows, valid, wait_for, wait_terminal, worker_env
 from worker.dev.processes import Worker, produce
 from worker.dev.sandbox import Step
 
@@ -109,8 +109,8 @@ def test_worker_killed_mid_batch_loses_no_job(rabbit_url, pg_url, sandbox, tmp_p
     while sandbox.stats()["submits"] < 15 and time.monotonic() < deadline:
         time.sleep(0.05)
     victim.kill()
-    killed_at = sandbox.stats()["submits"]
-    assert 15 <= killed_at < len(messages), "the kill must land mid-batch"
+    killed_at, submits_then = time.time(), sandbox.stats()["submits"]
+    assert 15 <= submits_then < len(messages), "the kill must land mid-batch"
 
     survivor = Worker(env, tmp_path, beat=True).wait_ready()
     try:
@@ -126,6 +126,16 @@ def test_worker_killed_mid_batch_loses_no_job(rabbit_url, pg_url, sandbox, tmp_p
     succeeded = sum(j.status == "succeeded" for j in found.values())
     assert succeeded >= len(messages) - 8  # at most one in-flight submit per thread of the victim
     assert succeeded <= stats["submits"] <= len(messages)
+    # A task created by a submit the kill cut off is the only orphan there can be.
+    victims = f"(pid {victim.proc.pid})"
+    in_flight = sum(
+        1
+        for r in sandbox.requests_log()
+        if r["kind"] == "submit" and victims in r["client"] and r["at"] <= killed_at < r["at"] + 0.2
+    )
+    result = audit(sandbox, messages, found)
+    assert result["lost"] == [] and result["orphaned"] <= in_flight, (result, in_flight)
+    print(f"SIGKILL: {in_flight} submits in flight at the kill, {result['orphaned']} tasks orphaned")
 
 
 def test_only_json_is_accepted_from_the_broker(rabbit_url, pg_url, sandbox, tmp_path):
@@ -161,9 +171,8 @@ def test_a_database_outage_delays_jobs_but_loses_none(rabbit_url, pg_url, sandbo
         messages = [valid(tag, i) for i in range(10)]
         proxy.cut()  # the database goes away before the jobs arrive
         produce(rabbit_url, env["KLING_QUEUE"], messages)
-        wait_for(
-            lambda: worker.output(10**7).count("OperationalError") >= 10, 30, "every message met the outage", [worker]
-        )
+        wait_for(lambda: worker.output(10**7).count("retry: Retry in") >= 10, 30, "messages met the outage", [worker])
+        assert worker.output(10**7).count("database unreachable") == 1 and "Traceback" not in worker.output(10**7)
         assert sandbox.stats()["submits"] == 0  # nothing is sent that could not be recorded
         proxy.restore()
         found = wait_terminal(pg_url, len(messages), 90, [worker])

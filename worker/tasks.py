@@ -28,6 +28,9 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
     outcome = submission.handle(args, kwargs, self.request.id, self.request.retries)
     if outcome.carry is not None:
         # The database has not taken a fact (an answer, a claim) before this process had to let go.
+        # A claim carried through an outage is routine (one per message); an answer is worth a line.
+        level = logging.DEBUG if outcome.carry.kind == "claimed" else logging.INFO
+        log.log(level, "job %s: its %s fact travels on in the retried message", outcome.job_id, outcome.carry.kind)
         carried = {**kwargs, submission.CARRIED: outcome.carry.to_json()}
         raise self.retry(countdown=outcome.retry_in or 0, kwargs=carried)
     if outcome.retry_in is not None:
@@ -47,7 +50,7 @@ def redispatched_poll(self: Task, job_id: str, seq: int, fact: dict[str, Any] | 
     if fact is None:
         follow(job_id, seq)
     elif holding.keep(holding.Fact.from_json(fact)) is not None:
-        raise self.retry(countdown=0)
+        raise self.retry(countdown=0)  # this process is stopping too: the next one writes it
 
 
 @app.task(name="kling.sweep")
@@ -62,6 +65,7 @@ def follow(job_id: str, seq: int) -> None:
     """Make poll `seq` of a job, then schedule the next one on this process's poll timer."""
     following = tracking.check(job_id, seq)
     if isinstance(following, holding.Fact):
+        log.info("job %s: its %s result travels on in a message (the database is away)", job_id, following.kind)
         redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq, "fact": following.to_json()})
     elif following is not None:
         follow_later(job_id, following)

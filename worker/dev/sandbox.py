@@ -217,7 +217,7 @@ class SandboxServer:
 
     def requests_log(self) -> list[dict[str, Any]]:
         """Every API request so far: {"at": epoch seconds, "client": User-Agent, "kind": "submit"|"poll"|"other",
-        "status": answer status (-1: dropped, -2: the HTML 502 page)}."""
+        "status": answer status (-1: dropped, -2: the HTML 502 page)}, and for a poll "task": the task id."""
         with self._lock:
             return list(self._log)
 
@@ -278,9 +278,10 @@ class SandboxServer:
         with self._lock:
             key = str(answer[0])
             self._status_counts[key] = self._status_counts.get(key, 0) + 1
-            self._log.append(
-                {"at": arrived, "client": headers.get("User-Agent", ""), "kind": kind, "status": answer[0]}
-            )
+            entry = {"at": arrived, "client": headers.get("User-Agent", ""), "kind": kind, "status": answer[0]}
+            if kind == "poll":
+                entry["task"] = path.rsplit("/", 1)[-1]
+            self._log.append(entry)
         return answer
 
     def _answer(self, method: str, path: str, kind: str, headers: dict[str, str], raw: bytes) -> Answer:
