@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -24,6 +26,19 @@ from worker.dev.sandbox import Step
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 CLEAN = {"lost": [], "duplicates": 0, "orphaned": 0}
+
+
+@contextmanager
+def two_workers(env: dict[str, str], tmp_path) -> Iterator[list[Worker]]:
+    """Two worker processes (the first also runs beat), stopped afterwards."""
+    workers = [Worker(env, tmp_path, concurrency=8, beat=(i == 0)) for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def answered_between(sandbox, start: float, end: float, client: str = "") -> int:
@@ -41,21 +56,17 @@ def test_a_database_outage_mid_batch_orphans_nothing(rabbit_url, pg_url, sandbox
     sandbox.set_faults(latency=0.5)  # submits are in flight when the database goes away
     proxy = TcpProxy("127.0.0.1", 5432)
     env = worker_env(rabbit_url, pg_url.replace(":5432", f":{proxy.port}"), sandbox, tmp_path)
-    workers = [Worker(env, tmp_path, concurrency=8, beat=(i == 0)) for i in range(2)]
     try:
-        for w in workers:
-            w.wait_ready()
-        messages = [valid(uuid.uuid4().hex[:6], i) for i in range(100)]
-        produce(rabbit_url, env["KLING_QUEUE"], messages)
-        wait_for(lambda: sandbox.stats()["submits"] >= 20, 60, "submits under way", workers)
-        cut_at = time.time()
-        proxy.cut()
-        time.sleep(10)  # the outage: PostgreSQL unreachable for 10 s
-        proxy.restore()
-        found = wait_terminal(pg_url, len(messages), 240, workers)
+        with two_workers(env, tmp_path) as workers:
+            messages = [valid(uuid.uuid4().hex[:6], i) for i in range(100)]
+            produce(rabbit_url, env["KLING_QUEUE"], messages)
+            wait_for(lambda: sandbox.stats()["submits"] >= 20, 60, "submits under way", workers)
+            cut_at = time.time()
+            proxy.cut()
+            time.sleep(10)  # the outage: PostgreSQL unreachable for 10 s
+            proxy.restore()
+            found = wait_terminal(pg_url, len(messages), 240, workers)
     finally:
-        for w in workers:
-            w.stop()
         proxy.close()
     answered_in_outage = answered_between(sandbox, cut_at, cut_at + 10)
     assert answered_in_outage >= 1, "no submit was answered during the outage: the test proves nothing"
@@ -74,20 +85,16 @@ def test_a_broker_outage_mid_batch_orphans_nothing(rabbit_url, pg_url, sandbox, 
     sandbox.set_faults(latency=0.3)
     proxy = TcpProxy("127.0.0.1", 5672)
     env = worker_env(rabbit_url.replace(":5672", f":{proxy.port}"), pg_url, sandbox, tmp_path)
-    workers = [Worker(env, tmp_path, concurrency=8, beat=(i == 0)) for i in range(2)]
     try:
-        for w in workers:
-            w.wait_ready()
-        messages = [valid(uuid.uuid4().hex[:6], i) for i in range(100)]
-        produce(rabbit_url, env["KLING_QUEUE"], messages)  # straight to RabbitMQ: the queue stays full
-        wait_for(lambda: sandbox.stats()["submits"] >= 20, 60, "submits under way", workers)
-        proxy.cut()
-        time.sleep(5)  # RabbitMQ unreachable for 5 s, as in a restart
-        proxy.restore()
-        found = wait_terminal(pg_url, len(messages), 240, workers)
+        with two_workers(env, tmp_path) as workers:
+            messages = [valid(uuid.uuid4().hex[:6], i) for i in range(100)]
+            produce(rabbit_url, env["KLING_QUEUE"], messages)  # straight to RabbitMQ: the queue stays full
+            wait_for(lambda: sandbox.stats()["submits"] >= 20, 60, "submits under way", workers)
+            proxy.cut()
+            time.sleep(5)  # RabbitMQ unreachable for 5 s, as in a restart
+            proxy.restore()
+            found = wait_terminal(pg_url, len(messages), 240, workers)
     finally:
-        for w in workers:
-            w.stop()
         proxy.close()
     result = audit(sandbox, messages, found)
     assert result | CLEAN == result and result["outcomes"] == [("succeeded", None)], result
@@ -181,16 +188,10 @@ def test_api_faults_follow_the_submit_policy_and_orphan_only_what_the_api_left_u
     # Three submits whose connection drops after the task was created: the outcome is unknown.
     sandbox.script(*[Step("drop", on="submit") for _ in range(3)])
     env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, KLING_SUBMIT_5XX=policy, KLING_MAX_ATTEMPTS=8)
-    workers = [Worker(env, tmp_path, concurrency=8, beat=(i == 0)) for i in range(2)]
-    try:
-        for w in workers:
-            w.wait_ready()
+    with two_workers(env, tmp_path) as workers:
         messages = [valid(uuid.uuid4().hex[:6], i) for i in range(80)]
         produce(rabbit_url, env["KLING_QUEUE"], messages)
         found = wait_terminal(pg_url, len(messages), 240, workers)
-    finally:
-        for w in workers:
-            w.stop()
     submits = [r["status"] for r in sandbox.requests_log() if r["kind"] == "submit"]
     answered_5xx, dropped = sum(s in (500, 503) for s in submits), submits.count(-1)
     assert dropped == 3 and answered_5xx > 0 and submits.count(429) > 0, submits

@@ -18,7 +18,7 @@ from models import lifecycle
 from models.job import Job, utcnow
 from tests.proxy import TcpProxy
 from tests.support import handle, job, submitted, wait_for
-from worker import holding, runtime, submission, tracking
+from worker import holding, outages, runtime, submission, tracking
 from worker.holding import Fact
 from worker.schedule import NextPoll
 
@@ -125,7 +125,7 @@ def test_an_answer_handed_on_is_written_by_the_next_delivery_without_sending_aga
 def test_a_poll_met_by_an_outage_waits_without_raising(proxy):
     submitted("polled")
     proxy.cut()
-    assert tracking.check("polled", 0) == NextPoll(0, tracking.OUTAGE_RETRY)  # the poll was not claimed
+    assert tracking.check("polled", 0) == NextPoll(0, outages.RETRY_AFTER)  # the poll was not claimed
     proxy.restore()
     assert isinstance(tracking.check("polled", 0), NextPoll) and job("polled").polls == 1
 

@@ -25,6 +25,8 @@ log = logging.getLogger("kling_worker.outages")
 SUMMARY_EVERY = 30.0
 # The longest a message waits on the broker between tries through an outage.
 BACKOFF_MAX = 30.0
+# A poll, or a job given back before its POST, put off by an outage is tried again after this.
+RETRY_AFTER = 2.0
 
 
 class Outage:

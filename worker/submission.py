@@ -35,8 +35,6 @@ _request_schema = GenerationRequestSchema()
 _MAX_STORED_REQUEST = 64 * 1024
 # A job waiting for the fleet's budget is looked at again at least this often.
 BUDGET_RECHECK = 10.0
-# A job given back because the database was unreachable before its POST is tried again after this.
-OUTAGE_RETRY = 2.0
 # The message keyword that carries a fact handed on by a stopping worker (not part of the public contract).
 CARRIED = "_kling_fact"
 
@@ -182,7 +180,7 @@ def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
         if not db.unreachable(exc):  # reading the fleet's budget, before anything was sent
             raise
         res.outage.defer("submits", exc)
-        return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=OUTAGE_RETRY))
+        return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=outages.RETRY_AFTER))
     first = schedule.first(res.settings)
     values = {"task_id": submitted.task_id, "answer": submitted.raw, "first_poll": first.delay}
     fact = Fact(job_id, "submitted", utcnow(), values)

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, modellix, runtime, schedule
+from worker import holding, limits, modellix, outages, runtime, schedule
 from worker.api_errors import Action, judge_poll
 from worker.config import Settings
 from worker.holding import Fact
@@ -28,8 +28,6 @@ log = logging.getLogger("kling_worker.tracking")
 # How late a scheduled poll may be before the sweep assumes its worker is gone.
 OVERDUE_SLACK = 10.0
 SWEEP_BATCH = 500
-# A poll put off by a database outage is tried again after this many seconds.
-OUTAGE_RETRY = 2.0
 # The sweep fails a stale submit only once the database has been back this long in its
 # process: answers held through an outage land within holding.MAX_RETRY of its return.
 AFTER_OUTAGE = 3 * holding.MAX_RETRY
@@ -74,7 +72,7 @@ def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
             raise
         # Nothing learned is lost here: a finished result is held by _record, not raised.
         res.outage.defer("polls", exc)
-        return schedule.NextPoll(token, OUTAGE_RETRY)
+        return schedule.NextPoll(token, outages.RETRY_AFTER)
 
 
 def _record(
