@@ -98,6 +98,10 @@ def test_a_broker_outage_mid_batch_orphans_nothing(rabbit_url, pg_url, sandbox, 
         proxy.close()
     result = audit(sandbox, messages, found)
     assert result | CLEAN == result and result["outcomes"] == [("succeeded", None)], result
+    for log in [w.output(10**7) for w in workers]:
+        # Celery's and kombu's line per reconnection attempt and lost ack, shaped as one outage.
+        assert len(re.findall(r"WARNING/MainProcess\] broker unreachable", log)) == 1, log[-3000:]
+        assert "broker reachable again" in log and "Traceback" not in log, log[-6000:]
 
 
 def client_of(worker: Worker) -> str:

@@ -71,3 +71,62 @@ def test_a_new_outage_after_the_end_starts_its_own_count(caplog):
 def test_messages_put_off_by_an_outage_back_off_up_to_a_ceiling(retries, low, high):
     delays = [outages.backoff(retries) for _ in range(200)]
     assert low <= min(delays) and max(delays) <= high and len(set(delays)) > 1
+
+
+def test_the_brokers_lines_become_one_outage_and_other_records_pass(caplog):
+    caplog.set_level(logging.INFO)
+    outages.shape_broker_logs()
+    outages.shape_broker_logs()  # once per logger, however often a process starts
+    consumer = logging.getLogger("celery.worker.consumer.consumer")
+    assert sum(isinstance(f, outages.BrokerLogShape) for f in consumer.filters) == 1
+    consumer.warning("consumer: Connection to broker lost. Trying to re-establish the connection...")
+    for _ in range(3):
+        consumer.error("consumer: Cannot connect to amqp://guest:**@host//: [Errno 111] Connection refused.")
+    logging.getLogger("celery.beat").error("Message Error: Couldn't apply scheduled task kling-sweep: refused")
+    consumer.error("consumer: something else entirely")  # not about the connection: kept as it is
+    logging.getLogger("celery.worker.consumer.connection").info("Connected to amqp://guest:**@host//")
+    shown = [(r.name, r.getMessage().split(";")[0]) for r in caplog.records]
+    assert shown == [
+        (
+            "kling_worker.outages",
+            "broker unreachable (consumer: Connection to broker lost. Trying to re-establish the connection...)",
+        ),
+        ("celery.worker.consumer.consumer", "consumer: something else entirely"),
+        ("kling_worker.outages", "broker reachable again after 0s"),
+        ("celery.worker.consumer.connection", "Connected to amqp://guest:**@host//"),
+    ]
+    end = caplog.records[2].getMessage()
+    assert "1 beat entries not sent" in end and "4 reconnections" in end
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_an_ack_lost_with_the_connection_is_one_plain_warning(caplog):
+    outages.shape_broker_logs()
+    try:
+        raise ConnectionError("connection already closed")
+    except ConnectionError:
+        logging.getLogger("celery.worker.request").critical("Couldn't ack %r, reason:%r", 7, "closed", exc_info=True)
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and not record.exc_info
+    assert (
+        record.getMessage()
+        == "Couldn't ack 7, reason:'closed' (the broker delivers its message again; it finds its job handled)"
+    )
+
+
+def test_beat_is_back_when_a_send_is_not_followed_by_a_failure(caplog):
+    caplog.set_level(logging.INFO)  # beat's "Sending due task" lines are INFO
+    outages.shape_broker_logs(beat=True)
+    beat = logging.getLogger("celery.beat")
+    for _ in range(3):
+        beat.info("Scheduler: Sending due task kling-sweep (kling.sweep)")
+        beat.error("Message Error: Couldn't apply scheduled task kling-sweep: [Errno 111] Connection refused")
+    beat.info("Scheduler: Sending due task kling-sweep (kling.sweep)")  # this one goes through
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "kling_worker.outages"] == [
+        "broker unreachable"
+    ]
+    beat.info("Scheduler: Sending due task kling-sweep (kling.sweep)")
+    lines = [r.getMessage() for r in caplog.records if r.name == "kling_worker.outages"]
+    assert len(lines) == 2 and lines[1].startswith("broker reachable again") and "3 beat entries not sent" in lines[1]
+    assert "beat cannot send the sweep" in lines[0]
+    assert len(logging.getLogger("celery.beat").filters) == 1  # replaced, not added

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import CPendingDeprecationWarning
 
+from worker import outages
 from worker.config import home
 from worker.runtime import settings
 
@@ -34,10 +37,24 @@ def prepare_folders() -> None:
 
 
 @signals.celeryd_init.connect
-@signals.beat_init.connect
 def _on_start(**_: Any) -> None:
     home().mkdir(parents=True, exist_ok=True)  # beat's schedule file lives there
     prepare_folders()
+    outages.shape_broker_logs()
+
+
+@signals.beat_init.connect
+def _on_beat_start(**_: Any) -> None:
+    _on_start()
+    outages.shape_broker_logs(beat=True)
+
+
+@signals.worker_ready.connect
+def _on_ready(**_: Any) -> None:
+    # Celery warns on every reconnection that the default of
+    # worker_cancel_long_running_tasks_on_connection_loss will change; ours is set on purpose
+    # below. Installed once ready: Celery's logging setup turns these warnings on at start.
+    warnings.filterwarnings("ignore", "\nIn Celery 5.1 we introduced", CPendingDeprecationWarning)
 
 
 transport_options: dict[str, object] = {}
