@@ -146,6 +146,8 @@ def test_a_sigtermed_worker_finishes_its_submits_and_hands_its_polls_over_at_onc
     # sweep takes a job over only when its poll is OVERDUE_SLACK (10 s) late.
     slowest = max(taken_over.values())
     assert slowest < 5.0, sorted(taken_over.values())
+    median = sorted(taken_over.values())[len(taken_over) // 2]
+    print(f"hand-over of {len(taken_over)} followed tasks: median {median:.2f}s, slowest {slowest:.2f}s after SIGTERM")
     assert "handed" in leaving.output(10**7) and "scheduled polls over" in leaving.output(10**7)
 
 
