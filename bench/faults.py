@@ -124,22 +124,8 @@ def cut_for(proxy_name: str, seconds: float) -> Callable[[Run], None]:
 
 
 def kill_two(run: Run) -> None:
-    began = time.time()
     for victim in run.workers[1:]:
         victim.kill()
-    ended = time.time()
-    pids = [f"(pid {victim.proc.pid})" for victim in run.workers[1:]]
-    latency = run.sandbox.faults.latency
-    # sent before the kills ended, answered after they began: the answer reached nobody
-    in_flight = sum(
-        1
-        for r in run.sandbox.requests_log()
-        if r["kind"] == "submit"
-        and any(p in r["client"] for p in pids)
-        and r["at"] <= ended
-        and r["at"] + latency > began
-    )
-    print(f"    ({in_flight} submits were in flight at the kills)", flush=True)
     run.workers[1:] = [run.start(), run.start()]
 
 
