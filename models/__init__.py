@@ -2,5 +2,6 @@
 
 from models.budget import ApiBudget
 from models.job import ACTIVE, IN_FLIGHT, TERMINAL, Base, Job, JobStatus
+from models.outbox import Delivery
 
-__all__ = ["ACTIVE", "IN_FLIGHT", "TERMINAL", "ApiBudget", "Base", "Job", "JobStatus"]
+__all__ = ["ACTIVE", "IN_FLIGHT", "TERMINAL", "ApiBudget", "Base", "Delivery", "Job", "JobStatus"]

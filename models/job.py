@@ -82,6 +82,12 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Where the caller wants to hear that the job ended (models.outbox): an http(s) URL,
+    # and/or a Celery task {"task": NAME, "queue": QUEUE}.
+    webhook: Mapped[str | None] = mapped_column(Text)
+    callback: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    # The archived result images, in the order of result_urls (worker.archive).
+    files: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDoc)
 
     __table_args__ = (
         Index("ix_jobs_status_updated", "status", "updated_at"),
@@ -108,6 +114,9 @@ class Job(Base):
             "updated_at": _iso(self.updated_at),
             "submitted_at": _iso(self.submitted_at),
             "finished_at": _iso(self.finished_at),
+            "webhook": self.webhook,
+            "callback": self.callback,
+            "files": self.files,
         }
 
 

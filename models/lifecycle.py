@@ -5,7 +5,8 @@ named calls of it), as one conditional UPDATE: a job moves only from a status
 the table allows, so two workers racing on one job cannot both win, a stale
 or duplicate message changes nothing, and terminal states never change.
 A move to a terminal status is where a job ends: `finished_at` is set there,
-and anything that must follow an end belongs there, once.
+and in the same transaction the outbox rows that must follow the end
+(models.outbox: archive the images, send the events), once.
 
     (new) ─▶ queued ─▶ submitting ─▶ submitted ─▶ processing ─▶ succeeded
       │        │  ▲        │  │          │             │
@@ -22,7 +23,9 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from models import store
+from sqlalchemy import Connection
+
+from models import outbox, store
 from models.db import Executor
 from models.job import ACTIVE, TERMINAL, JobStatus
 
@@ -67,9 +70,19 @@ def move(
     if only_from and not frozenset(only_from) <= SOURCES[to]:
         raise ValueError(f"{to.value} cannot follow {sorted(s.value for s in set(only_from) - SOURCES[to])}")
     if to in TERMINAL:
+        _require_transaction(ex)
         values.setdefault("finished_at", now)
         values["next_poll_at"] = None
-    return store.update_if(ex, job_id, allowed, now, {"status": to.value, **values}, unchanged_since)
+    moved = store.update_if(ex, job_id, allowed, now, {"status": to.value, **values}, unchanged_since)
+    if moved and to in TERMINAL:
+        outbox.add_for(ex, job_id, to, now)
+    return moved
+
+
+def _require_transaction(ex: Executor) -> None:
+    # The outbox rows must commit with the end, or a crash between the two loses the caller's event.
+    if isinstance(ex, Connection) and ex.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        raise ValueError("a job's end must be written in a transaction (models.db.transaction), with its outbox rows")
 
 
 def create(
@@ -85,8 +98,12 @@ def create(
     if status not in CREATED_AS:
         raise ValueError(f"a job cannot start as {status.value}")
     if status in TERMINAL:
+        _require_transaction(ex)
         values.setdefault("finished_at", now)
-    return store.add_job(ex, job_id, status, request, meta, now, **values)
+    created = store.add_job(ex, job_id, status, request, meta, now, **values)
+    if created and status in TERMINAL:
+        outbox.add_for(ex, job_id, status, now)
+    return created
 
 
 # -- the verbs ---------------------------------------------------------------

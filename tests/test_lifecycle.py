@@ -6,8 +6,9 @@ import itertools
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
-from models import TERMINAL, JobStatus, lifecycle, store
+from models import TERMINAL, Delivery, JobStatus, lifecycle, store
 from models.db import make_engine, statement, transaction
 from models.job import Job, utcnow
 
@@ -39,7 +40,7 @@ def test_every_transition_is_allowed_exactly_when_the_table_says(engine):
     pairs = list(itertools.product(JobStatus, JobStatus))
     for i, (start, _to) in enumerate(pairs):
         put(engine, f"j{i}", start)
-    with statement(engine) as ex:
+    with transaction(engine) as ex:
         moved = {(start, to): lifecycle.move(ex, f"j{i}", to, utcnow()) for i, (start, to) in enumerate(pairs)}
     for i, (start, to) in enumerate(pairs):
         allowed = to in lifecycle.NEXT[start]
@@ -49,7 +50,7 @@ def test_every_transition_is_allowed_exactly_when_the_table_says(engine):
 
 def test_a_move_to_an_end_sets_finished_at_and_stops_polling(engine):
     put(engine, "j", JobStatus.processing)
-    with statement(engine) as ex:
+    with transaction(engine) as ex:
         assert lifecycle.succeed(ex, "j", utcnow(), result_urls=["https://r/0.png"], answer={"status": "success"})
     with transaction(engine) as s:
         row = store.get_job(s, "j")
@@ -58,7 +59,7 @@ def test_a_move_to_an_end_sets_finished_at_and_stops_polling(engine):
 
 def test_a_verb_may_narrow_the_table_but_not_widen_it(engine):
     put(engine, "active", JobStatus.submitted)
-    with statement(engine) as ex:
+    with transaction(engine) as ex:
         # fail_submit fails only a job being submitted, never an active one the table would allow.
         assert not lifecycle.fail_submit(ex, "active", utcnow(), "x", "y")
         with pytest.raises(ValueError, match="cannot follow"):
@@ -68,7 +69,7 @@ def test_a_verb_may_narrow_the_table_but_not_widen_it(engine):
 
 @pytest.mark.parametrize("status", list(JobStatus))
 def test_a_job_starts_only_as_queued_submitting_or_rejected(engine, status):
-    with statement(engine) as ex:
+    with transaction(engine) as ex:
         if status in lifecycle.CREATED_AS:
             assert lifecycle.create(ex, f"new-{status.value}", status, {"prompt": "x"}, None, utcnow())
             assert not lifecycle.create(ex, f"new-{status.value}", status, {"prompt": "x"}, None, utcnow())
@@ -79,7 +80,7 @@ def test_a_job_starts_only_as_queued_submitting_or_rejected(engine, status):
 
 def test_pending_after_running_keeps_the_job_processing(engine):
     put(engine, "j", JobStatus.processing)
-    with statement(engine) as ex:
+    with transaction(engine) as ex:
         assert lifecycle.observe(ex, "j", utcnow(), running=False, next_poll_at=utcnow())
     assert status_of(engine, "j") == "processing"
 
@@ -87,7 +88,7 @@ def test_pending_after_running_keeps_the_job_processing(engine):
 def test_claim_takes_a_new_or_queued_job_once(engine):
     put(engine, "waiting", JobStatus.queued)
     put(engine, "done", JobStatus.succeeded)
-    with statement(engine) as ex:
+    with transaction(engine) as ex:
         assert lifecycle.claim_for_submit(ex, "fresh", {"prompt": "x"}, None, utcnow()) == 1
         assert lifecycle.claim_for_submit(ex, "fresh", {"prompt": "x"}, None, utcnow()) is None
         assert lifecycle.claim_for_submit(ex, "waiting", {"prompt": "x"}, None, utcnow()) == 1
@@ -96,7 +97,7 @@ def test_claim_takes_a_new_or_queued_job_once(engine):
 
 
 def test_a_refunded_requeue_touches_only_its_own_job(engine):
-    with statement(engine) as ex:
+    with transaction(engine) as ex:
         for job_id in ("a", "b"):
             assert lifecycle.claim_for_submit(ex, job_id, {"prompt": "x"}, None, utcnow()) == 1
         assert lifecycle.requeue(ex, "a", utcnow(), refund=True, error_code="402", error_message="balance")
@@ -108,10 +109,52 @@ def test_a_refunded_requeue_touches_only_its_own_job(engine):
 
 def test_a_claim_is_released_only_by_the_delivery_that_made_it(engine):
     first = utcnow()
-    with statement(engine) as ex:
+    with transaction(engine) as ex:
         assert lifecycle.claim_for_submit(ex, "c", {"prompt": "x"}, None, first) == 1
         assert not lifecycle.release_claim(ex, "c", first + timedelta(microseconds=1), utcnow())
         assert lifecycle.release_claim(ex, "c", first, utcnow())
         assert not lifecycle.release_claim(ex, "c", first, utcnow())  # released once
         assert lifecycle.claim_for_submit(ex, "c", {"prompt": "x"}, None, utcnow()) == 1  # the attempt was refunded
     assert status_of(engine, "c") == "submitting"
+
+
+def test_a_jobs_end_adds_its_outbox_rows_in_the_same_transaction(engine):
+    now = utcnow()
+    with transaction(engine) as s:
+        s.add(Job(id="hooked", status="processing", request={}, created_at=now, updated_at=now, webhook="https://h/x"))
+        s.add(
+            Job(
+                id="both",
+                status="submitting",
+                request={},
+                created_at=now,
+                updated_at=now,
+                webhook="https://h/y",
+                callback={"task": "done", "queue": "q"},
+            )
+        )
+        s.add(Job(id="plain", status="processing", request={}, created_at=now, updated_at=now))
+    with transaction(engine) as ex:
+        assert lifecycle.succeed(ex, "hooked", now, result_urls=["https://r/0.png"], answer={})
+        assert lifecycle.fail_submit(ex, "both", now, "400", "bad")
+        assert lifecycle.succeed(ex, "plain", now, result_urls=["https://r/1.png"], answer={})
+        assert not lifecycle.succeed(ex, "plain", now, result_urls=[], answer={})  # ended once: no second row
+        assert lifecycle.reject(ex, "invalid", {}, None, now, "bad request")
+    with transaction(engine) as s:
+        found = {(d.job_id, d.channel): d.state for d in s.scalars(select(Delivery))}
+    assert found == {
+        ("hooked", "archive"): "pending",
+        ("hooked", "webhook"): "waiting",  # the event waits for the images
+        ("both", "webhook"): "pending",  # nothing to archive: the event is due at once
+        ("both", "callback"): "pending",
+        ("plain", "archive"): "pending",
+    }
+
+
+@pytest.mark.services
+def test_a_jobs_end_outside_a_transaction_is_refused_on_postgresql(pg_url):
+    eng = make_engine(pg_url)
+    put(eng, "j", JobStatus.processing)
+    with statement(eng) as ex, pytest.raises(ValueError, match="in a transaction"):
+        lifecycle.succeed(ex, "j", utcnow(), result_urls=["https://r/0.png"], answer={})
+    eng.dispose()

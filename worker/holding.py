@@ -31,6 +31,8 @@ MAX_RETRY = 2.0
 
 # "claimed": a claim whose commit the worker never saw (at = the claim's time); the rest are the API's answers.
 KINDS = frozenset({"claimed", "submitted", "requeued", "submit_failed", "succeeded", "task_failed"})
+# The kinds that end a job.
+ENDS = frozenset({"submit_failed", "succeeded", "task_failed"})
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,10 @@ def keep(fact: Fact) -> Fact | None:
 
 def _write(fact: Fact) -> Exception | None:
     """One try: None if written, the outage's error if the database is unreachable."""
+    res = runtime.get()
     try:
-        with runtime.get().statement() as ex:
+        # A job's end is written with its outbox rows, in one transaction (models.outbox).
+        with res.transaction() if fact.kind in ENDS else res.statement() as ex:
             moved = write(ex, fact)
     except Exception as exc:
         if not db.unreachable(exc):

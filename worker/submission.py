@@ -254,7 +254,7 @@ def _write_carried(fact: Fact) -> Outcome | None:
 def _reject(job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any]) -> Outcome:
     message = json.dumps(errors, ensure_ascii=False)
     log.warning("job %s rejected: %s", job_id, message)
-    with runtime.get().statement() as ex:
+    with runtime.get().transaction() as ex:
         created = lifecycle.reject(
             ex, job_id, _storable(raw_request), meta if isinstance(meta, dict) else None, utcnow(), message
         )

@@ -131,7 +131,7 @@ def _next(
     """Record when the next poll is due (never past the deadline); past the deadline, fail the job."""
     res = runtime.get()
     if now >= deadline:
-        with res.statement() as ex:
+        with res.transaction() as ex:
             lifecycle.fail_task(
                 ex, job_id, utcnow(), "timeout", f"Modellix task not finished by the deadline ({deadline.isoformat()})"
             )

@@ -1,0 +1,172 @@
+"""The outbox: what must follow a job's end, recorded in the same transaction as the end itself.
+
+When a job reaches a terminal status (models.lifecycle.move and create), one
+row per channel is added here: `archive` for a job that succeeded (its result
+images are kept before the URLs expire), and `webhook` and `callback` when the
+job's message asked for them. A worker killed right after a job ended leaves
+the rows behind, and any other worker sends them (worker.delivery). Events
+wait for the archive, so a receiver can fetch the files at once.
+
+    pending ─▶ (claimed: due_at pushed ahead by a lease) ─▶ done
+       ▲  │                                                ─▶ failed (given up)
+       └──┘ retried later (due_at = the next attempt)
+    waiting ─▶ pending   (an event, once the job's archive row is settled)
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Any, cast
+
+from sqlalchemy import Index, Integer, String, Table, Text, UniqueConstraint, insert, literal, select, text, update
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from models.db import Executor
+from models.job import Base, JobStatus, UTCDateTime, utcnow
+from models.store import jobs
+
+
+class Channel(str, Enum):
+    archive = "archive"
+    webhook = "webhook"
+    callback = "callback"
+
+
+class State(str, Enum):
+    waiting = "waiting"  # an event whose job's archive is not settled yet
+    pending = "pending"  # due at due_at (also while a worker holds it, with due_at pushed ahead)
+    done = "done"
+    failed = "failed"  # given up; `kling-worker jobs redeliver` sends it again
+
+
+_PENDING_SQL = text("state = 'pending'")
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "channel", name="uq_deliveries_job_channel"),
+        Index("ix_deliveries_due", "due_at", postgresql_where=_PENDING_SQL, sqlite_where=_PENDING_SQL),
+        Index("ix_deliveries_job", "job_id"),
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "state": self.state,
+            "attempts": self.attempts,
+            "due_at": self.due_at.isoformat() if self.due_at else None,
+            "last_error": self.last_error,
+            "done_at": self.done_at.isoformat() if self.done_at else None,
+        }
+
+
+deliveries = cast(Table, Delivery.__table__)
+
+
+def add_for(ex: Executor, job_id: str, status: JobStatus, now: datetime) -> None:
+    """Within the transaction that ended the job: one row per channel that must follow its end."""
+    succeeded = status is JobStatus.succeeded
+    if succeeded:
+        ex.execute(insert(deliveries).values(_row(job_id, Channel.archive, State.pending, now)))
+    event_state = State.waiting if succeeded else State.pending
+    for channel, column in ((Channel.webhook, jobs.c.webhook), (Channel.callback, jobs.c.callback)):
+        row = _row(job_id, channel, event_state, now)
+        chosen = select(*[literal(v) if k != "job_id" else jobs.c.id for k, v in row.items()]).where(
+            jobs.c.id == job_id, column.is_not(None)
+        )
+        ex.execute(insert(deliveries).from_select(list(row), chosen))
+
+
+def _row(job_id: str, channel: Channel, state: State, now: datetime) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "channel": channel.value,
+        "state": state.value,
+        "attempts": 0,
+        "due_at": now if state is State.pending else None,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def claim_due(s: Session, now: datetime, lease: float, limit: int) -> list[tuple[int, str, str]]:
+    """Pending rows that are due, taken for `lease` seconds: (id, job id, channel).
+
+    SKIP LOCKED lets several sweepers run at once without taking the same rows.
+    """
+    rows = s.execute(
+        select(deliveries.c.id, deliveries.c.job_id, deliveries.c.channel)
+        .where(deliveries.c.state == State.pending.value, deliveries.c.due_at <= now)
+        .order_by(deliveries.c.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if rows:
+        s.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_([r[0] for r in rows]))
+            .values(due_at=now + timedelta(seconds=lease), attempts=deliveries.c.attempts + 1, updated_at=now)
+        )
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def settle(ex: Executor, delivery_id: int, now: datetime, state: State, error: str | None = None) -> None:
+    """A delivery is done, or failed for good."""
+    ex.execute(
+        update(deliveries)
+        .where(deliveries.c.id == delivery_id)
+        .values(state=state.value, due_at=None, last_error=error, updated_at=now, done_at=now)
+    )
+
+
+def retry_at(ex: Executor, delivery_id: int, now: datetime, due_at: datetime, error: str) -> None:
+    ex.execute(
+        update(deliveries)
+        .where(deliveries.c.id == delivery_id, deliveries.c.state == State.pending.value)
+        .values(due_at=due_at, last_error=error, updated_at=now)
+    )
+
+
+def release_events(ex: Executor, job_id: str, now: datetime) -> None:
+    """The job's archive is settled: its events are due now."""
+    ex.execute(
+        update(deliveries)
+        .where(deliveries.c.job_id == job_id, deliveries.c.state == State.waiting.value)
+        .values(state=State.pending.value, due_at=now, updated_at=now)
+    )
+
+
+def again(ex: Executor, job_id: str, channels: list[Channel], now: datetime) -> int:
+    """Send a job's events again (an operator's redeliver): those rows are due now; how many."""
+    result = ex.execute(
+        update(deliveries)
+        .where(
+            deliveries.c.job_id == job_id,
+            deliveries.c.channel.in_([c.value for c in channels]),
+            deliveries.c.state.in_([State.done.value, State.failed.value]),
+        )
+        .values(state=State.pending.value, due_at=now, attempts=0, last_error=None, done_at=None, updated_at=now)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+
+
+def for_job(s: Session, job_id: str) -> list[Delivery]:
+    return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
+
+
+def get(s: Session, delivery_id: int) -> Delivery | None:
+    return s.get(Delivery, delivery_id)
