@@ -110,13 +110,13 @@ def create(
 
 
 def claim_for_submit(
-    ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, now: datetime
+    ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, now: datetime, **values: Any
 ) -> int | None:
     """New or `queued` -> `submitting`, counting the attempt; None if another delivery owns the job.
 
     One statement does both the create and the take-over, and is the duplicate-submission guard.
     """
-    return store.claim_for_submit(ex, job_id, request, meta, now)
+    return store.claim_for_submit(ex, job_id, request, meta, now, **values)
 
 
 def requeue(
@@ -219,7 +219,15 @@ def cancel_unseen(ex: Executor, job_id: str, now: datetime) -> bool:
 
 
 def reject(
-    ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, now: datetime, error_message: str
+    ex: Executor,
+    job_id: str,
+    request: dict[str, Any],
+    meta: dict[str, Any] | None,
+    now: datetime,
+    error_message: str,
+    **values: Any,
 ) -> bool:
     """A job whose message is invalid: recorded as `rejected`, never sent. False if the id was taken."""
-    return create(ex, job_id, S.rejected, request, meta, now, error_code="validation", error_message=error_message)
+    return create(
+        ex, job_id, S.rejected, request, meta, now, error_code="validation", error_message=error_message, **values
+    )

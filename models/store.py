@@ -37,7 +37,18 @@ def _insert_for(dialect: str) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(jobs)
 
 
-_NEW_ROW = ("id", "status", "request", "metadata", "attempts", "polls", "created_at", "updated_at")
+_NEW_ROW = (
+    "id",
+    "status",
+    "request",
+    "metadata",
+    "attempts",
+    "polls",
+    "created_at",
+    "updated_at",
+    "webhook",
+    "callback",
+)
 
 
 def _new_row(
@@ -52,6 +63,8 @@ def _new_row(
         "polls": 0,
         "created_at": now,
         "updated_at": now,
+        "webhook": None,
+        "callback": None,
         **extra,
     }
 
@@ -71,14 +84,15 @@ def _claim_stmt(dialect: str) -> Any:
 
 
 def claim_for_submit(
-    ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, now: datetime
+    ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, now: datetime, **extra: Any
 ) -> int | None:
     """Create the job as `submitting`, or take over a `queued` one, in one round trip.
 
     Returns the attempt number. None means another delivery owns it or already
     submitted it: the caller must not submit (this is the duplicate-submission guard).
+    `extra`: the caller's webhook and callback, for a job seen for the first time.
     """
-    row = _new_row(job_id, JobStatus.submitting, request, meta, now, attempts=1)
+    row = _new_row(job_id, JobStatus.submitting, request, meta, now, attempts=1, **extra)
     found = ex.execute(_claim_stmt(_dialect(ex)), row).first()
     return found[0] if found else None
 

@@ -389,7 +389,40 @@ def test_message_defaults():
         "request": {"prompt": "x"},
         "job_id": None,
         "metadata": None,
+        "webhook": None,
+        "callback": None,
     }
+
+
+def test_a_message_may_ask_for_a_webhook_and_a_callback():
+    loaded = MessageSchema().load(
+        {
+            "request": {"prompt": "x"},
+            "webhook": "https://hooks.example.com/kling?x=1",
+            "callback": {"task": "images.ready", "queue": "images"},
+        }
+    )
+    assert loaded["webhook"] == "https://hooks.example.com/kling?x=1"
+    assert loaded["callback"] == {"task": "images.ready", "queue": "images"}
+    assert MessageSchema().load({"request": {}, "webhook": "http://receiver:8080/hook"})["webhook"]
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ({"webhook": "ftp://example.com/x"}, "webhook"),
+        ({"webhook": "not a url"}, "webhook"),
+        ({"webhook": "https://example.com/" + "a" * 2100}, "webhook"),
+        ({"callback": {"task": "x"}}, "callback"),
+        ({"callback": {"task": "x", "queue": "q", "extra": 1}}, "callback"),
+        ({"callback": {"task": "bad name!", "queue": "q"}}, "callback"),
+        ({"callback": "tasks.done"}, "callback"),
+    ],
+)
+def test_a_malformed_webhook_or_callback_makes_the_message_invalid(extra, field):
+    with pytest.raises(ValidationError) as info:
+        MessageSchema().load({"request": {"prompt": "x"}, **extra})
+    assert field in info.value.messages
 
 
 def test_message_metadata_size_in_utf8_bytes():

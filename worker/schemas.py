@@ -189,6 +189,20 @@ def _check_metadata(value: Any) -> None:
         raise ValidationError(f"is {size} bytes as compact JSON; at most {MAX_METADATA_BYTES}")
 
 
+# A Celery task or queue name for a callback: what a producer's own app would declare.
+_CELERY_NAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
+
+
+class CallbackSchema(Schema):
+    """Where a Celery service wants its event: the task `task` is sent to `queue` with kwargs {"event": EVENT}."""
+
+    class Meta:
+        unknown = RAISE
+
+    task = fields.String(required=True, validate=validate.Regexp(_CELERY_NAME, error="must be a Celery task name"))
+    queue = fields.String(required=True, validate=validate.Regexp(_CELERY_NAME, error="must be a queue name"))
+
+
 class MessageSchema(Schema):
     """The keyword arguments of a `kling.generate` message."""
 
@@ -204,6 +218,15 @@ class MessageSchema(Schema):
         validate=validate.Regexp(JOB_ID_PATTERN, error="must be 1-64 characters of [A-Za-z0-9._:-]"),
     )
     metadata = fields.Dict(keys=fields.String(), load_default=None, allow_none=True, validate=_check_metadata)
+    # Told when the job ends (worker.delivery): a signed POST of its event, and/or a Celery task.
+    webhook = fields.Url(
+        load_default=None,
+        allow_none=True,
+        schemes={"http", "https"},
+        require_tld=False,
+        validate=validate.Length(max=2048),
+    )
+    callback = fields.Nested(CallbackSchema, load_default=None, allow_none=True)
 
 
 def redact_request(request: dict[str, Any]) -> dict[str, Any]:

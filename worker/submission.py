@@ -90,14 +90,21 @@ def _handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, ret
     try:
         request = _request_schema.load(message["request"])
     except ValidationError as exc:
-        return _reject(job_id, message["request"], message["metadata"], _as_dict(exc))
-    return _submit(job_id, request, message["metadata"], retries)
+        return _reject(job_id, message["request"], message["metadata"], _as_dict(exc), _contact(message))
+    return _submit(job_id, request, message["metadata"], _contact(message), retries)
 
 
-def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, retries: int) -> Outcome:
+def _contact(message: dict[str, Any]) -> dict[str, Any]:
+    """The job's webhook and callback columns: where the caller hears of its end."""
+    return {"webhook": message["webhook"], "callback": message["callback"]}
+
+
+def _submit(
+    job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, contact: dict[str, Any], retries: int
+) -> Outcome:
     stored = redact_request(request)
     try:
-        attempt = _claim(job_id, stored, meta)
+        attempt = _claim(job_id, stored, meta, contact)
     except ClaimUnknown as unknown:
         # The claim may have committed unseen: the next delivery releases it if so (nothing was sent).
         runtime.get().outage.defer("messages", unknown.cause)
@@ -105,7 +112,7 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
         return Outcome(job_id, None, retry_in=outages.backoff(retries), carry=claimed)
     except limits.OverBudget:
         with runtime.get().statement() as ex:
-            lifecycle.create(ex, job_id, JobStatus.queued, stored, meta, utcnow())
+            lifecycle.create(ex, job_id, JobStatus.queued, stored, meta, utcnow(), **contact)
         # Back off while the fleet is full, so a long queue does not churn the
         # broker, but look again at least every BUDGET_RECHECK seconds.
         retry_in = min(retry_delay(retries + 1, runtime.settings()), BUDGET_RECHECK)
@@ -122,7 +129,7 @@ def _submit(job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, r
     return _send(job_id, request, attempt)
 
 
-def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None) -> int | None:
+def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, contact: dict[str, Any]) -> int | None:
     """Take the job for this delivery (`submitting`, committed before the POST); its attempt number.
 
     If this process dies before the answer is recorded, the row says so and the
@@ -135,7 +142,7 @@ def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None) -> 
         claimed_at = utcnow()
         try:
             with res.statement() as ex:
-                return lifecycle.claim_for_submit(ex, job_id, stored, meta, claimed_at)
+                return lifecycle.claim_for_submit(ex, job_id, stored, meta, claimed_at, **contact)
         except Exception as exc:
             raise ClaimUnknown.after(exc, claimed_at) from exc
     full: limits.OverBudget | None = None
@@ -145,7 +152,7 @@ def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None) -> 
             try:
                 with res.transaction() as s:
                     limits.check_in_flight(s)
-                    return lifecycle.claim_for_submit(s, job_id, stored, meta, claimed_at)
+                    return lifecycle.claim_for_submit(s, job_id, stored, meta, claimed_at, **contact)
             except limits.OverBudget as exc:
                 full = exc
             except Exception as exc:
@@ -251,12 +258,20 @@ def _write_carried(fact: Fact) -> Outcome | None:
     return outcome if outcome.carry is not None else None
 
 
-def _reject(job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any]) -> Outcome:
+def _reject(
+    job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any], contact: dict[str, Any] | None = None
+) -> Outcome:
     message = json.dumps(errors, ensure_ascii=False)
     log.warning("job %s rejected: %s", job_id, message)
     with runtime.get().transaction() as ex:
         created = lifecycle.reject(
-            ex, job_id, _storable(raw_request), meta if isinstance(meta, dict) else None, utcnow(), message
+            ex,
+            job_id,
+            _storable(raw_request),
+            meta if isinstance(meta, dict) else None,
+            utcnow(),
+            message,
+            **(contact or {}),
         )
     if not created:
         # The id is taken by an earlier job: that row stays as it is.
