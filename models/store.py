@@ -199,6 +199,14 @@ def claim_stale(s: Session, status: JobStatus, before: datetime, limit: int) -> 
     )
 
 
+def set_files(ex: Executor, job_id: str, files: list[dict[str, Any] | None], now: datetime) -> None:
+    """Record where a job's result images were archived (in the order of its result URLs).
+
+    Not a status change: a job that ended keeps its status; its files are what followed the end.
+    """
+    ex.execute(update(jobs).where(jobs.c.id == job_id).values(files=files, updated_at=now))
+
+
 def count_by_status(ex: Executor) -> dict[str, int]:
     return {status: count for status, count in ex.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import mimetypes
 import re
@@ -14,8 +15,9 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from models import TERMINAL, lifecycle, store
+from models import TERMINAL, lifecycle, outbox, store
 from models.job import utcnow
+from models.outbox import Channel
 from worker import runtime
 from worker.watch import watch
 
@@ -71,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     cancel = jobs.add_parser("cancel", help="cancel a job that has not been submitted yet")
     cancel.add_argument("job_id")
     cancel.set_defaults(func=cmd_cancel)
+    redeliver = jobs.add_parser("redeliver", help="send an ended job's event again (webhook and callback)")
+    redeliver.add_argument("job_id")
+    redeliver.set_defaults(func=cmd_redeliver)
+
+    results = sub.add_parser("results", help="a job's archived images").add_subparsers(required=True, metavar="ACTION")
+    get = results.add_parser("get", help="copy a job's archived images to a folder")
+    get.add_argument("job_id")
+    get.add_argument("--out", type=Path, help="folder to write to (default: ./<job id>)")
+    get.set_defaults(func=cmd_results_get)
 
     db = sub.add_parser("db", help="database").add_subparsers(required=True, metavar="ACTION")
     db.add_parser("upgrade", help="apply the Alembic migrations").set_defaults(func=cmd_db_upgrade)
@@ -173,6 +184,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     with runtime.get().transaction() as s:
         job = store.get_job(s, args.job_id)
         row = job.to_dict() if job else None
+        if row is not None:
+            row["deliveries"] = [d.to_dict() for d in outbox.for_job(s, args.job_id)] or None
     if row is None:
         print(
             f"job {args.job_id}: not seen by any worker yet (its message may still be on the broker, "
@@ -189,10 +202,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _print_job(row: dict[str, Any]) -> None:
     for key, value in row.items():
-        if key in ("last_response",) or value is None:
+        if key in ("last_response", "files", "deliveries") or value is None:
             continue
         shown = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
         print(f"{key:>17}: {shown}")
+    for index, found in enumerate(row["files"] or []):
+        kept = f"{found['uri']} ({found['content_type']}, {found['bytes']} bytes)" if found.get("uri") else None
+        print(f"{f'file {index}':>17}: {kept or 'not archived: ' + str(found.get('error'))}")
+    for d in row["deliveries"] or []:
+        state = f"{d['state']} after {d['attempts']} attempt(s)"
+        print(f"{d['channel']:>17}: {state}" + (f"; last error: {d['last_error']}" if d["last_error"] else ""))
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -230,6 +249,42 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         status = job.status if job else "unknown"
     print(f"{args.job_id}: {status}, not queued, not cancelled", file=sys.stderr)
     return 1
+
+
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    with runtime.get().transaction() as s:
+        again = outbox.again(s, args.job_id, [Channel.webhook, Channel.callback], utcnow())
+    if not again:
+        print(f"{args.job_id}: no webhook or callback delivery that has ended; nothing to send again", file=sys.stderr)
+        return 1
+    print(f"{args.job_id}: {again} delivery(ies) due again; a worker sends them within a sweep", file=sys.stderr)
+    return 0
+
+
+def cmd_results_get(args: argparse.Namespace) -> int:
+    from worker import archive
+
+    with runtime.get().transaction() as s:
+        job = store.get_job(s, args.job_id)
+        files = list(job.files or []) if job else None
+    if files is None:
+        print(f"job {args.job_id}: not seen by any worker yet", file=sys.stderr)
+        return 1
+    kept = [(i, f) for i, f in enumerate(files) if f and f.get("uri")]
+    if not kept:
+        print(f"job {args.job_id}: no archived images", file=sys.stderr)
+        return 1
+    out: Path = args.out or Path(args.job_id)
+    out.mkdir(parents=True, exist_ok=True)
+    for index, found in kept:
+        data = archive.read(found["uri"])
+        if hashlib.sha256(data).hexdigest() != found["sha256"]:
+            print(f"{found['uri']}: its digest does not match the one recorded", file=sys.stderr)
+            return 1
+        target = out / Path(found["uri"]).name
+        target.write_bytes(data)
+        print(target)
+    return 0
 
 
 def cmd_db_upgrade(_args: argparse.Namespace) -> int:

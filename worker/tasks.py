@@ -14,7 +14,7 @@ from typing import Any
 from celery import Task, signals
 from kombu.exceptions import OperationalError
 
-from worker import holding, runtime, schedule, submission, tracking
+from worker import delivery, holding, runtime, schedule, submission, tracking
 from worker.app import app
 
 log = logging.getLogger("kling_worker.tasks")
@@ -58,7 +58,24 @@ def sweep() -> int:
     overdue = tracking.sweep()
     for job_id, seq in overdue:
         redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq})
-    return len(overdue)
+    due = delivery.due()
+    for delivery_id in due:
+        deliver.apply_async(kwargs={"delivery_id": delivery_id})
+    return len(overdue) + len(due)
+
+
+@app.task(name="kling.deliver")
+def deliver(delivery_id: int) -> None:
+    """Carry out one row of the outbox: archive a job's images, or send its event (worker.delivery)."""
+    callback = delivery.deliver(delivery_id)
+    if callback is None:
+        return
+    try:
+        app.send_task(callback.task, kwargs={"event": callback.event}, queue=callback.queue)
+    except (OSError, OperationalError) as exc:
+        delivery.not_sent(delivery_id, f"the broker refused the callback: {exc}")
+        return
+    delivery.sent(delivery_id)
 
 
 def follow(job_id: str, seq: int) -> None:

@@ -1,0 +1,198 @@
+"""Results reach the caller: the outbox's rows carried out one at a time. No Celery here.
+
+A job's end left rows in models.outbox: `archive` (keep the result images
+before their URLs expire), `webhook` (a signed POST of the job's event) and
+`callback` (a Celery task sent with the event). The beat sweep claims the due
+rows (`due`) and a worker carries each out (`deliver`); a callback is only
+built here and sent by the caller, which has Celery. A row claimed by a worker
+that dies comes back when its lease runs out, so every row is carried out at
+least once: receivers dedupe by `webhook-id` (the same for every attempt of
+one event) or by job id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from models import db, outbox, store
+from models.job import Job, utcnow
+from models.outbox import Channel, State
+from worker import archive, runtime, webhooks
+
+log = logging.getLogger("kling_worker.delivery")
+
+# Seconds a claimed row is left to its worker before the sweep hands it to another:
+# longer than an archive of several images or a webhook's timeouts can take.
+LEASE = 120.0
+# Rows claimed per sweep.
+BATCH = 200
+# An image that could not be fetched or stored for a reason that may pass is tried again,
+# this many times in all, 2, 4, 8 … seconds apart: result URLs live for minutes, not hours.
+ARCHIVE_TRIES = 6
+
+EVENT_TYPES = {
+    "succeeded": "job.succeeded",
+    "failed": "job.failed",
+    "rejected": "job.rejected",
+    "cancelled": "job.cancelled",
+}
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A Celery task for the caller to send: `task` to `queue` with kwargs {"event": event}."""
+
+    task: str
+    queue: str
+    event: dict[str, Any]
+
+
+def due() -> list[int]:
+    """Claim the rows that are due (for LEASE seconds); their ids, for the caller to dispatch."""
+    res = runtime.get()
+    try:
+        with res.transaction() as s:
+            return [row[0] for row in outbox.claim_due(s, utcnow(), LEASE, BATCH)]
+    except Exception as exc:
+        if not db.unreachable(exc):
+            raise
+        res.outage.defer("deliveries", exc)
+        return []
+
+
+def deliver(delivery_id: int) -> Callback | None:
+    """Carry out one claimed row: archive, or send a webhook; a callback is returned to be sent."""
+    res = runtime.get()
+    with res.transaction() as s:
+        row = outbox.get(s, delivery_id)
+        job = store.get_job(s, row.job_id) if row is not None else None
+        if row is None or job is None or row.state != State.pending.value:
+            return None  # settled meanwhile (another worker, after a lease ran out)
+        channel, attempts, created_at = Channel(row.channel), row.attempts, row.created_at
+        s.expunge(job)
+    if channel is Channel.archive:
+        _archive(delivery_id, job, attempts)
+        return None
+    event = event_of(job)
+    if channel is Channel.webhook:
+        _webhook(delivery_id, job, event, attempts, created_at)
+        return None
+    callback = job.callback or {}
+    return Callback(str(callback["task"]), str(callback["queue"]), event)
+
+
+def sent(delivery_id: int) -> None:
+    """The caller sent the callback this row stands for."""
+    with runtime.get().transaction() as s:
+        outbox.settle(s, delivery_id, utcnow(), State.done)
+
+
+def not_sent(delivery_id: int, error: str) -> None:
+    """The broker refused the callback: try again later, like a webhook."""
+    now = utcnow()
+    with runtime.get().transaction() as s:
+        row = outbox.get(s, delivery_id)
+        delay = webhooks.next_attempt_delay(row.attempts if row else 1)
+        outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=delay), error)
+
+
+def event_of(job: Job) -> dict[str, Any]:
+    """The event a caller receives when its job ends (the README's contract)."""
+    return {
+        "type": EVENT_TYPES[job.status],
+        "job_id": job.id,
+        "status": job.status,
+        "modellix_task_id": job.modellix_task_id,
+        "result_urls": job.result_urls or [],
+        "files": job.files or [],
+        "error_code": job.error_code,
+        "error_message": job.error_message,
+        "metadata": job.meta,
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
+
+
+def event_id(job_id: str) -> str:
+    """The `webhook-id` of a job's event: the same for every attempt and every redelivery."""
+    return f"msg_{job_id}"
+
+
+# -- the channels --------------------------------------------------------------
+
+
+def _archive(delivery_id: int, job: Job, attempts: int) -> None:
+    res = runtime.get()
+    cfg = res.settings
+    store_ = res.once("archive", lambda: archive.open_archive(cfg.archive))
+    urls = job.result_urls or []
+    files: list[dict[str, Any] | None] = list(job.files or [None] * len(urls))
+    worth_retrying = False
+    for index, url in enumerate(urls):
+        if files[index] and files[index].get("uri"):  # type: ignore[union-attr]
+            continue  # kept by an earlier attempt
+        if store_ is None:
+            files[index] = _missing("KLING_ARCHIVE is off")
+            continue
+        try:
+            files[index] = archive.archive_one(store_, job.id, index, url, cfg.archive_max_bytes, cfg.read_timeout).to_json()
+        except archive.ArchiveError as exc:
+            files[index] = _missing(exc.reason)
+            worth_retrying = worth_retrying or exc.retryable
+    now = utcnow()
+    missing = [f["error"] for f in files if f and not f.get("uri")]
+    with res.transaction() as s:
+        store.set_files(s, job.id, files, now)
+        if worth_retrying and attempts < ARCHIVE_TRIES and store_ is not None:
+            outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=2.0**attempts), "; ".join(missing))
+            return
+        if missing and store_ is not None:
+            log.warning("job %s: %d of %d images not archived: %s", job.id, len(missing), len(urls), missing[0])
+        outbox.settle(s, delivery_id, now, State.failed if missing and store_ is not None else State.done,
+                      "; ".join(missing) or None)
+        outbox.release_events(s, job.id, now)
+
+
+def _missing(reason: str) -> dict[str, Any]:
+    return {"uri": None, "sha256": None, "bytes": None, "content_type": None, "error": reason}
+
+
+def _webhook(delivery_id: int, job: Job, event: dict[str, Any], attempts: int, created_at: datetime) -> None:
+    res = runtime.get()
+    cfg = res.settings
+    url = job.webhook or ""
+    refused = webhooks.check_url(url, cfg.webhook_hosts)
+    secret = res.once("webhook_secret", lambda: webhooks.WebhookSecret.parse(cfg.webhook_secret)) if cfg.webhook_secret else None
+    if secret is None:
+        refused = refused or "KLING_WEBHOOK_SECRET is not set: events are only sent signed"
+    now = utcnow()
+    if refused:
+        _settle(delivery_id, State.failed, refused)
+        log.warning("job %s: webhook not sent: %s", job.id, refused)
+        return
+    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    session = res.once("webhook_session", webhooks.new_session)
+    attempt = webhooks.send(session, url, event_id(job.id), body, secret, cfg.webhook_timeout)
+    if attempt.ok:
+        _settle(delivery_id, State.done)
+        return
+    error = attempt.error or f"HTTP {attempt.status}"
+    if not attempt.retryable or webhooks.give_up(created_at.timestamp(), time.time(), cfg.webhook_retry_for):
+        _settle(delivery_id, State.failed, error)
+        log.warning("job %s: webhook given up after %d attempts: %s", job.id, attempts, error)
+        return
+    delay = webhooks.next_attempt_delay(attempts)
+    with res.transaction() as s:
+        outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=delay), error)
+    log.info("job %s: webhook attempt %d failed (%s); next in %.0fs", job.id, attempts, error, delay)
+
+
+def _settle(delivery_id: int, state: State, error: str | None = None) -> None:
+    with runtime.get().transaction() as s:
+        outbox.settle(s, delivery_id, utcnow(), state, error)
+
