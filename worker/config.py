@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from worker.webhooks import WebhookSecret
+
 DEFAULT_BASE_URL = "https://api.modellix.ai"
 DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
 # The longest a worker thread sleeps for the fleet's API budget (worker.limits):
@@ -37,6 +39,12 @@ def _optional_float(name: str) -> float | None:
 def _optional_int(name: str) -> int | None:
     raw = os.environ.get(name, "").strip()
     return int(raw) if raw else None
+
+
+def _hosts(name: str) -> frozenset[str] | None:
+    """A comma-separated list of host names, lower-cased; unset or empty: None (any host)."""
+    hosts = frozenset(h.strip().lower().rstrip(".") for h in os.environ.get(name, "").split(","))
+    return (hosts - {""}) or None
 
 
 def home() -> Path:
@@ -95,6 +103,20 @@ class Settings:
     # Database connections per worker process (default: an eighth of the threads, at least 4).
     db_pool: int | None = field(default_factory=lambda: _optional_int("KLING_DB_POOL"))
 
+    # Webhooks (worker.webhooks): the Standard Webhooks signing secret, `whsec_<base64>`
+    # (repr=False, like the API key); the hosts a job's webhook may name (unset: any);
+    # how long an event is retried after its first attempt; (connect, read) timeouts.
+    # The read timeout is the specification's low end (15-30 s): the receiver's time to answer.
+    webhook_secret: str = field(default_factory=lambda: os.environ.get("KLING_WEBHOOK_SECRET", "").strip(), repr=False)
+    webhook_hosts: frozenset[str] | None = field(default_factory=lambda: _hosts("KLING_WEBHOOK_HOSTS"))
+    webhook_retry_for: float = field(default_factory=lambda: _float("KLING_WEBHOOK_RETRY_FOR", 86400.0))
+    webhook_timeout: tuple[float, float] = field(
+        default_factory=lambda: (
+            _float("KLING_WEBHOOK_CONNECT_TIMEOUT", 5.0),
+            _float("KLING_WEBHOOK_READ_TIMEOUT", 15.0),
+        )
+    )
+
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("KLING_MAX_ATTEMPTS must be at least 1")
@@ -109,6 +131,15 @@ class Settings:
                 f"{MAX_BUDGET_SLEEP:g}s of budget wait + MODELLIX_CONNECT_TIMEOUT + MODELLIX_READ_TIMEOUT "
                 f"= {longest:g}s"
             )
+        if self.webhook_secret:
+            try:
+                WebhookSecret.parse(self.webhook_secret)
+            except ValueError as exc:  # its message never holds the secret
+                raise ValueError(f"KLING_WEBHOOK_SECRET: {exc}") from None
+        if self.webhook_retry_for < 0:
+            raise ValueError("KLING_WEBHOOK_RETRY_FOR must not be negative")
+        if min(self.webhook_timeout) <= 0:
+            raise ValueError("KLING_WEBHOOK_CONNECT_TIMEOUT and KLING_WEBHOOK_READ_TIMEOUT must be positive")
 
 
 def load() -> Settings:
