@@ -116,6 +116,9 @@ class Settings:
             _float("KLING_WEBHOOK_READ_TIMEOUT", 15.0),
         )
     )
+    # How long a worker may take over one delivery (an archive, a webhook) before the sweep
+    # gives it to another: longer than archiving a job's images or a webhook's timeouts.
+    delivery_lease: float = field(default_factory=lambda: _float("KLING_DELIVERY_LEASE", 120.0))
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

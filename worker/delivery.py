@@ -12,12 +12,14 @@ one event) or by job id.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+import requests
 
 from models import db, outbox, store
 from models.job import Job, utcnow
@@ -26,9 +28,6 @@ from worker import archive, runtime, webhooks
 
 log = logging.getLogger("kling_worker.delivery")
 
-# Seconds a claimed row is left to its worker before the sweep hands it to another:
-# longer than an archive of several images or a webhook's timeouts can take.
-LEASE = 120.0
 # Rows claimed per sweep.
 BATCH = 200
 # An image that could not be fetched or stored for a reason that may pass is tried again,
@@ -53,11 +52,11 @@ class Callback:
 
 
 def due() -> list[int]:
-    """Claim the rows that are due (for LEASE seconds); their ids, for the caller to dispatch."""
+    """Claim the rows that are due (for KLING_DELIVERY_LEASE seconds); their ids, for the caller to dispatch."""
     res = runtime.get()
     try:
         with res.transaction() as s:
-            return [row[0] for row in outbox.claim_due(s, utcnow(), LEASE, BATCH)]
+            return [row[0] for row in outbox.claim_due(s, utcnow(), res.settings.delivery_lease, BATCH)]
     except Exception as exc:
         if not db.unreachable(exc):
             raise
@@ -119,8 +118,11 @@ def event_of(job: Job) -> dict[str, Any]:
 
 
 def event_id(job_id: str) -> str:
-    """The `webhook-id` of a job's event: the same for every attempt and every redelivery."""
-    return f"msg_{job_id}"
+    """The `webhook-id` of a job's event: the same for every attempt and every redelivery.
+
+    A digest, because a job id may hold a `.`, which Standard Webhooks ids may not.
+    """
+    return "msg_" + hashlib.sha256(job_id.encode()).hexdigest()[:32]
 
 
 # -- the channels --------------------------------------------------------------
@@ -175,9 +177,8 @@ def _webhook(delivery_id: int, job: Job, event: dict[str, Any], attempts: int, c
         _settle(delivery_id, State.failed, refused)
         log.warning("job %s: webhook not sent: %s", job.id, refused)
         return
-    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
-    session = res.once("webhook_session", webhooks.new_session)
-    attempt = webhooks.send(session, url, event_id(job.id), body, secret, cfg.webhook_timeout)
+    session = res.once("webhook_session", _webhook_session)
+    attempt = webhooks.send(session, url, event_id(job.id), webhooks.encode(event), secret, cfg.webhook_timeout)
     if attempt.ok:
         _settle(delivery_id, State.done)
         return
@@ -186,10 +187,17 @@ def _webhook(delivery_id: int, job: Job, event: dict[str, Any], attempts: int, c
         _settle(delivery_id, State.failed, error)
         log.warning("job %s: webhook given up after %d attempts: %s", job.id, attempts, error)
         return
-    delay = webhooks.next_attempt_delay(attempts)
+    delay = webhooks.next_attempt_delay(attempts, attempt.retry_after)
     with res.transaction() as s:
         outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=delay), error)
     log.info("job %s: webhook attempt %d failed (%s); next in %.0fs", job.id, attempts, error, delay)
+
+
+def _webhook_session() -> requests.Session:
+    # Its own session: never the Modellix client's (the API key), never ~/.netrc or proxy variables.
+    session = requests.Session()
+    session.trust_env = False
+    return session
 
 
 def _settle(delivery_id: int, state: State, error: str | None = None) -> None:

@@ -22,7 +22,7 @@ from marshmallow import ValidationError
 
 from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, modellix, outages, runtime, schedule
+from worker import holding, limits, modellix, outages, runtime, schedule, webhooks
 from worker.api_errors import Action, judge_submit, retry_delay
 from worker.holding import Fact
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
@@ -87,11 +87,24 @@ def _handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, ret
         return _reject(job_id, kwargs.get("request"), meta, errors)
 
     job_id = message["job_id"] or delivery_id
+    refused = _webhook_refused(message["webhook"])
+    if refused:
+        return _reject(job_id, message["request"], message["metadata"], {"webhook": [refused]})
     try:
         request = _request_schema.load(message["request"])
     except ValidationError as exc:
         return _reject(job_id, message["request"], message["metadata"], _as_dict(exc), _contact(message))
     return _submit(job_id, request, message["metadata"], _contact(message), retries)
+
+
+def _webhook_refused(url: str | None) -> str | None:
+    """Why this fleet cannot send to the webhook a message asks for (its shape is the schema's job)."""
+    if url is None:
+        return None
+    cfg = runtime.settings()
+    if not cfg.webhook_secret:
+        return "this service has no KLING_WEBHOOK_SECRET, and events are only sent signed"
+    return webhooks.check_url(url, cfg.webhook_hosts)
 
 
 def _contact(message: dict[str, Any]) -> dict[str, Any]:
