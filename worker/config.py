@@ -1,7 +1,8 @@
 """Settings from the environment (12-factor), each with an embedded default.
 
-The embedded defaults need no server: SQLite for the job table and kombu's
-filesystem transport as the broker, both under ``KLING_HOME`` (``./.kling``).
+The embedded defaults need no server: SQLite for the job table, kombu's
+filesystem transport as the broker and a folder for the result images, all
+under ``KLING_HOME`` (``./.kling``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from worker.archive import DEFAULT_MAX_BYTES, ArchiveSpec
 
 DEFAULT_BASE_URL = "https://api.modellix.ai"
 DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
@@ -49,6 +52,10 @@ def _embedded_broker() -> str:
 
 def _embedded_database() -> str:
     return f"sqlite:///{home() / 'jobs.sqlite'}"
+
+
+def _embedded_archive() -> str:
+    return (home() / "results").as_uri()  # absolute (home() is resolved), spaces percent-encoded
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,11 @@ class Settings:
     # Database connections per worker process (default: an eighth of the threads, at least 4).
     db_pool: int | None = field(default_factory=lambda: _optional_int("KLING_DB_POOL"))
 
+    # Result images (worker.archive): where they are kept (file:///dir, s3://bucket/prefix or off),
+    # and the most bytes one image may have; a larger one is refused, not cut.
+    archive: str = field(default_factory=lambda: os.environ.get("KLING_ARCHIVE", "").strip() or _embedded_archive())
+    archive_max_bytes: int = field(default_factory=lambda: _int("KLING_ARCHIVE_MAX_BYTES", DEFAULT_MAX_BYTES))
+
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("KLING_MAX_ATTEMPTS must be at least 1")
@@ -109,6 +121,9 @@ class Settings:
                 f"{MAX_BUDGET_SLEEP:g}s of budget wait + MODELLIX_CONNECT_TIMEOUT + MODELLIX_READ_TIMEOUT "
                 f"= {longest:g}s"
             )
+        ArchiveSpec.parse(self.archive)  # a ValueError naming KLING_ARCHIVE, at start-up rather than at a job's end
+        if self.archive_max_bytes < 1:
+            raise ValueError("KLING_ARCHIVE_MAX_BYTES must be at least 1")
 
 
 def load() -> Settings:
