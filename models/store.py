@@ -199,7 +199,7 @@ def claim_stale(s: Session, status: JobStatus, before: datetime, limit: int) -> 
     )
 
 
-def set_files(ex: Executor, job_id: str, files: list[dict[str, Any] | None], now: datetime) -> None:
+def set_files(ex: Executor, job_id: str, files: list[dict[str, Any]], now: datetime) -> None:
     """Record where a job's result images were archived (in the order of its result URLs).
 
     Not a status change: a job that ended keeps its status; its files are what followed the end.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -363,3 +366,119 @@ def test_request_log_names_client_kind_and_answer(server, http):
         ("worker-b", "other", 404),
     ]
     assert all(before - 10 < r["at"] <= before for r in log)
+
+
+# -- result images ---------------------------------------------------------------
+
+
+def decode_png(data: bytes) -> tuple[int, int, bytes]:
+    """(width, height, raw rows) of an 8-bit RGB PNG, checking its signature, every chunk's CRC and the rows' size."""
+    assert data.startswith(PNG_MAGIC)
+    at, chunks = 8, []
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length : at + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        chunks.append((kind, body))
+        at += 12 + length
+    kinds = [kind for kind, _ in chunks]
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
+    assert (depth, colour) == (8, 2)
+    rows = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    assert len(rows) == height * (1 + 3 * width)
+    return width, height, rows
+
+
+def finished_urls(server, http, n: int) -> list[str]:
+    task_id = submit(server, http, {"prompt": f"cats {time.monotonic_ns()}", "n": n}).json()["data"]["task_id"]
+    data = poll_until(server, http, task_id, "success")
+    assert data["status"] == "success"
+    return [r["url"] for r in data["result"]["resources"]]
+
+
+def test_results_are_real_pngs_different_for_each_task_and_index(server, http):
+    urls = finished_urls(server, http, 2) + finished_urls(server, http, 2)
+    images = [requests.get(url, timeout=10) for url in urls]
+    assert all(i.status_code == 200 and i.headers["Content-Type"] == "image/png" for i in images)
+    assert all(decode_png(i.content)[:2] == (8, 8) for i in images)
+    assert len({hashlib.sha256(i.content).hexdigest() for i in images}) == 4
+    assert requests.get(urls[0], timeout=10).content == images[0].content  # the same URL, the same bytes
+    server.result_side = 592  # a 1 MiB image, as the archive's benchmark downloads
+    width, height, _ = decode_png(big := requests.get(urls[0], timeout=10).content)
+    assert (width, height) == (592, 592) and 1024 * 1024 < len(big) < 1024 * 1024 + 5000
+
+
+def test_results_expire_result_ttl_after_their_task_ended(server, http):
+    (url,) = finished_urls(server, http, 1)
+    assert server.result_ttl is None and requests.get(url, timeout=10).status_code == 200  # never, by default
+    server.result_ttl = 0
+    expired = requests.get(url, timeout=10)
+    assert expired.status_code == 403 and b"<Code>AccessDenied</Code>" in expired.content
+    assert b"Request has expired" in expired.content
+
+    answer = requests.post(server.url + "/_sandbox/config", json={"result_ttl": 3})
+    assert answer.status_code == 200 and answer.json()["result_ttl"] == 3.0 and server.result_ttl == 3.0
+    assert stats(server)["result_ttl"] == 3.0
+    (fresh,) = finished_urls(server, http, 1)
+    ended = time.monotonic()
+    assert requests.get(fresh, timeout=10).status_code == 200
+    while requests.get(fresh, timeout=10).status_code == 200:  # until its three seconds are up
+        assert time.monotonic() - ended < 30
+        time.sleep(0.05)
+    assert time.monotonic() - ended >= 2.9 - 0.5  # counted from the task's end (the poll saw it up to 0.5 s late)
+
+    for bad in ({"result_ttl": -1}, {"result_ttl": "soon"}, {"result_ttl": 5, "bogus": 1}):
+        assert requests.post(server.url + "/_sandbox/config", json=bad).status_code == 400
+    assert server.result_ttl == 3.0  # all or nothing
+    assert requests.post(server.url + "/_sandbox/config", json={"result_ttl": None}).json()["result_ttl"] is None
+    assert requests.get(fresh, timeout=10).status_code == 200  # null: never again
+
+
+def test_result_urls_refuse_a_key_and_images_that_do_not_exist(server, http):
+    (url,) = finished_urls(server, http, 1)
+    api_requests = stats(server)["requests"]
+    with_key = requests.get(url, headers={"Authorization": f"Bearer {server.api_key}"}, timeout=10)
+    assert with_key.status_code == 400 and b"Only one auth mechanism allowed" in with_key.content
+    assert requests.get(url.replace("/0.png", "/1.png"), timeout=10).status_code == 404  # n was 1
+    server.task_seconds = 30
+    task_id = submit(server, http).json()["data"]["task_id"]
+    assert requests.get(f"{server.url}/results/{task_id}/0.png", timeout=10).status_code == 404  # not finished
+    # A task the sandbox never made (the demo's example input image) is served.
+    assert decode_png(requests.get(server.url + "/results/example/0.png", timeout=10).content)[:2] == (8, 8)
+    s = stats(server)
+    assert s["downloads"] == 4 and s["requests"] == api_requests + 1  # the submit: downloads are no API requests
+
+
+def test_scripted_result_answers(server, http):
+    (url,) = finished_urls(server, http, 1)
+    server.script(Step(401), Step(503, on="result"), Step("not_image", on="result"), Step("drop", on="result"))
+    assert requests.get(url, timeout=10).status_code == 503  # on="any" steps leave downloads alone
+    assert submit(server, http).status_code == 401  # and on="result" steps leave the API alone
+    page = requests.get(url, timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"] == "image/png"
+    assert not page.content.startswith(PNG_MAGIC)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url, timeout=10)
+    assert requests.get(url, timeout=10).content.startswith(PNG_MAGIC)
+
+    server.script(Step("endless", on="result"))
+    with requests.get(url, stream=True, timeout=10) as endless:
+        assert "Content-Length" not in endless.headers
+        read = 0
+        for piece in endless.iter_content(64 * 1024):
+            assert read or piece.startswith(PNG_MAGIC)
+            read += len(piece)
+            if read > 4 * 1024 * 1024:
+                break
+    assert read > 4 * 1024 * 1024
+
+    for bad in (
+        {"answer": "not_image"},  # a download's answer, without on="result"
+        {"answer": "endless", "on": "poll"},
+        {"answer": "no_task_id", "on": "result"},
+        {"answer": "status:failed", "on": "result"},
+    ):
+        answer = requests.post(server.url + "/_sandbox/script", json={"steps": [bad]})
+        assert answer.status_code == 400, bad

@@ -276,7 +276,7 @@ def cmd_results_get(args: argparse.Namespace) -> int:
         return 1
     out: Path = args.out or Path(args.job_id)
     out.mkdir(parents=True, exist_ok=True)
-    for index, found in kept:
+    for _, found in kept:
         data = archive.read(found["uri"])
         if hashlib.sha256(data).hexdigest() != found["sha256"]:
             print(f"{found['uri']}: its digest does not match the one recorded", file=sys.stderr)

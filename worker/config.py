@@ -1,7 +1,8 @@
 """Settings from the environment (12-factor), each with an embedded default.
 
-The embedded defaults need no server: SQLite for the job table and kombu's
-filesystem transport as the broker, both under ``KLING_HOME`` (``./.kling``).
+The embedded defaults need no server: SQLite for the job table, kombu's
+filesystem transport as the broker and a folder for the result images, all
+under ``KLING_HOME`` (``./.kling``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from worker.archive import DEFAULT_MAX_BYTES, ArchiveSpec
 from worker.webhooks import WebhookSecret
 
 DEFAULT_BASE_URL = "https://api.modellix.ai"
@@ -57,6 +59,10 @@ def _embedded_broker() -> str:
 
 def _embedded_database() -> str:
     return f"sqlite:///{home() / 'jobs.sqlite'}"
+
+
+def _embedded_archive() -> str:
+    return (home() / "results").as_uri()  # absolute (home() is resolved), spaces percent-encoded
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,10 @@ class Settings:
     # How long a worker may take over one delivery (an archive, a webhook) before the sweep
     # gives it to another: longer than archiving a job's images or a webhook's timeouts.
     delivery_lease: float = field(default_factory=lambda: _float("KLING_DELIVERY_LEASE", 120.0))
+    # Result images (worker.archive): where they are kept (file:///dir, s3://bucket/prefix or off),
+    # and the most bytes one image may have; a larger one is refused, not cut.
+    archive: str = field(default_factory=lambda: os.environ.get("KLING_ARCHIVE", "").strip() or _embedded_archive())
+    archive_max_bytes: int = field(default_factory=lambda: _int("KLING_ARCHIVE_MAX_BYTES", DEFAULT_MAX_BYTES))
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -143,6 +153,9 @@ class Settings:
             raise ValueError("KLING_WEBHOOK_RETRY_FOR must not be negative")
         if min(self.webhook_timeout) <= 0:
             raise ValueError("KLING_WEBHOOK_CONNECT_TIMEOUT and KLING_WEBHOOK_READ_TIMEOUT must be positive")
+        ArchiveSpec.parse(self.archive)  # a ValueError naming KLING_ARCHIVE, at start-up rather than at a job's end
+        if self.archive_max_bytes < 1:
+            raise ValueError("KLING_ARCHIVE_MAX_BYTES must be at least 1")
 
 
 def load() -> Settings:

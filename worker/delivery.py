@@ -129,34 +129,37 @@ def event_id(job_id: str) -> str:
 
 
 def _archive(delivery_id: int, job: Job, attempts: int) -> None:
+    """Keep each result image not kept yet; settled once all are kept, or once no retry can help."""
     res = runtime.get()
     cfg = res.settings
-    store_ = res.once("archive", lambda: archive.open_archive(cfg.archive))
+    kept_in = res.once("archive", lambda: archive.open_archive(cfg.archive))
     urls = job.result_urls or []
-    files: list[dict[str, Any] | None] = list(job.files or [None] * len(urls))
+    earlier = job.files or []
+    files: list[dict[str, Any]] = []
     worth_retrying = False
     for index, url in enumerate(urls):
-        if files[index] and files[index].get("uri"):  # type: ignore[union-attr]
-            continue  # kept by an earlier attempt
-        if store_ is None:
-            files[index] = _missing("KLING_ARCHIVE is off")
-            continue
-        try:
-            files[index] = archive.archive_one(store_, job.id, index, url, cfg.archive_max_bytes, cfg.read_timeout).to_json()
-        except archive.ArchiveError as exc:
-            files[index] = _missing(exc.reason)
-            worth_retrying = worth_retrying or exc.retryable
+        if index < len(earlier) and earlier[index].get("uri"):
+            files.append(earlier[index])  # kept by an earlier attempt
+        elif kept_in is None:
+            files.append(_missing("not archived: KLING_ARCHIVE is off"))
+        else:
+            try:
+                kept = archive.archive_one(kept_in, job.id, index, url, cfg.archive_max_bytes, cfg.read_timeout)
+                files.append(kept.to_json())
+            except archive.ArchiveError as exc:
+                files.append(_missing(str(exc)))
+                worth_retrying = worth_retrying or exc.retryable
     now = utcnow()
-    missing = [f["error"] for f in files if f and not f.get("uri")]
+    missing = [f["error"] for f in files if not f["uri"]]
     with res.transaction() as s:
         store.set_files(s, job.id, files, now)
-        if worth_retrying and attempts < ARCHIVE_TRIES and store_ is not None:
+        if worth_retrying and attempts < ARCHIVE_TRIES:
             outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=2.0**attempts), "; ".join(missing))
             return
-        if missing and store_ is not None:
+        failed = bool(missing) and kept_in is not None
+        if failed:
             log.warning("job %s: %d of %d images not archived: %s", job.id, len(missing), len(urls), missing[0])
-        outbox.settle(s, delivery_id, now, State.failed if missing and store_ is not None else State.done,
-                      "; ".join(missing) or None)
+        outbox.settle(s, delivery_id, now, State.failed if failed else State.done, "; ".join(missing) or None)
         outbox.release_events(s, job.id, now)
 
 
@@ -169,14 +172,14 @@ def _webhook(delivery_id: int, job: Job, event: dict[str, Any], attempts: int, c
     cfg = res.settings
     url = job.webhook or ""
     refused = webhooks.check_url(url, cfg.webhook_hosts)
-    secret = res.once("webhook_secret", lambda: webhooks.WebhookSecret.parse(cfg.webhook_secret)) if cfg.webhook_secret else None
-    if secret is None:
+    if not cfg.webhook_secret:
         refused = refused or "KLING_WEBHOOK_SECRET is not set: events are only sent signed"
     now = utcnow()
     if refused:
         _settle(delivery_id, State.failed, refused)
         log.warning("job %s: webhook not sent: %s", job.id, refused)
         return
+    secret = res.once("webhook_secret", lambda: webhooks.WebhookSecret.parse(cfg.webhook_secret))
     session = res.once("webhook_session", _webhook_session)
     attempt = webhooks.send(session, url, event_id(job.id), webhooks.encode(event), secret, cfg.webhook_timeout)
     if attempt.ok:
@@ -203,4 +206,3 @@ def _webhook_session() -> requests.Session:
 def _settle(delivery_id: int, state: State, error: str | None = None) -> None:
     with runtime.get().transaction() as s:
         outbox.settle(s, delivery_id, utcnow(), state, error)
-

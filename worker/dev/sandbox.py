@@ -10,6 +10,13 @@ requests in order (tests that must know exactly which request fails).
 Every API request is logged with its time, its client (the User-Agent, which
 kling-worker's client sets per process) and its answer, so a test can see
 what each worker did and when (`/_sandbox/requests`).
+
+Result images are served at `/results/<task_id>/<k>.png` without a key, like
+the signed URLs the real API returns: a real PNG, different for each task and
+index, that expires (403, as an expired signed URL) `result_ttl` seconds after
+its task finished. A download that carries an Authorization header is refused
+with a 400, as S3 refuses a presigned URL sent with a second credential. They
+are not API requests: a script step reaches them only with `on="result"`.
 """
 
 from __future__ import annotations
@@ -36,16 +43,22 @@ from worker.schemas import GenerationRequestSchema
 SUBMIT_PATHS = (DEFAULT_SUBMIT_PATH, "/api/v1/kling/kling-image-o1/async")
 MODEL_ID = "kling-image-o1"
 _TASK = re.compile(r"^/api/v1/tasks/([^/]+)$")
-_RESULT = re.compile(r"^/results/[^/]+/\d+\.png$")
+_RESULT = re.compile(r"^/results/([^/]+)/(\d+)\.png$")
 _ARRIVALS_KEPT = 200_000  # enough for max_requests_per_second at any rate a benchmark reaches
 
 Answer = tuple[int, dict[str, Any], dict[str, str]]  # status, JSON body, extra headers
 # A status of DROP tells the HTTP handler to close the connection without answering;
-# HTML, to answer 502 with the body's "page" as text/html.
+# HTML, to answer 502 with the body's "page" as text/html; ENDLESS, to stream a
+# result image that never ends (chunked, no Content-Length).
 DROP = -1
 HTML = -2
+ENDLESS = -3
 # Scripted answers besides plain HTTP error statuses (see Step).
-SPECIAL = ("drop", "no_task_id", "wrong_task_id", "no_results", "echo", "html")
+SPECIAL = ("drop", "no_task_id", "wrong_task_id", "no_results", "echo", "html", "not_image", "endless")
+# What a step with on="result" may answer a result download, besides an HTTP error status.
+RESULT_ANSWERS = ("drop", "not_image", "endless")
+# An endless result stops here all the same, so a client that keeps reading cannot fill a disk.
+ENDLESS_CAP = 256 * 1024 * 1024
 
 
 @dataclass
@@ -62,29 +75,39 @@ class Step:
     - "echo": a 400 whose message echoes the request's headers, as a careless
       proxy might: the key reaches the client's error text unless it scrubs it;
     - "html": a 502 with an HTML page instead of the API's JSON, as a proxy in front of it sends;
-    - "status:WORD": a poll answered with the task status WORD.
+    - "status:WORD": a poll answered with the task status WORD;
+    and for a result download (on="result" only, which "any" does not include):
+    an HTTP error status, "drop", "not_image" (a 200 whose body is an HTML page
+    although its Content-Type says image/png) or "endless" (a 200 PNG that never
+    ends, chunked, without a Content-Length).
     """
 
     answer: int | str
-    on: str = "any"  # "submit", "poll" or "any"
+    on: str = "any"  # "submit", "poll", "any" (any API request) or "result" (a result download)
     times: int = 1
     retry_after: float | None = None  # sent with the answer, when set
 
     def __post_init__(self) -> None:
-        if self.on not in ("submit", "poll", "any"):
-            raise ValueError("on must be submit, poll or any")
+        if self.on not in ("submit", "poll", "any", "result"):
+            raise ValueError("on must be submit, poll, any or result")
         if isinstance(self.answer, bool) or not (
             (isinstance(self.answer, int) and 400 <= self.answer <= 599)
             or self.answer in SPECIAL
             or (isinstance(self.answer, str) and self.answer.startswith("status:"))
         ):
             raise ValueError(f"answer must be an HTTP error status or one of {', '.join(SPECIAL)}, status:WORD")
+        if self.on == "result" and not (isinstance(self.answer, int) or self.answer in RESULT_ANSWERS):
+            raise ValueError(f'on="result" takes an HTTP error status or one of {", ".join(RESULT_ANSWERS)}')
+        if self.on != "result" and self.answer in ("not_image", "endless"):
+            raise ValueError(f'{self.answer} answers result downloads: on="result"')
         if isinstance(self.times, bool) or not isinstance(self.times, int) or self.times < 1:
             raise ValueError("times must be a positive integer")
         if self.retry_after is not None:
             self.retry_after = _number("retry_after", self.retry_after)
 
     def applies(self, kind: str) -> bool:
+        if kind == "result" or self.on == "result":
+            return kind == self.on  # downloads are not API requests: "any" leaves them alone
         if kind == "other" or self.on not in ("any", kind):
             return False
         if self.answer == "no_task_id":
@@ -108,16 +131,26 @@ class Faults:
 
 def png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 200)) -> bytes:
     """A valid solid-colour RGB PNG: clients that decode results get a real image."""
+    return _png(width, height, bytes(rgb) * (width * height), level=6)
 
+
+def result_png(task_id: str, index: int, side: int = 8) -> bytes:
+    """A task's result image: a valid side x side RGB PNG of noise seeded by (task, index),
+    so every image differs (and so do their digests) and the same URL always gives the same bytes.
+    Stored uncompressed: noise does not compress, and a 1 MiB image (side 592) costs no CPU to make."""
+    seed = hashlib.blake2b(f"{task_id}/{index}".encode(), digest_size=16).digest()
+    return _png(side, side, random.Random(seed).randbytes(3 * side * side), level=0)
+
+
+def _png(width: int, height: int, pixels: bytes, level: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-
-
-RESULT_PNG = png()
+    stride = 3 * width
+    rows = b"".join(b"\x00" + pixels[row * stride : (row + 1) * stride] for row in range(height))  # filter 0
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    idat = zlib.compress(rows, level)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 _CATEGORIES = {
@@ -154,9 +187,15 @@ class SandboxServer:
         task_seconds: float = 2.0,
         faults: Faults | None = None,
         seed: int | None = None,
+        result_ttl: float | None = None,
+        result_side: int = 8,
     ):
         self.api_key = api_key
         self.task_seconds = task_seconds
+        # Seconds after its task finished that a result URL answers 403 (None: never). Read at each
+        # download, unlike task_seconds: a test can expire the URLs of tasks that already finished.
+        self.result_ttl = result_ttl
+        self.result_side = result_side  # pixels; 592 makes 1 MiB images
         self.faults = faults or Faults()
         self._random = random.Random(seed)
         self._lock = threading.Lock()  # the only lock; held for a few dict/counter operations
@@ -205,7 +244,14 @@ class SandboxServer:
             self._tasks: dict[str, _Task] = {}
             self._bodies: set[bytes] = set()  # digests, not bodies: inline images can be 10 MB
             self._arrivals: deque[float] = deque(maxlen=_ARRIVALS_KEPT)
-            self._counts = {"submits": 0, "polls": 0, "requests": 0, "errors_injected": 0, "duplicate_prompts": 0}
+            self._counts = {
+                "submits": 0,
+                "polls": 0,
+                "requests": 0,
+                "errors_injected": 0,
+                "duplicate_prompts": 0,
+                "downloads": 0,  # result downloads; not API requests, so not in "requests"
+            }
             self._status_counts: dict[str, int] = {}
             self._script: list[Step] = []
             self._log: deque[dict[str, Any]] = deque(maxlen=_ARRIVALS_KEPT)
@@ -254,6 +300,7 @@ class SandboxServer:
                 tasks=len(self._tasks),
                 faults=asdict(self.faults),
                 task_seconds=self.task_seconds,
+                result_ttl=self.result_ttl,
             )
         # Computed here, not per request: stats are read rarely, requests are the hot path.
         result["max_requests_per_second"] = _max_in_window(arrivals, 1.0)
@@ -431,6 +478,35 @@ class SandboxServer:
             )
         return 200, {"code": 0, "message": "success", "data": data}, {}
 
+    # -- result images (no key: public, signed URLs in the real API) ----
+    def handle_result(self, task_id: str, index: int, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        """A result download: (status, body, headers); a status of DROP or ENDLESS for the handler to act out."""
+        with self._lock:
+            self._counts["downloads"] += 1
+        if headers.get("Authorization"):
+            # S3 answers so when a presigned URL comes with a key too: whoever sent the API key here leaks it.
+            return _xml(400, "InvalidArgument", "Only one auth mechanism allowed")
+        step = self._next_step("result")
+        if step is not None:
+            if isinstance(step.answer, int):
+                return _xml(step.answer, _CATEGORIES.get(step.answer, "Error").replace(" ", ""), "scripted")
+            if step.answer == "drop":
+                return DROP, b"", {}
+            if step.answer == "endless":
+                return ENDLESS, b"", {"Content-Type": "image/png"}
+            return 200, b"<html><body><h1>Sign in to continue</h1></body></html>", {"Content-Type": "image/png"}
+        with self._lock:
+            task = self._tasks.get(task_id)
+        # An unknown task's path is served (the demo uses one as an input image); a known task's
+        # images exist once it succeeded, and only as many as it made.
+        if task is not None:
+            now = time.monotonic()
+            if now < task.finishes or task.fails or index >= task.n:
+                return _xml(404, "NoSuchKey", "The specified key does not exist.")
+            if self.result_ttl is not None and now >= task.finishes + self.result_ttl:
+                return _xml(403, "AccessDenied", "Request has expired")
+        return 200, result_png(task_id, index, self.result_side), {"Content-Type": "image/png"}
+
     # -- control (no auth: tests in other processes drive the sandbox) ---
     def handle_control(self, method: str, path: str, raw: bytes) -> Answer:
         if method == "GET" and path == "/_sandbox/stats":
@@ -451,7 +527,8 @@ class SandboxServer:
             self.reset()
             return 200, {"ok": True}, {}
         if method == "POST" and path in ("/_sandbox/faults", "/_sandbox/config"):
-            # Both accept fault fields and task_seconds: one call can set up a whole scenario.
+            # Both accept fault fields, task_seconds and result_ttl (null: never expire): one call
+            # can set up a whole scenario.
             try:
                 body = json.loads(raw or b"{}")
                 if not isinstance(body, dict):
@@ -459,13 +536,26 @@ class SandboxServer:
                 task_seconds = body.pop("task_seconds", None)
                 if task_seconds is not None:
                     task_seconds = _number("task_seconds", task_seconds)
+                set_ttl = "result_ttl" in body
+                result_ttl = body.pop("result_ttl", None)
+                if result_ttl is not None:
+                    result_ttl = _number("result_ttl", result_ttl)
                 self.set_faults(**body)
             except (TypeError, ValueError) as exc:
                 return _error(400, f"Bad Request: {exc}")
             if task_seconds is not None:
                 self.task_seconds = task_seconds
-            return 200, {"faults": asdict(self.faults), "task_seconds": self.task_seconds}, {}
+            if set_ttl:
+                self.result_ttl = result_ttl
+            answer = {"faults": asdict(self.faults), "task_seconds": self.task_seconds, "result_ttl": self.result_ttl}
+            return 200, answer, {}
         return _error(404, f"Not Found: no endpoint {method} {path}")
+
+
+def _xml(status: int, code: str, message: str) -> tuple[int, bytes, dict[str, str]]:
+    """An error in the shape S3 (and the CDNs in front of it) answers a signed URL with."""
+    body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
+    return status, body.encode(), {"Content-Type": "application/xml"}
 
 
 def _number(name: str, value: Any, top: float | None = None) -> float:
@@ -527,9 +617,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body's end is unknown: the connection cannot be reused
             return self._json(*_error(400, "Bad Request: invalid Content-Length"))
         raw = self.rfile.read(length) if length > 0 else b""
-        if method == "GET" and _RESULT.match(path):
-            return self._send(200, RESULT_PNG, {"Content-Type": "image/png"})
         sandbox = self.server.sandbox
+        result = _RESULT.match(path) if method == "GET" else None
+        if result:
+            status, body, headers = sandbox.handle_result(result[1], int(result[2]), dict(self.headers.items()))
+            if status == DROP:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
+            if status == ENDLESS:
+                return self._endless(headers)
+            return self._send(status, body, headers)
         if path.startswith("/_sandbox/"):
             return self._json(*sandbox.handle_control(method, path, raw))
         status, payload, headers = sandbox.handle_api(method, path, dict(self.headers.items()), raw)
@@ -540,6 +638,23 @@ class _Handler(BaseHTTPRequestHandler):
         if status == HTML:
             return self._send(502, payload["page"].encode(), {"Content-Type": "text/html", **headers})
         self._json(status, payload, headers)
+
+    def _endless(self, headers: dict[str, str]) -> None:
+        """A PNG that never ends (up to ENDLESS_CAP): chunked, so no Content-Length warns the client."""
+        self.close_connection = True  # the client hangs up mid-body: the connection is done
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        piece = bytes(64 * 1024)
+        try:
+            for k in range(ENDLESS_CAP // len(piece)):
+                data = b"\x89PNG\r\n\x1a\n" + piece[8:] if k == 0 else piece
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading, as it should
 
     def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str]) -> None:
         self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **headers})
