@@ -48,6 +48,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 _ACTIVE_SQL = text("status IN ('submitted', 'processing')")
 JSONDoc = JSON().with_variant(JSONB(), "postgresql")
+# For optional documents: Python None is SQL NULL, not JSON null, so `IS NULL` finds it (models.outbox).
+OptionalJSONDoc = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 def utcnow() -> datetime:
@@ -85,9 +87,9 @@ class Job(Base):
     # Where the caller wants to hear that the job ended (models.outbox): an http(s) URL,
     # and/or a Celery task {"task": NAME, "queue": QUEUE}.
     webhook: Mapped[str | None] = mapped_column(Text)
-    callback: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
+    callback: Mapped[dict[str, Any] | None] = mapped_column(OptionalJSONDoc)
     # The archived result images, in the order of result_urls (worker.archive).
-    files: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONDoc)
+    files: Mapped[list[dict[str, Any]] | None] = mapped_column(OptionalJSONDoc)
 
     __table_args__ = (
         Index("ix_jobs_status_updated", "status", "updated_at"),
