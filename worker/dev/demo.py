@@ -13,10 +13,11 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from typing import Any
 
-from models import TERMINAL
+from models import TERMINAL, store
 from worker import runtime
 from worker.config import home
 from worker.dev.sandbox import SandboxServer, png
@@ -46,6 +47,19 @@ def example_jobs(run: str, sandbox_url: str) -> list[tuple[str, dict[str, Any]]]
         (f"demo-{run}-elements", {"prompt": "A product shot on marble", "element_list": [{"element_id": 42}]}),
         (f"demo-{run}-invalid", {"prompt": "Refers to <<<image_3>>>", "n": 12, "negative_prompt": "blur"}),
     ]
+
+
+def _wait_for_archives(job_ids: list[str], timeout: float) -> dict[str, list[dict[str, Any]]]:
+    """The archived files of these jobs, once the workers have kept them (a sweep after each end)."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, list[dict[str, Any]]] = {}
+    while time.monotonic() < deadline:
+        with runtime.get().transaction() as s:
+            found = {j.id: j.files for j in store.find_jobs(s, job_ids) if j.files}
+        if len(found) == len(job_ids):
+            break
+        time.sleep(0.3)
+    return found
 
 
 def run(timeout: float = 120.0) -> int:
@@ -91,6 +105,7 @@ def run(timeout: float = 120.0) -> int:
             ids.append(job_id)
             print(f"enqueued {job_id}")
         rows = watch(ids, timeout, sys.stdout)
+        archived = _wait_for_archives([r["id"] for r in rows.values() if r["status"] == "succeeded"], 30.0)
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -103,6 +118,12 @@ def run(timeout: float = 120.0) -> int:
     for row in rows.values():
         outcome = row["result_urls"] if row["status"] == "succeeded" else f"{row['error_code']}: {row['error_message']}"
         print(f"{row['id']:<22} {row['status']:<10} {outcome}")
+    for job_id, files in archived.items():
+        for found in files:
+            where = found["uri"] or f"not archived ({found['error']})"
+            print(f"{job_id:<22} kept    {where}")
+    if archived:
+        print(f"\nthe images stay in {runtime.settings().archive} ('kling-worker results get ID' copies them)")
     finished = all(row["status"] in TERMINAL for row in rows.values()) and len(rows) == len(ids)
     print("\nall jobs reached an end state" if finished else "\nsome jobs did not finish in time")
     return 0 if finished else 1
