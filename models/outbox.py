@@ -150,6 +150,17 @@ def release_events(ex: Executor, job_id: str, now: datetime) -> None:
     )
 
 
+def claim_job_due(ex: Executor, job_id: str, now: datetime, lease: float) -> list[int]:
+    """A job's rows that are due now, taken for `lease` seconds (by the worker that just released them)."""
+    rows = ex.execute(
+        update(deliveries)
+        .where(deliveries.c.job_id == job_id, deliveries.c.state == State.pending.value, deliveries.c.due_at <= now)
+        .values(due_at=now + timedelta(seconds=lease), attempts=deliveries.c.attempts + 1, updated_at=now)
+        .returning(deliveries.c.id)
+    )
+    return [row[0] for row in rows]
+
+
 def again(ex: Executor, job_id: str, channels: list[Channel], now: datetime) -> int:
     """Send a job's events again (an operator's redeliver): those rows are due now; how many."""
     result = ex.execute(

@@ -57,10 +57,12 @@ def run_deliveries(timeout: float = 20.0) -> list[delivery.Callback]:
         due = delivery.due()
         if not due:
             return callbacks
-        for delivery_id in due:
-            callback = delivery.deliver(delivery_id)
-            if callback is not None:
-                callbacks.append(callback)
+        while due:
+            delivery_id = due.pop(0)
+            done = delivery.deliver(delivery_id)
+            due += done.then
+            if done.callback is not None:
+                callbacks.append(done.callback)
                 delivery.sent(delivery_id)
     raise AssertionError("deliveries still due after the timeout")
 
@@ -163,8 +165,8 @@ def test_a_callback_the_broker_refused_is_tried_again(delivering):
     assert states("cb-1")["callback"] == ("done", 1)
     assert cli.main(["jobs", "redeliver", "cb-1"]) == 0
     (delivery_id,) = delivery.due()
-    assert delivery.deliver(delivery_id) is not None
+    assert delivery.deliver(delivery_id).callback is not None
     delivery.not_sent(delivery_id, "the broker refused the callback: connection refused")
     assert states("cb-1")["callback"] == ("pending", 1)
     (again,) = delivery.due()
-    assert again == delivery_id and delivery.deliver(delivery_id).task == "t"
+    assert again == delivery_id and delivery.deliver(delivery_id).callback.task == "t"

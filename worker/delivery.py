@@ -43,6 +43,14 @@ EVENT_TYPES = {
 
 
 @dataclass(frozen=True)
+class Done:
+    """What carrying out a row leaves to the caller: a callback to send, rows to carry out next."""
+
+    callback: Callback | None = None
+    then: tuple[int, ...] = ()  # the events an archive released, already claimed by this worker
+
+
+@dataclass(frozen=True)
 class Callback:
     """A Celery task for the caller to send: `task` to `queue` with kwargs {"event": event}."""
 
@@ -64,25 +72,24 @@ def due() -> list[int]:
         return []
 
 
-def deliver(delivery_id: int) -> Callback | None:
+def deliver(delivery_id: int) -> Done:
     """Carry out one claimed row: archive, or send a webhook; a callback is returned to be sent."""
     res = runtime.get()
     with res.transaction() as s:
         row = outbox.get(s, delivery_id)
         job = store.get_job(s, row.job_id) if row is not None else None
         if row is None or job is None or row.state != State.pending.value:
-            return None  # settled meanwhile (another worker, after a lease ran out)
+            return Done()  # settled meanwhile (another worker, after a lease ran out)
         channel, attempts, created_at = Channel(row.channel), row.attempts, row.created_at
         s.expunge(job)
     if channel is Channel.archive:
-        _archive(delivery_id, job, attempts)
-        return None
+        return Done(then=_archive(delivery_id, job, attempts))
     event = event_of(job)
     if channel is Channel.webhook:
         _webhook(delivery_id, job, event, attempts, created_at)
-        return None
+        return Done()
     callback = job.callback or {}
-    return Callback(str(callback["task"]), str(callback["queue"]), event)
+    return Done(Callback(str(callback["task"]), str(callback["queue"]), event))
 
 
 def sent(delivery_id: int) -> None:
@@ -128,8 +135,11 @@ def event_id(job_id: str) -> str:
 # -- the channels --------------------------------------------------------------
 
 
-def _archive(delivery_id: int, job: Job, attempts: int) -> None:
-    """Keep each result image not kept yet; settled once all are kept, or once no retry can help."""
+def _archive(delivery_id: int, job: Job, attempts: int) -> tuple[int, ...]:
+    """Keep each result image not kept yet; settled once all are kept, or once no retry can help.
+
+    Returns the job's events it released, claimed for this worker to send at once (not a sweep later).
+    """
     res = runtime.get()
     cfg = res.settings
     kept_in = res.once("archive", lambda: archive.open_archive(cfg.archive))
@@ -155,12 +165,13 @@ def _archive(delivery_id: int, job: Job, attempts: int) -> None:
         store.set_files(s, job.id, files, now)
         if worth_retrying and attempts < ARCHIVE_TRIES:
             outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=2.0**attempts), "; ".join(missing))
-            return
+            return ()
         failed = bool(missing) and kept_in is not None
         if failed:
             log.warning("job %s: %d of %d images not archived: %s", job.id, len(missing), len(urls), missing[0])
         outbox.settle(s, delivery_id, now, State.failed if failed else State.done, "; ".join(missing) or None)
         outbox.release_events(s, job.id, now)
+        return tuple(outbox.claim_job_due(s, job.id, now, cfg.delivery_lease))
 
 
 def _missing(reason: str) -> dict[str, Any]:

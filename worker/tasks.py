@@ -66,16 +66,22 @@ def sweep() -> int:
 
 @app.task(name="kling.deliver")
 def deliver(delivery_id: int) -> None:
-    """Carry out one row of the outbox: archive a job's images, or send its event (worker.delivery)."""
-    callback = delivery.deliver(delivery_id)
-    if callback is None:
-        return
-    try:
-        app.send_task(callback.task, kwargs={"event": callback.event}, queue=callback.queue)
-    except (OSError, OperationalError) as exc:
-        delivery.not_sent(delivery_id, f"the broker refused the callback: {exc}")
-        return
-    delivery.sent(delivery_id)
+    """Carry out one row of the outbox: archive a job's images, or send its event (worker.delivery);
+    then the events an archive released, here and now."""
+    todo = [delivery_id]
+    while todo:
+        current = todo.pop(0)
+        done = delivery.deliver(current)
+        todo += done.then
+        if done.callback is None:
+            continue
+        callback = done.callback
+        try:
+            app.send_task(callback.task, kwargs={"event": callback.event}, queue=callback.queue)
+        except (OSError, OperationalError) as exc:
+            delivery.not_sent(current, f"the broker refused the callback: {exc}")
+            continue
+        delivery.sent(current)
 
 
 def follow(job_id: str, seq: int) -> None:
