@@ -97,3 +97,45 @@ def service(any_db_url, sandbox, configure):
         KLING_POLL_DEADLINE=60,
     )
     return sandbox
+
+
+# -- an S3-compatible store: moto's standalone server, in this process ---------------
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    """moto's standalone S3 server in this process, on a free port: real HTTP, real boto3 calls."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path, moto_url) -> dict[str, str]:
+    """The standard AWS environment boto3 reads, pointing at moto; no file on this machine is read."""
+    env = {
+        "AWS_ENDPOINT_URL": moto_url,
+        "AWS_ACCESS_KEY_ID": "AKIAKLINGTEST" + uuid.uuid4().hex[:7].upper(),
+        "AWS_SECRET_ACCESS_KEY": "kling-test-secret-" + uuid.uuid4().hex,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
+    return env
+
+
+@pytest.fixture
+def bucket(aws_env) -> str:
+    import boto3
+
+    name = "kling-" + uuid.uuid4().hex[:12]
+    boto3.session.Session().client("s3").create_bucket(Bucket=name)
+    return name

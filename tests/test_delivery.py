@@ -170,3 +170,16 @@ def test_a_callback_the_broker_refused_is_tried_again(delivering):
     assert states("cb-1")["callback"] == ("pending", 1)
     (again,) = delivery.due()
     assert again == delivery_id and delivery.deliver(delivery_id).callback.task == "t"
+
+
+def test_images_archived_to_an_s3_compatible_store_come_back_with_their_digests(
+    service, configure, receiver, bucket, tmp_path, capsys
+):
+    configure(KLING_WEBHOOK_SECRET=SECRET, KLING_ARCHIVE=f"s3://{bucket}/results")
+    run_to_end("s3-1", request={"prompt": "x", "n": 2}, webhook=receiver.url())
+    run_deliveries()
+    event = json.loads(receiver.wait_for(1)[0].body)
+    assert [f["uri"] for f in event["files"]] == [f"s3://{bucket}/results/s3-1/{i}.png" for i in range(2)]
+    assert cli.main(["results", "get", "s3-1", "--out", str(tmp_path / "got")]) == 0
+    written = [Path(line) for line in capsys.readouterr().out.split()]
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in written] == [f["sha256"] for f in event["files"]]

@@ -119,7 +119,7 @@ def test_a_waiting_job_takes_a_freed_place_at_once(service, configure):
     started = time.monotonic()
     waiter.start()
     time.sleep(1.0)
-    with runtime.get().statement() as ex:  # the running task ends
+    with runtime.get().transaction() as ex:  # the running task ends
         lifecycle.succeed(ex, "running", utcnow(), result_urls=["https://r/0.png"], answer={})
     waiter.join(15)
     assert outcome and outcome[0].status is JobStatus.submitted  # it waited in place, not in the broker

@@ -101,5 +101,8 @@ def test_the_job_row_as_json_has_the_documented_columns():
         "updated_at",
         "submitted_at",
         "finished_at",
+        "webhook",
+        "callback",
+        "files",
     }
     assert set(Job(id="j", status="queued", request={}).to_dict()) == documented

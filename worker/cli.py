@@ -206,10 +206,10 @@ def _print_job(row: dict[str, Any]) -> None:
             continue
         shown = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
         print(f"{key:>17}: {shown}")
-    for index, found in enumerate(row["files"] or []):
+    for index, found in enumerate(row.get("files") or []):
         kept = f"{found['uri']} ({found['content_type']}, {found['bytes']} bytes)" if found.get("uri") else None
         print(f"{f'file {index}':>17}: {kept or 'not archived: ' + str(found.get('error'))}")
-    for d in row["deliveries"] or []:
+    for d in row.get("deliveries") or []:
         state = f"{d['state']} after {d['attempts']} attempt(s)"
         print(f"{d['channel']:>17}: {state}" + (f"; last error: {d['last_error']}" if d["last_error"] else ""))
 
