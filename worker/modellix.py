@@ -23,11 +23,9 @@ treats as unknown.
 
 from __future__ import annotations
 
-import email.utils
 import enum
 import importlib.metadata
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +35,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
 from worker.config import DEFAULT_SUBMIT_PATH
+from worker.retry_after import parse_retry_after
 
 try:
     _VERSION = importlib.metadata.version("kling-worker")
@@ -192,20 +191,6 @@ class TaskState:
             if value:
                 return str(value)
         return f"task ended with status {self.status!r}"
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After is seconds or an HTTP date; anything else is ignored."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def result_urls(data: dict[str, Any]) -> list[str]:

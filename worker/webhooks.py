@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
 import hashlib
 import hmac
 import json
@@ -59,6 +58,8 @@ from urllib.parse import urlsplit
 
 import requests
 from urllib3.util import parse_url
+
+from worker.retry_after import parse_retry_after
 
 SECRET_PREFIX = "whsec_"
 # The specification's bounds for a symmetric signing secret: 24 to 64 random bytes.
@@ -228,7 +229,7 @@ def _judge(response: requests.Response) -> Attempt:
     status = response.status_code
     if 200 <= status < 300:
         return Attempt(True, status, None, False)
-    retry_after = _retry_after(response.headers.get("Retry-After"))
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
     if status == GONE:
         return Attempt(False, status, "answered 410 Gone: the receiver wants no more deliveries", False, retry_after)
     if 300 <= status < 400:
@@ -236,22 +237,6 @@ def _judge(response: requests.Response) -> Attempt:
     else:
         error = f"answered {status}"
     return Attempt(False, status, error, True, retry_after)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds: a number of seconds or an HTTP date; anything else is ignored.
-    (worker.modellix has the same reader; importing it here would make config -> webhooks
-    -> modellix -> config a cycle.)"""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _reason(exc: BaseException) -> str:
