@@ -73,7 +73,22 @@ def due() -> list[int]:
 
 
 def deliver(delivery_id: int) -> Done:
-    """Carry out one claimed row: archive, or send a webhook; a callback is returned to be sent."""
+    """Carry out one claimed row: archive, or send a webhook; a callback is returned to be sent.
+
+    Through a database outage the row is left as claimed: its lease runs out and the sweep
+    hands it out again (a webhook already sent goes again: deliveries are at least once).
+    """
+    res = runtime.get()
+    try:
+        return _deliver(delivery_id)
+    except Exception as exc:
+        if not db.unreachable(exc):
+            raise
+        res.outage.defer("deliveries", exc)
+        return Done()
+
+
+def _deliver(delivery_id: int) -> Done:
     res = runtime.get()
     with res.transaction() as s:
         row = outbox.get(s, delivery_id)
