@@ -482,3 +482,32 @@ def test_scripted_result_answers(server, http):
     ):
         answer = requests.post(server.url + "/_sandbox/script", json={"steps": [bad]})
         assert answer.status_code == 400, bad
+
+
+# -- account endpoints (modellix-api.md, "Account endpoints") --------------------------
+
+
+def test_validate_says_whether_the_key_is_valid(server, http):
+    url = server.url + "/api/v1/apikey/validate"
+    assert http.get(url, timeout=10).json() == {"code": 0, "message": "success", "data": {"is_valid": True}}
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}):
+        answer = requests.get(url, headers=headers, timeout=10)
+        assert answer.status_code == 200
+        assert answer.json()["data"] == {"is_valid": False}
+    server.set_faults(reject_key=True)
+    assert http.get(url, timeout=10).json()["data"] == {"is_valid": False}
+
+
+def test_balance_is_settable_and_needs_the_key(server, http):
+    url = server.url + "/api/v1/team/balance"
+    assert http.get(url, timeout=10).json()["data"] == {"balance": 100.0}
+    assert requests.get(url, headers={"Authorization": "Bearer wrong-key"}, timeout=10).status_code == 401
+    server.balance = 2.5
+    assert http.get(url, timeout=10).json()["data"] == {"balance": 2.5}
+    answer = requests.post(server.url + "/_sandbox/config", json={"balance": 0})
+    assert answer.status_code == 200 and answer.json()["balance"] == 0
+    assert http.get(url, timeout=10).json()["data"] == {"balance": 0}
+    assert server.stats()["balance"] == 0
+    assert requests.post(server.url + "/_sandbox/config", json={"balance": "lots"}).status_code == 400
+    assert requests.post(server.url + "/_sandbox/config", json={"balance": True}).status_code == 400
+    assert server.balance == 0

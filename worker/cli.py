@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--fail-rate", type=float, default=0.0)
     sb.set_defaults(func=cmd_sandbox)
 
+    doctor = sub.add_parser("doctor", help="check the broker, the database, the API, the key and the balance")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=cmd_doctor)
+
     demo = sub.add_parser("demo", help="run the whole service embedded (SQLite, file broker, sandbox)")
     demo.add_argument("--timeout", type=float, default=120.0)
     demo.set_defaults(func=cmd_demo)
@@ -310,6 +314,21 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     print(f"sandbox Modellix API on http://{args.host}:{args.port}", file=sys.stderr)
     server.serve_forever()
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from worker import doctor
+
+    checks = doctor.run()
+    if args.json:
+        print(json.dumps([asdict(check) for check in checks]))
+    else:
+        width = max(len(check.name) for check in checks)
+        for check in checks:
+            print(f"{'ok' if check.ok else 'FAIL':<4}  {check.name:<{width}}  {check.detail}")
+    return 0 if all(check.ok for check in checks) else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

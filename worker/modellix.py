@@ -261,6 +261,20 @@ class ModellixClient:
             raise ProtocolError(f"asked for task {task_id}, got {data.get('task_id')}", 200)
         return TaskState(task_id, str(data.get("status", "")), data, result_urls(data))
 
+    def validate_key(self) -> bool:
+        """Whether the API takes our key (GET /api/v1/apikey/validate, which answers 200 either way)."""
+        valid = self._call("GET", f"{self.base_url}/api/v1/apikey/validate").get("is_valid")
+        if not isinstance(valid, bool):
+            raise ProtocolError("key validation answered without is_valid", 200)
+        return valid
+
+    def balance(self) -> float:
+        """The account's balance (GET /api/v1/team/balance)."""
+        value = self._call("GET", f"{self.base_url}/api/v1/team/balance").get("balance")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError("balance answered without a number", 200)
+        return float(value)
+
     def _call(self, method: str, url: str, submit: bool = False, **kwargs: Any) -> dict[str, Any]:
         try:
             response = self.session.request(method, url, timeout=self.timeout, **kwargs)

@@ -44,6 +44,8 @@ SUBMIT_PATHS = (DEFAULT_SUBMIT_PATH, "/api/v1/kling/kling-image-o1/async")
 MODEL_ID = "kling-image-o1"
 _TASK = re.compile(r"^/api/v1/tasks/([^/]+)$")
 _RESULT = re.compile(r"^/results/([^/]+)/(\d+)\.png$")
+VALIDATE_PATH = "/api/v1/apikey/validate"
+BALANCE_PATH = "/api/v1/team/balance"
 _ARRIVALS_KEPT = 200_000  # enough for max_requests_per_second at any rate a benchmark reaches
 
 Answer = tuple[int, dict[str, Any], dict[str, str]]  # status, JSON body, extra headers
@@ -189,8 +191,11 @@ class SandboxServer:
         seed: int | None = None,
         result_ttl: float | None = None,
         result_side: int = 8,
+        balance: float = 100.0,
     ):
         self.api_key = api_key
+        # The account balance GET /api/v1/team/balance answers; settable (also through /_sandbox/config).
+        self.balance = balance
         self.task_seconds = task_seconds
         # Seconds after its task finished that a result URL answers 403 (None: never). Read at each
         # download, unlike task_seconds: a test can expire the URLs of tasks that already finished.
@@ -301,6 +306,7 @@ class SandboxServer:
                 faults=asdict(self.faults),
                 task_seconds=self.task_seconds,
                 result_ttl=self.result_ttl,
+                balance=self.balance,
             )
         # Computed here, not per request: stats are read rarely, requests are the hot path.
         result["max_requests_per_second"] = _max_in_window(arrivals, 1.0)
@@ -332,7 +338,15 @@ class SandboxServer:
         return answer
 
     def _answer(self, method: str, path: str, kind: str, headers: dict[str, str], raw: bytes) -> Answer:
-        if headers.get("Authorization") != f"Bearer {self.api_key}":
+        valid = headers.get("Authorization") == f"Bearer {self.api_key}"
+        if method == "GET" and path == VALIDATE_PATH:
+            # The one endpoint that answers a wrong or missing key with 200: it exists to say so.
+            return (
+                200,
+                {"code": 0, "message": "success", "data": {"is_valid": valid and not self.faults.reject_key}},
+                {},
+            )
+        if not valid:
             return _error(401, "Unauthorized: invalid or missing API key")
         if self.faults.latency:
             time.sleep(self.faults.latency)
@@ -348,6 +362,8 @@ class SandboxServer:
             return self._submit(raw)
         if kind == "poll":
             return self._task(_TASK.match(path)[1])  # type: ignore[index]
+        if method == "GET" and path == BALANCE_PATH:
+            return 200, {"code": 0, "message": "success", "data": {"balance": self.balance}}, {}
         return _error(404, f"Not Found: no endpoint {method} {path}")
 
     def _next_step(self, kind: str) -> Step | None:
@@ -527,8 +543,8 @@ class SandboxServer:
             self.reset()
             return 200, {"ok": True}, {}
         if method == "POST" and path in ("/_sandbox/faults", "/_sandbox/config"):
-            # Both accept fault fields, task_seconds and result_ttl (null: never expire): one call
-            # can set up a whole scenario.
+            # Both accept fault fields, task_seconds, result_ttl (null: never expire) and balance
+            # (any number, negative too): one call can set up a whole scenario.
             try:
                 body = json.loads(raw or b"{}")
                 if not isinstance(body, dict):
@@ -540,6 +556,9 @@ class SandboxServer:
                 result_ttl = body.pop("result_ttl", None)
                 if result_ttl is not None:
                     result_ttl = _number("result_ttl", result_ttl)
+                balance = body.pop("balance", None)
+                if balance is not None and (isinstance(balance, bool) or not isinstance(balance, (int, float))):
+                    raise ValueError("balance must be a number")
                 self.set_faults(**body)
             except (TypeError, ValueError) as exc:
                 return _error(400, f"Bad Request: {exc}")
@@ -547,7 +566,14 @@ class SandboxServer:
                 self.task_seconds = task_seconds
             if set_ttl:
                 self.result_ttl = result_ttl
-            answer = {"faults": asdict(self.faults), "task_seconds": self.task_seconds, "result_ttl": self.result_ttl}
+            if balance is not None:
+                self.balance = float(balance)
+            answer = {
+                "faults": asdict(self.faults),
+                "task_seconds": self.task_seconds,
+                "result_ttl": self.result_ttl,
+                "balance": self.balance,
+            }
             return 200, answer, {}
         return _error(404, f"Not Found: no endpoint {method} {path}")
 
