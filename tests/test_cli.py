@@ -141,7 +141,6 @@ def test_ages_are_counted_back_from_now(value, ago):
 
 def test_iso_times_without_a_zone_are_utc():
     assert cli._when("2026-11-24T12:00") == datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-    assert cli._when(None) is None
 
 
 def test_list_shows_fifty_by_default_with_since_inclusive_and_until_exclusive(sqlite_url, configure, capsys):
@@ -179,3 +178,44 @@ def test_watch_gives_up_after_its_timeout_on_a_job_nobody_takes(table):
     started = time.monotonic()
     assert watch(["never-seen"], 1.0, out) == {}
     assert 1.0 <= time.monotonic() - started < 5 and out.getvalue().split()[1:] == ["never-seen", "queued"]
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["jobs", "list", "--status", "bogus"], "invalid choice: 'bogus'"),
+        (["jobs", "list", "--since", "garbage"], "not an ISO time or an age"),
+        (["enqueue", "x", "--metadata", "{bad"], "not JSON"),
+        (["enqueue", "x", "--metadata", "[1, 2]"], "must be a JSON object"),
+    ],
+)
+def test_a_bad_option_is_one_line_and_exit_2(table, capsys, argv, said):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and said in err and "Traceback" not in err
+
+
+def test_a_missing_image_file_is_one_line_and_exit_2(table, capsys, tmp_path):
+    code, out, err = run(capsys, "enqueue", "x <<<image_1>>>", "--image", str(tmp_path / "missing.png"))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("kling-worker: --image ") and "No such file" in err
+
+
+def test_jobs_commands_where_there_is_no_database_say_so_and_create_nothing(configure, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    configure(KLING_HOME=str(tmp_path / "elsewhere"))
+    for argv in (["jobs", "list"], ["jobs", "show", "x"], ["jobs", "stats"], ["results", "get", "x"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and err.startswith("kling-worker: no job database at ") and "db upgrade" in err
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_an_unmigrated_database_and_a_bad_setting_are_one_line_each(configure, capsys, tmp_path):
+    configure(DATABASE_URL=f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    (tmp_path / "empty.sqlite").touch()
+    code, _, err = run(capsys, "jobs", "list")
+    assert code == 2 and "no such table: jobs" in err and "db upgrade" in err and "Traceback" not in err
+    configure(KLING_CONCURRENCY="abc")
+    code, _, err = run(capsys, "jobs", "list")
+    assert code == 2 and err == "kling-worker: KLING_CONCURRENCY='abc' is not a whole number\n"

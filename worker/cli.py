@@ -14,27 +14,59 @@ from pathlib import Path
 from typing import Any
 
 from marshmallow import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
-from models import TERMINAL, lifecycle, outbox, store
+from models import TERMINAL, JobStatus, lifecycle, outbox, store
 from models.job import utcnow
 from models.outbox import Channel
-from worker import runtime
+from worker import outages, runtime
+from worker.config import ConfigError
 from worker.watch import watch
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
+class UsageError(Exception):
+    """A mistake of the person at the keyboard: one line, exit 2, no traceback."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "reads_jobs", False):
+            _require_database()
         code: int = args.func(args)
         return code
     except ValidationError as exc:
         print(json.dumps(exc.messages, indent=2, ensure_ascii=False), file=sys.stderr)
         return 2
+    except (UsageError, ConfigError) as exc:
+        print(f"kling-worker: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        # Not migrated, or not reachable: the operator's to fix, said in one line.
+        print(
+            f"kling-worker: the job database is not usable ({outages.reason(exc)}); "
+            "is DATABASE_URL right, and has `kling-worker db upgrade` run?",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _require_database() -> None:
+    """A command that reads the job table, run where no embedded database exists (another folder,
+    another KLING_HOME), says so instead of creating an empty one and failing on its missing table."""
+    url = runtime.settings().database_url
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise UsageError(
+                f"no job database at {path}: run this where the service runs, set KLING_HOME or "
+                "DATABASE_URL to its database, or create one with `kling-worker db upgrade`"
+            )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--aspect-ratio")
     e.add_argument("-n", type=int, help="images to generate (1-9)")
     e.add_argument("--job-id", help="idempotency key; default: the Celery task id")
-    e.add_argument("--metadata", type=json.loads, help="JSON object stored with the job")
+    e.add_argument("--metadata", type=_json_object, help="JSON object stored with the job")
     e.add_argument("--no-check", action="store_true", help="skip local validation (the worker still validates)")
     e.add_argument("--wait", action="store_true", help="show progress until the job ends")
     e.add_argument("--timeout", type=float, default=900.0, help="with --wait: give up after this many seconds")
@@ -57,31 +89,31 @@ def _parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="query the job table").add_subparsers(required=True, metavar="ACTION")
     ls = jobs.add_parser("list", help="recent jobs, newest first")
-    ls.add_argument("--status")
-    ls.add_argument("--since", help="ISO time or an age such as 30m, 2h, 1d")
-    ls.add_argument("--until", help="ISO time or an age")
+    ls.add_argument("--status", choices=[s.value for s in JobStatus])
+    ls.add_argument("--since", type=_when, help="ISO time or an age such as 30m, 2h, 1d")
+    ls.add_argument("--until", type=_when, help="ISO time or an age")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_list)
+    ls.set_defaults(reads_jobs=True, func=cmd_list)
     show = jobs.add_parser("show", help="one job in full")
     show.add_argument("job_id")
     show.add_argument("--json", action="store_true")
-    show.set_defaults(func=cmd_show)
+    show.set_defaults(reads_jobs=True, func=cmd_show)
     stats = jobs.add_parser("stats", help="counts by status")
     stats.add_argument("--json", action="store_true")
-    stats.set_defaults(func=cmd_stats)
+    stats.set_defaults(reads_jobs=True, func=cmd_stats)
     cancel = jobs.add_parser("cancel", help="cancel a job that has not been submitted yet")
     cancel.add_argument("job_id")
-    cancel.set_defaults(func=cmd_cancel)
+    cancel.set_defaults(reads_jobs=True, func=cmd_cancel)
     redeliver = jobs.add_parser("redeliver", help="send an ended job's event again (webhook and callback)")
     redeliver.add_argument("job_id")
-    redeliver.set_defaults(func=cmd_redeliver)
+    redeliver.set_defaults(reads_jobs=True, func=cmd_redeliver)
 
     results = sub.add_parser("results", help="a job's archived images").add_subparsers(required=True, metavar="ACTION")
     get = results.add_parser("get", help="copy a job's archived images to a folder")
     get.add_argument("job_id")
     get.add_argument("--out", type=Path, help="folder to write to (default: ./<job id>)")
-    get.set_defaults(func=cmd_results_get)
+    get.set_defaults(reads_jobs=True, func=cmd_results_get)
 
     db = sub.add_parser("db", help="database").add_subparsers(required=True, metavar="ACTION")
     db.add_parser("upgrade", help="apply the Alembic migrations").set_defaults(func=cmd_db_upgrade)
@@ -126,7 +158,21 @@ def _image(value: str) -> str:
         return value
     path = Path(value)
     mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--image {value}: {exc.strerror or exc}") from None
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        found = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(found, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, such as '{\"order\": 7}'")
+    return found
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -160,19 +206,20 @@ def _wait(job_id: str, timeout: float) -> int:
     return 1
 
 
-def _when(value: str | None) -> datetime | None:
-    if not value:
-        return None
+def _when(value: str) -> datetime:
     match = _AGO.match(value)
     if match:
         return datetime.now(UTC) - timedelta(**{_UNITS[match[2]]: int(match[1])})
-    parsed = datetime.fromisoformat(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an ISO time or an age such as 30m, 2h, 1d") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     with runtime.get().transaction() as s:
-        rows = [j.to_dict() for j in store.list_jobs(s, args.status, _when(args.since), _when(args.until), args.limit)]
+        rows = [j.to_dict() for j in store.list_jobs(s, args.status, args.since, args.until, args.limit)]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0

@@ -33,14 +33,24 @@ def _int(name: str, default: int) -> int:
     return default if found is None else found
 
 
+class ConfigError(ValueError):
+    """A setting with a value the service cannot run with; the message names the variable."""
+
+
 def _optional_float(name: str) -> float | None:
     raw = os.environ.get(name, "").strip()
-    return float(raw) if raw else None
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
 
 
 def _optional_int(name: str) -> int | None:
     raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else None
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
 
 
 def _hosts(name: str) -> frozenset[str] | None:
@@ -132,14 +142,14 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ValueError("KLING_MAX_ATTEMPTS must be at least 1")
+            raise ConfigError("KLING_MAX_ATTEMPTS must be at least 1")
         if self.submit_5xx not in SUBMIT_5XX:
-            raise ValueError(f"KLING_SUBMIT_5XX must be one of {', '.join(SUBMIT_5XX)}, not {self.submit_5xx!r}")
+            raise ConfigError(f"KLING_SUBMIT_5XX must be one of {', '.join(SUBMIT_5XX)}, not {self.submit_5xx!r}")
         # The sweep fails a job left `submitting` longer than the grace as interrupted: the
         # grace must outlast a live submit (budget wait, connect, read), or a slow one is failed.
         longest = MAX_BUDGET_SLEEP + self.connect_timeout + self.read_timeout
         if self.submit_grace <= longest:
-            raise ValueError(
+            raise ConfigError(
                 f"KLING_SUBMIT_GRACE ({self.submit_grace:g}s) must be longer than a submit can take: "
                 f"{MAX_BUDGET_SLEEP:g}s of budget wait + MODELLIX_CONNECT_TIMEOUT + MODELLIX_READ_TIMEOUT "
                 f"= {longest:g}s"
@@ -148,14 +158,17 @@ class Settings:
             try:
                 WebhookSecret.parse(self.webhook_secret)
             except ValueError as exc:  # its message never holds the secret
-                raise ValueError(f"KLING_WEBHOOK_SECRET: {exc}") from None
+                raise ConfigError(f"KLING_WEBHOOK_SECRET: {exc}") from None
         if self.webhook_retry_for < 0:
-            raise ValueError("KLING_WEBHOOK_RETRY_FOR must not be negative")
+            raise ConfigError("KLING_WEBHOOK_RETRY_FOR must not be negative")
         if min(self.webhook_timeout) <= 0:
-            raise ValueError("KLING_WEBHOOK_CONNECT_TIMEOUT and KLING_WEBHOOK_READ_TIMEOUT must be positive")
-        ArchiveSpec.parse(self.archive)  # a ValueError naming KLING_ARCHIVE, at start-up rather than at a job's end
+            raise ConfigError("KLING_WEBHOOK_CONNECT_TIMEOUT and KLING_WEBHOOK_READ_TIMEOUT must be positive")
+        try:
+            ArchiveSpec.parse(self.archive)  # at start-up rather than at a job's end
+        except ValueError as exc:  # its message names KLING_ARCHIVE
+            raise ConfigError(str(exc)) from None
         if self.archive_max_bytes < 1:
-            raise ValueError("KLING_ARCHIVE_MAX_BYTES must be at least 1")
+            raise ConfigError("KLING_ARCHIVE_MAX_BYTES must be at least 1")
 
 
 def load() -> Settings:
