@@ -129,3 +129,32 @@ def test_docker_compose_file_is_valid():
     for service in ("rabbitmq", "postgres", "migrate", "worker", "beat", "sandbox"):
         assert f"  {service}:" in config
     assert "consumer_timeout" in config and "service_completed_successfully" in config
+
+
+@pytest.mark.slow
+def test_a_newcomer_runs_an_embedded_worker_with_the_sandbox_and_sees_a_job_end(tmp_path):
+    import signal
+    import time
+
+    env = embedded_env(tmp_path, MODELLIX_API_KEY="", KLING_POLL_FIRST="0.3", KLING_POLL_MAX="0.5")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            CLI + ["worker", "--sandbox", "--concurrency", "4"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b" ready." not in log.read_bytes() and time.monotonic() < deadline:
+            assert worker.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert b"sandbox Modellix API at http://127.0.0.1:" in log.read_bytes(), log.read_text()
+        done = run(["enqueue", "a cat", "--job-id", "newcomer-1", "--wait", "--timeout", "60"], env, timeout=90)
+        assert "status: succeeded" in done.stdout
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)

@@ -20,7 +20,7 @@ from models import TERMINAL, JobStatus, lifecycle, outbox, store
 from models.job import utcnow
 from models.outbox import Channel
 from worker import outages, runtime
-from worker.config import ConfigError
+from worker.config import ConfigError, home
 from worker.watch import watch
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
@@ -129,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--rate-503", type=float, default=0.0)
     sb.add_argument("--fail-rate", type=float, default=0.0)
     sb.set_defaults(func=cmd_sandbox)
+
+    wk = sub.add_parser("worker", help="run a worker and the sweep here (embedded defaults unless configured)")
+    wk.add_argument("--sandbox", action="store_true", help="also run the sandbox API and point the worker at it")
+    wk.add_argument("--concurrency", type=int, help="threads (default: KLING_CONCURRENCY)")
+    wk.set_defaults(func=cmd_worker)
 
     doctor = sub.add_parser("doctor", help="check the broker, the database, the API, the key and the balance")
     doctor.add_argument("--json", action="store_true")
@@ -361,6 +366,44 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     print(f"sandbox Modellix API on http://{args.host}:{args.port}", file=sys.stderr)
     server.serve_forever()
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker with the sweep (celery worker -B), on whatever the environment says: after
+    `make demo`, this is how a newcomer keeps a worker running and enqueues jobs to it."""
+    import os
+    import subprocess
+
+    from models.migrate import upgrade
+
+    cfg = runtime.settings()
+    upgrade(cfg.database_url)
+    env = dict(os.environ)
+    sandbox = None
+    if args.sandbox:
+        from worker.dev.sandbox import SandboxServer
+
+        key = cfg.api_key or "sandbox-key"
+        sandbox = SandboxServer(api_key=key).start()
+        env.update(MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=key)
+        print(
+            f"sandbox Modellix API at {sandbox.url} (key {'from MODELLIX_API_KEY' if cfg.api_key else 'sandbox-key'})"
+        )
+    base = env.get("MODELLIX_BASE_URL") or cfg.base_url
+    print(f"worker: broker {cfg.broker_url}; database {cfg.database_url}; API {base}", flush=True)
+    cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-B", "--loglevel=INFO"]
+    cmd += [f"--schedule={Path(home()) / 'celerybeat-schedule'}"]
+    if args.concurrency:
+        cmd += [f"--concurrency={args.concurrency}"]
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()  # Celery got the same Ctrl-C and shuts down warmly
+        return 130
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
