@@ -90,9 +90,11 @@ def _write(fact: Fact) -> Exception | None:
             raise
         return exc
     if not moved and fact.kind == "submitted":
-        # The sweep gave up on the job first (its answer came later than KLING_SUBMIT_GRACE): say so, loudly.
+        # Either this answer was written before (a message carrying it came twice), or the sweep
+        # gave up on the job first (the answer came later than KLING_SUBMIT_GRACE): say which task.
         log.warning(
-            "job %s: Modellix task %s exists, but the job had already ended; the task is not followed",
+            "job %s: Modellix task %s was not recorded now: the job had already moved on "
+            "(recorded before, or failed as interrupted)",
             fact.job_id,
             fact.values["task_id"],
         )
