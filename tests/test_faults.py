@@ -191,8 +191,9 @@ def test_api_faults_follow_the_submit_policy_and_orphan_only_what_the_api_left_u
 ):
     sandbox.task_seconds = 1.0
     sandbox.set_faults(rate_429=0.05, rate_500=0.05, rate_503=0.05, retry_after=0.2)
-    # Three submits whose connection drops after the task was created: the outcome is unknown.
-    sandbox.script(*[Step("drop", on="submit") for _ in range(3)])
+    # Three submits whose connection drops after the task was created (the outcome is unknown),
+    # and at least one 429 and one 500 to a submit whatever the random shares give.
+    sandbox.script(*[Step("drop", on="submit") for _ in range(3)], Step(429, on="submit"), Step(500, on="submit"))
     env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, KLING_SUBMIT_5XX=policy, KLING_MAX_ATTEMPTS=8)
     with two_workers(env, tmp_path) as workers:
         messages = [valid(uuid.uuid4().hex[:6], i) for i in range(80)]
