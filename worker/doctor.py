@@ -138,33 +138,38 @@ def check_base_url(cfg: Settings) -> Check:
     return Check("base url", True, f"not the real API: {cfg.base_url} (a sandbox or a proxy)")
 
 
-def check_api(client: ModellixClient) -> Check:
-    """The API answers (the key-validation endpoint answers 200 whatever the key)."""
-    name = "api"
+def ask_key(client: ModellixClient) -> bool | ModellixError:
+    """One call to the key-validation endpoint (it answers 200 whatever the key): the api and key
+    checks both read its outcome, so doctor asks the API once."""
     try:
-        client.validate_key()
-    except NetworkError as exc:
-        return Check(name, False, f"{client.base_url} unreachable: {exc.message}")
-    except ServerError as exc:
-        return Check(name, False, f"{client.base_url} answers {exc.status}: {exc.message}")
-    except ModellixError as exc:  # an answer all the same: the key check says what it means
-        return Check(name, True, f"{client.base_url} reachable (answered {exc.status})")
-    return Check(name, True, f"{client.base_url} reachable")
+        return client.validate_key()
+    except ModellixError as exc:
+        return exc
 
 
-def check_key(cfg: Settings, client: ModellixClient, api: Check) -> Check:
+def check_api(base_url: str, answer: bool | ModellixError) -> Check:
+    """The API answers."""
+    name = "api"
+    if isinstance(answer, NetworkError):
+        return Check(name, False, f"{base_url} unreachable: {answer.message}")
+    if isinstance(answer, ServerError):
+        return Check(name, False, f"{base_url} answers {answer.status}: {answer.message}")
+    if isinstance(answer, ModellixError):  # an answer all the same: the key check says what it means
+        return Check(name, True, f"{base_url} reachable (answered {answer.status})")
+    return Check(name, True, f"{base_url} reachable")
+
+
+def check_key(cfg: Settings, api: Check, answer: bool | ModellixError) -> Check:
     name = "key"
     if not cfg.api_key:
         return Check(name, False, "MODELLIX_API_KEY is not set")
     if not api.ok:
         return _skipped(name, "the API is unreachable")
-    try:
-        valid = client.validate_key()
-    except AccountError as exc:
-        return Check(name, False, f"key invalid ({exc.status}: {exc.message})")
-    except ModellixError as exc:
-        return Check(name, False, f"could not validate the key: {exc.message}")
-    return Check(name, True, "key valid") if valid else Check(name, False, "key invalid: the API does not take it")
+    if isinstance(answer, AccountError):
+        return Check(name, False, f"key invalid ({answer.status}: {answer.message})")
+    if isinstance(answer, ModellixError):
+        return Check(name, False, f"could not validate the key: {answer.message}")
+    return Check(name, True, "key valid") if answer else Check(name, False, "key invalid: the API does not take it")
 
 
 def check_balance(client: ModellixClient, key: Check) -> Check:
@@ -195,7 +200,8 @@ def run() -> list[Check]:
     database = check_database(cfg)
     pause = check_pause(database)
     client = runtime.get().client
-    api = check_api(client)
-    key = check_key(cfg, client, api)
+    answer = ask_key(client)
+    api = check_api(client.base_url, answer)
+    key = check_key(cfg, api, answer)
     balance = check_balance(client, key)
     return [broker, consumers, database, api, key, balance, pause, check_base_url(cfg)]
