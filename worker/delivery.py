@@ -21,7 +21,7 @@ from typing import Any
 
 import requests
 
-from models import db, outbox, store
+from models import outbox, store
 from models.job import Job, utcnow
 from models.outbox import Channel, State
 from worker import archive, runtime, webhooks
@@ -66,9 +66,7 @@ def due() -> list[int]:
         with res.transaction() as s:
             return [row[0] for row in outbox.claim_due(s, utcnow(), res.settings.delivery_lease, BATCH)]
     except Exception as exc:
-        if not db.unreachable(exc):
-            raise
-        res.outage.defer("deliveries", exc)
+        res.put_off(exc, "deliveries")
         return []
 
 
@@ -82,9 +80,7 @@ def deliver(delivery_id: int) -> Done:
     try:
         return _deliver(delivery_id)
     except Exception as exc:
-        if not db.unreachable(exc):
-            raise
-        res.outage.defer("deliveries", exc)
+        res.put_off(exc, "deliveries")
         return Done()
 
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from models import budget, db
+from models import budget
 from models.db import Executor
 from worker import runtime
 from worker.config import MAX_BUDGET_SLEEP
@@ -126,9 +126,7 @@ def pause(seconds: float, reason: str) -> None:
         with res.statement() as ex:
             budget.pause_until(ex, until, reason)
     except Exception as exc:
-        if not db.unreachable(exc):
-            raise
-        res.outage.defer("fleet pauses", exc)
+        res.put_off(exc, "fleet pauses")
     if until > res.pause.until:
         res.pause.until, res.pause.reason = until, reason
 

@@ -58,6 +58,13 @@ class Resources:
                     found = self._made[name] = make()
         return cast(T, found)
 
+    def put_off(self, exc: Exception, what: str) -> None:
+        """Count `what` (some work) as put off by a database outage, if `exc` is one; re-raise
+        anything else, so a bug keeps its traceback. Called from an `except Exception` block."""
+        if not db.unreachable(exc):
+            raise exc
+        self.outage.defer(what, exc)
+
     def made(self, name: str) -> Any:
         """This process's `name` if it was made, else None."""
         return self._made.get(name)

@@ -58,10 +58,8 @@ def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retr
     try:
         return _handle(args, kwargs, delivery_id, retries)
     except Exception as exc:
-        if not db.unreachable(exc):
-            raise
         # Nothing was sent (answers are held, never raised): the message waits on the broker.
-        runtime.get().outage.defer("messages", exc)
+        runtime.get().put_off(exc, "messages")
         job_id = kwargs.get("job_id")
         return Outcome(job_id if isinstance(job_id, str) else delivery_id, None, retry_in=outages.backoff(retries))
 
@@ -197,9 +195,7 @@ def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
     except modellix.ModellixError as exc:
         return _after_error(job_id, exc, attempt)
     except Exception as exc:
-        if not db.unreachable(exc):  # reading the fleet's budget, before anything was sent
-            raise
-        res.outage.defer("submits", exc)
+        res.put_off(exc, "submits")  # reading the fleet's budget, before anything was sent
         return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=outages.RETRY_AFTER))
     first = schedule.first(res.settings)
     values = {"task_id": submitted.task_id, "answer": submitted.raw, "first_poll": first.delay}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from models import JobStatus, db, lifecycle, store
+from models import JobStatus, lifecycle, store
 from models.job import utcnow
 from worker import holding, limits, modellix, outages, runtime, schedule
 from worker.api_errors import Action, judge_poll
@@ -68,10 +68,8 @@ def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
             return _after_error(job_id, exc, schedule.NextPoll(seq + 1, gap), now, deadline)
         return _record(job_id, state, schedule.NextPoll(seq + 1, gap), now, deadline)
     except Exception as exc:
-        if not db.unreachable(exc):
-            raise
         # Nothing learned is lost here: a finished result is held by _record, not raised.
-        res.outage.defer("polls", exc)
+        res.put_off(exc, "polls")
         return schedule.NextPoll(token, outages.RETRY_AFTER)
 
 
@@ -168,9 +166,7 @@ def sweep() -> list[tuple[str, int]]:
                 s, now - timedelta(seconds=OVERDUE_SLACK), _lease(res.settings), SWEEP_BATCH
             )
     except Exception as exc:
-        if not db.unreachable(exc):
-            raise
-        res.outage.defer("sweeps", exc)
+        res.put_off(exc, "sweeps")
         return []
     if overdue:
         log.warning("re-dispatching %d overdue polls", len(overdue))
