@@ -193,9 +193,7 @@ def _webhook(delivery_id: int, job: Job, event: dict[str, Any], attempts: int, c
     res = runtime.get()
     cfg = res.settings
     url = job.webhook or ""
-    refused = webhooks.check_url(url, cfg.webhook_hosts)
-    if not cfg.webhook_secret:
-        refused = refused or "KLING_WEBHOOK_SECRET is not set: events are only sent signed"
+    refused = webhooks.refused(url, cfg.webhook_secret, cfg.webhook_hosts)
     now = utcnow()
     if refused:
         _settle(delivery_id, State.failed, refused)

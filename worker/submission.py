@@ -100,9 +100,7 @@ def _webhook_refused(url: str | None) -> str | None:
     if url is None:
         return None
     cfg = runtime.settings()
-    if not cfg.webhook_secret:
-        return "this service has no KLING_WEBHOOK_SECRET, and events are only sent signed"
-    return webhooks.check_url(url, cfg.webhook_hosts)
+    return webhooks.refused(url, cfg.webhook_secret, cfg.webhook_hosts)
 
 
 def _contact(message: dict[str, Any]) -> dict[str, Any]:

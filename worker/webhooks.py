@@ -135,6 +135,15 @@ def encode(event: Mapping[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":")).encode("ascii")
 
 
+def refused(url: str, secret: str, allowed_hosts: frozenset[str] | None) -> str | None:
+    """None if this fleet may send events to `url`, else why not: it needs a secret
+    (KLING_WEBHOOK_SECRET, as configured), as events are only sent signed, and a URL check_url accepts.
+    Asked when a job asks for the webhook, and again when its event is sent."""
+    if not secret:
+        return "this service has no KLING_WEBHOOK_SECRET, and events are only sent signed"
+    return check_url(url, allowed_hosts)
+
+
 def check_url(url: str, allowed_hosts: frozenset[str] | None) -> str | None:
     """None if `url` may receive webhooks, else why not. `allowed_hosts`: lower-case
     host names (KLING_WEBHOOK_HOSTS); None allows any host."""
