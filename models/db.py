@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
@@ -58,11 +59,19 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file an SQLite URL names; None for any other database (or an in-memory one)."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
 def make_engine(url: str, pool_size: int = 10) -> Engine:
     full = normalise_url(url)
     if full.startswith("sqlite"):
-        if full.startswith("sqlite:///") and not full.startswith("sqlite:///:memory:"):
-            os.makedirs(os.path.dirname(full[len("sqlite:///") :]) or ".", exist_ok=True)
+        path = sqlite_file(full)
+        if path is not None:
+            os.makedirs(path.parent, exist_ok=True)
         engine = create_engine(full, connect_args={"timeout": 30, "check_same_thread": False})
         _configure_sqlite(engine)
         return engine

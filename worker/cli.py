@@ -16,7 +16,7 @@ from typing import Any
 from marshmallow import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from models import TERMINAL, JobStatus, lifecycle, outbox, store
+from models import TERMINAL, JobStatus, db, lifecycle, outbox, store
 from models.job import utcnow
 from models.outbox import Channel
 from worker import outages, runtime
@@ -59,14 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 def _require_database() -> None:
     """A command that reads the job table, run where no embedded database exists (another folder,
     another KLING_HOME), says so instead of creating an empty one and failing on its missing table."""
-    url = runtime.settings().database_url
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.exists():
-            raise UsageError(
-                f"no job database at {path}: run this where the service runs, set KLING_HOME or "
-                "DATABASE_URL to its database, or create one with `kling-worker db upgrade`"
-            )
+    path = db.sqlite_file(runtime.settings().database_url)
+    if path is not None and not path.exists():
+        raise UsageError(
+            f"no job database at {path}: run this where the service runs, set KLING_HOME or "
+            "DATABASE_URL to its database, or create one with `kling-worker db upgrade`"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
