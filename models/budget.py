@@ -52,6 +52,14 @@ def pause_until(ex: Executor, until: float, reason: str) -> None:
     )
 
 
+def lift_pause(ex: Executor, reason: str) -> bool:
+    """End the pause now if it is still the one for `reason`; a pause set since for another reason stays."""
+    result = ex.execute(
+        update(_budget).where(_budget.c.name == NAME, _budget.c.pause_reason == reason).values(paused_until=0.0)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+
+
 def read(ex: Executor) -> Row[Any] | None:
     return ex.execute(select(_budget).where(_budget.c.name == NAME)).first()
 

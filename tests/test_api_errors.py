@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker import modellix
-from worker.api_errors import Action, judge_poll, judge_submit
+from worker.api_errors import BALANCE_RECHECK, Action, for_balance, judge_poll, judge_submit
 from worker.config import Settings
 
 CFG = Settings(max_attempts=3, backoff_base=1.0, backoff_max=60.0, account_retry=60.0)
@@ -68,7 +68,10 @@ def test_account_errors_pause_the_fleet_and_never_count(status, judge):
     exc = error(modellix.AccountError, status)
     verdict = judge_submit(exc, 99, CFG) if judge == "submit" else judge_poll(exc, 5.0, CFG)
     assert verdict.action is Action.retry and not verdict.counts and verdict.account
-    assert verdict.pause == 60 and verdict.delay >= 60 and str(status) in verdict.pause_reason
+    assert verdict.pause == 60 and str(status) in verdict.pause_reason
+    # A 401 waits out the pause; a 402 looks again sooner, as the sweep lifts its pause on a top-up.
+    assert verdict.delay >= 60 if status == 401 else BALANCE_RECHECK <= verdict.delay < 60
+    assert for_balance(verdict.pause_reason) is (status == 402)
 
 
 @pytest.mark.parametrize(

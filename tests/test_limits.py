@@ -11,6 +11,7 @@ import time
 import pytest
 
 from models import JobStatus, lifecycle
+from models.budget import lift_pause
 from models.budget import read as budget_row
 from models.job import utcnow
 from tests.support import budget, handle, job, seconds_until, set_budget, submitted
@@ -124,3 +125,65 @@ def test_a_waiting_job_takes_a_freed_place_at_once(service, configure):
     waiter.join(15)
     assert outcome and outcome[0].status is JobStatus.submitted  # it waited in place, not in the broker
     assert time.monotonic() - started < limits.MAX_SLEEP
+
+
+def test_a_pause_for_credit_is_renewed_while_the_balance_is_empty_and_lifted_once_topped_up(service, monkeypatch):
+    service.balance = 0
+    out = handle(request={"prompt": "x"}, job_id="broke")
+    # Held back for a recheck, not for the whole KLING_ACCOUNT_RETRY (30 s here).
+    assert out.status is JobStatus.queued and 15 <= out.retry_in < 20
+    first = budget()
+    assert first["paused_for"] > 20 and first["pause_reason"].startswith("402 ")
+    until = _paused_until()
+    held = handle(request={"prompt": "y"}, job_id="held")
+    assert held.status is JobStatus.queued and 15 <= held.retry_in < 17  # the pause has ~30 s left
+    assert service.stats()["submits"] == 0 and service.stats()["requests"] == 1
+
+    time.sleep(1.5)
+    assert limits.watch_balance() == "renewed"  # still no credit: paused KLING_ACCOUNT_RETRY from now
+    assert _paused_until() > until + 1
+    assert limits.watch_balance() is None  # asked a moment ago: not again before BALANCE_EVERY
+    assert service.stats()["requests"] == 2
+
+    service.balance = 12.5
+    monkeypatch.setattr(limits, "BALANCE_EVERY", 0.0)
+    assert limits.watch_balance() == "resumed"
+    assert budget()["paused_for"] == 0
+    assert handle(request={"prompt": "y"}, job_id="held").status is JobStatus.submitted
+
+
+def _paused_until() -> float:
+    with runtime.get().transaction() as s:
+        return float(budget_row(s).paused_until)
+
+
+def test_the_balance_is_not_asked_during_other_pauses(service, monkeypatch):
+    monkeypatch.setattr(limits, "BALANCE_EVERY", 0.0)
+    limits.pause(30, "429 from Modellix")
+    assert limits.watch_balance() is None
+    limits.pause(60, "401 Unauthorized: invalid key")  # topping up cannot fix a key
+    assert limits.watch_balance() is None
+    assert service.stats()["requests"] == 0
+    set_budget(paused_until=0)
+    assert limits.watch_balance() is None  # nor without a pause
+
+
+def test_lifting_a_pause_for_credit_leaves_a_pause_set_since_for_another_reason(service):
+    limits.pause(30, "402 Payment Required: insufficient balance")
+    set_budget(pause_reason="429 from Modellix")  # another worker's 429 took the row since the balance was read
+    with runtime.get().transaction() as s:
+        assert not lift_pause(s, "402 Payment Required: insufficient balance")
+    assert budget()["paused_for"] > 20
+    set_budget(pause_reason="402 Payment Required: insufficient balance")
+    with runtime.get().transaction() as s:
+        assert lift_pause(s, "402 Payment Required: insufficient balance")
+    assert budget()["paused_for"] == 0
+
+
+def test_the_sweep_lifts_a_pause_for_credit(service, monkeypatch):
+    from worker import tasks
+
+    monkeypatch.setattr(limits, "BALANCE_EVERY", 0.0)
+    limits.pause(30, "402 Payment Required: insufficient balance")
+    tasks.sweep()
+    assert budget()["paused_for"] == 0

@@ -22,7 +22,10 @@ connection that was never made prove that no task exists; the default
 resends nothing else, so a job is never billed twice.
 
 A 429 pauses the whole fleet for its Retry-After, and a 401/402 for
-KLING_ACCOUNT_RETRY: every worker would get the same answer. Exponential
+KLING_ACCOUNT_RETRY: every worker would get the same answer. During a 402
+pause the sweep asks for the balance instead of letting jobs try paid submits
+(worker.limits.watch_balance), and the held jobs look again every
+BALANCE_RECHECK seconds, so the fleet resumes soon after a top-up. Exponential
 backoff with full jitter; Retry-After is always a floor.
 """
 
@@ -88,15 +91,24 @@ def judge_poll(exc: modellix.ModellixError, next_gap: float, settings: Settings)
 
 
 _RATE_LIMITED = "429 from Modellix"
+# While the fleet waits for credit (a 402 pause), a job held back looks again this often: the
+# pause is lifted as soon as the balance is positive, and the jobs should not sleep through it.
+BALANCE_RECHECK = 15.0
+
+
+def for_balance(pause_reason: str | None) -> bool:
+    """Whether a fleet pause is one for the account's balance (a 402; see _account for the reason's shape)."""
+    return bool(pause_reason) and str(pause_reason).startswith("402 ")
 
 
 def _account(exc: modellix.ModellixError, settings: Settings, floor: float = 0.0) -> Verdict:
     # Every job would fail the same way: pause the fleet and keep the jobs,
     # rather than burn through the queue marking each one failed.
     wait = settings.account_retry
+    look_again = min(wait, BALANCE_RECHECK) if exc.status == 402 else wait
     return Verdict(
         Action.retry,
-        max(floor, retry_delay(1, settings, wait)),
+        max(floor, retry_delay(1, settings, look_again)),
         pause=wait,
         pause_reason=f"{exc.status} {exc.message}",
         counts=False,

@@ -10,6 +10,8 @@
 - A pause (after a 429, 401 or 402, see worker.api_errors) stops the whole
   fleet: it is written to the row, and every worker reads it before its next
   request (at most PAUSE_REFRESH seconds late when no rate limit is set).
+  A pause for the balance (402) is watched by the sweep (`watch_balance`):
+  lifted once the balance is positive, renewed while it is not.
 
 A wait longer than MAX_SLEEP is not slept in a worker thread: the caller gets
 OverBudget and the job waits in `queued`. For a place in flight, a few
@@ -24,15 +26,18 @@ clock; hosts must be NTP-synced.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any
 
 from models import budget
 from models.db import Executor
-from worker import runtime
+from worker import modellix, runtime
+from worker.api_errors import BALANCE_RECHECK, for_balance
 from worker.config import MAX_BUDGET_SLEEP
 
 # A wait longer than this goes back to the broker instead of holding a thread
@@ -48,6 +53,11 @@ HEADROOM = 1.20
 PAUSE_REFRESH = 1.0
 # Threads per process that wait in place for a free place in flight.
 WAITERS = 2
+# During a 402 pause, the most often one process asks for the balance. The sweep runs once a
+# second somewhere in the fleet, so the fleet as a whole asks at most once a second.
+BALANCE_EVERY = 5.0
+
+log = logging.getLogger("kling_worker.limits")
 
 
 class OverBudget(Exception):
@@ -75,7 +85,8 @@ def take_request_slot() -> None:
             if wait <= MAX_SLEEP:
                 budget.book_slot(s, slot + HEADROOM / max_rps)
     if wait > MAX_SLEEP:
-        raise OverBudget(wait + random.uniform(0, 1), reason)
+        look_again = min(wait, BALANCE_RECHECK) if for_balance(reason) else wait
+        raise OverBudget(look_again + random.uniform(0, 1), reason)
     if wait > 0:
         time.sleep(wait)
 
@@ -129,6 +140,53 @@ def pause(seconds: float, reason: str) -> None:
         res.put_off(exc, "fleet pauses")
     if until > res.pause.until:
         res.pause.until, res.pause.reason = until, reason
+
+
+@dataclass
+class _BalanceAsked:
+    at: float = float("-inf")  # time.monotonic() of this process's last question
+
+
+def watch_balance() -> str | None:
+    """While the fleet is paused for its balance (402), ask the API for the balance: lift the pause once
+    it is positive, else renew it for KLING_ACCOUNT_RETRY, so that no job spends a paid submit to learn
+    the same. What happened: "resumed", "renewed", "unknown" (the API did not say), or None (not asked).
+
+    Called by the sweep. The question takes no request slot: one GET every few seconds while nothing
+    else is sent.
+    """
+    res = runtime.get()
+    try:
+        with res.statement() as ex:
+            row = budget.read(ex)
+    except Exception as exc:
+        res.put_off(exc, "balance checks")
+        return None
+    if row is None or row.paused_until <= time.time() or not for_balance(row.pause_reason):
+        return None
+    asked = res.once("balance_asked", _BalanceAsked)
+    if time.monotonic() - asked.at < BALANCE_EVERY:
+        return None
+    asked.at = time.monotonic()
+    try:
+        balance = res.client.balance()
+    except modellix.ModellixError as exc:
+        log.info("the fleet waits for credit; asking for the balance failed: %s", exc.message)
+        return "unknown"
+    if balance > 0:
+        try:
+            with res.statement() as ex:
+                lifted = budget.lift_pause(ex, row.pause_reason)
+        except Exception as exc:
+            res.put_off(exc, "balance checks")
+            return None
+        if lifted:
+            res.pause.until = 0.0
+            log.info("the account's balance is %g: the fleet's pause for credit is lifted", balance)
+        return "resumed"
+    pause(res.settings.account_retry, row.pause_reason)
+    log.debug("the account's balance is %g: the fleet stays paused", balance)
+    return "renewed"
 
 
 def status(ex: Executor) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Task, signals
 from kombu.exceptions import OperationalError
 
-from worker import delivery, holding, runtime, schedule, submission, tracking
+from worker import delivery, holding, limits, runtime, schedule, submission, tracking
 from worker.app import app
 
 log = logging.getLogger("kling_worker.tasks")
@@ -61,6 +61,7 @@ def sweep() -> int:
     due = delivery.due()
     for delivery_id in due:
         deliver.apply_async(kwargs={"delivery_id": delivery_id})
+    limits.watch_balance()
     return len(overdue) + len(due)
 
 

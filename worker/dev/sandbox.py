@@ -438,6 +438,8 @@ class SandboxServer:
         errors = self._schema.validate(body) if isinstance(body, dict) else {"_schema": ["must be a JSON object"]}
         if errors:
             return _error(400, f"Bad Request: {json.dumps(errors, separators=(',', ':'), sort_keys=True)}")
+        if self.balance <= 0:  # as Modellix: an account without credit creates no task
+            return _error(402, "Payment Required: insufficient balance")
         digest = hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).digest()
         created = time.monotonic()
         with self._lock:
