@@ -73,3 +73,27 @@ def test_a_429_pauses_every_worker_for_its_retry_after(rabbit_url, pg_url, sandb
     assert during == [], f"{len(during)} requests from {len({r['client'] for r in during})} workers during the pause"
     after = {r["client"] for r in log if r["at"] > t0 + 4}
     assert after  # and the fleet resumed
+
+
+def test_a_fleet_waiting_for_credit_sends_no_submit_and_resumes_soon_after_a_top_up(
+    rabbit_url, pg_url, sandbox, tmp_path
+):
+    """Without credit, the fleet pauses on the first 402 and learns of the top-up from the balance
+    (asked by the sweep), not from paid submits; the jobs then end long before KLING_ACCOUNT_RETRY."""
+    sandbox.balance = 0
+    jobs = 10
+    with fleet(rabbit_url, pg_url, sandbox, tmp_path, jobs, size=2, concurrency=4, KLING_ACCOUNT_RETRY="120") as w:
+        wait_for(lambda: any(r["status"] == 402 for r in sandbox.requests_log()), 30, "a 402", w)
+        time.sleep(8)  # the sweep asks for the balance meanwhile; held jobs come back and find the pause
+        waiting = sandbox.requests_log()
+        topped_up = time.time()
+        sandbox.balance = 50
+        found = wait_terminal(pg_url, jobs, 90, w)
+    assert {j.status for j in found.values()} == {"succeeded"}
+    submits_402 = [r for r in waiting if r["status"] == 402]
+    # Only the submits already past the pause check when the first 402 came (one per busy thread at most).
+    assert 1 <= len(submits_402) <= 8
+    assert any(r["kind"] == "other" and r["status"] == 200 for r in waiting)  # the sweep asked for the balance
+    ended = max(j.finished_at.timestamp() for j in found.values())
+    print(f"\n{len(submits_402)} submits answered 402; every job ended {ended - topped_up:.1f}s after the top-up")
+    assert ended - topped_up < 45, f"the fleet took {ended - topped_up:.0f}s to resume (KLING_ACCOUNT_RETRY is 120)"
