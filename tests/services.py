@@ -1,22 +1,21 @@
-"""What the tests need from the machine (servers and commands), and what happens when it is missing:
+"""What the tests need from the machine (servers), and what happens when it is missing:
 a failure under CI, where everything is required, and a skip naming what is missing elsewhere."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 
 import pytest
 
 
 def in_ci() -> bool:
-    """CI sets CI to a true value (true, 1, yes, on): there every service and tool is required."""
+    """CI sets CI to a true value (true, 1, yes, on): there every service is required."""
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def missing(what: str) -> None:
-    """A required service or tool is absent: a failure in CI, a skip naming it elsewhere."""
+    """A required service is absent: a failure in CI, a skip naming it elsewhere."""
     if in_ci():
         pytest.fail(f"required in CI but missing: {what}", pytrace=False)
     pytest.skip(f"missing: {what}")
@@ -27,10 +26,3 @@ def require(host: str, port: int, name: str) -> None:
         socket.create_connection((host, port), timeout=2).close()
     except OSError as exc:
         missing(f"{name} is not reachable on {host}:{port} ({exc})")
-
-
-def require_tool(command: str, how: str) -> str:
-    found = shutil.which(command)
-    if found is None:
-        missing(f"the {command} command ({how})")
-    return found

@@ -1,15 +1,23 @@
-"""Settings from the environment (12-factor), each with an embedded default.
+"""Settings from the environment (12-factor), each with an embedded default, checked at start.
 
 The embedded defaults need no server: SQLite for the job table, kombu's
 filesystem transport as the broker and a folder for the result images, all
 under ``KLING_HOME`` (``./.kling``).
+
+Each setting is read from its environment variable, else from a ``.env`` file in
+the current folder, else its default (pydantic-settings). A value the service
+cannot run with fails at construction as one ConfigError, one line per bad
+variable, naming it and what it accepts, and never echoing a secret.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.archive import DEFAULT_MAX_BYTES, ArchiveSpec
 from worker.webhooks import WebhookSecret
@@ -20,47 +28,39 @@ DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
 # a claimed job can stay `submitting` this long before its POST even starts.
 MAX_BUDGET_SLEEP = 5.0
 # What a 5xx answer to a submit means (Settings.submit_5xx).
-SUBMIT_5XX = ("unknown", "retry")
-
-
-def _float(name: str, default: float) -> float:
-    found = _optional_float(name)
-    return default if found is None else found
-
-
-def _int(name: str, default: int) -> int:
-    found = _optional_int(name)
-    return default if found is None else found
+Submit5xx = Literal["unknown", "retry"]
+SUBMIT_5XX: tuple[str, ...] = get_args(Submit5xx)
+# How log lines are written (Settings.log_format).
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
+# The file read for settings not in the environment, relative to the current folder.
+ENV_FILE = ".env"
 
 
 class ConfigError(ValueError):
     """A setting with a value the service cannot run with; the message names the variable."""
 
 
-def _optional_float(name: str) -> float | None:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return float(raw) if raw else None
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+_SOURCES = SettingsConfigDict(
+    env_file=ENV_FILE,
+    env_file_encoding="utf-8",
+    # Environment variables are case-sensitive on the hosts this runs on: KLING_QUEUE, not kling_queue.
+    case_sensitive=True,
+    # An empty variable (`KLING_ARCHIVE=` in a compose file) means its default, as an unset one.
+    env_ignore_empty=True,
+    # A .env shared with docker-compose holds its variables too (MINIO_ROOT_USER ...): not ours to refuse.
+    extra="ignore",
+)
 
 
-def _optional_int(name: str) -> int | None:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return int(raw) if raw else None
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-
-
-def _hosts(name: str) -> frozenset[str] | None:
-    """A comma-separated list of host names, lower-cased; unset or empty: None (any host)."""
-    hosts = frozenset(h.strip().lower().rstrip(".") for h in os.environ.get(name, "").split(","))
-    return (hosts - {""}) or None
+class _Home(BaseSettings):
+    model_config = _SOURCES
+    kling_home: str = Field(".kling", validation_alias="KLING_HOME")
 
 
 def home() -> Path:
-    return Path(os.environ.get("KLING_HOME", ".kling")).resolve()
+    """KLING_HOME (environment, else .env, else ./.kling), absolute."""
+    return Path(_Home().kling_home.strip() or ".kling").resolve()
 
 
 def _embedded_broker() -> str:
@@ -75,100 +75,211 @@ def _embedded_archive() -> str:
     return (home() / "results").as_uri()  # absolute (home() is resolved), spaces percent-encoded
 
 
-@dataclass(frozen=True)
-class Settings:
-    broker_url: str = field(default_factory=lambda: os.environ.get("CELERY_BROKER_URL") or _embedded_broker())
-    database_url: str = field(default_factory=lambda: os.environ.get("DATABASE_URL") or _embedded_database())
-    # repr=False: the key must never show up in a log line or a traceback.
-    api_key: str = field(default_factory=lambda: os.environ.get("MODELLIX_API_KEY", ""), repr=False)
-    base_url: str = field(default_factory=lambda: os.environ.get("MODELLIX_BASE_URL") or DEFAULT_BASE_URL)
-    submit_path: str = field(default_factory=lambda: os.environ.get("MODELLIX_SUBMIT_PATH") or DEFAULT_SUBMIT_PATH)
-    queue: str = field(default_factory=lambda: os.environ.get("KLING_QUEUE") or "kling")
+def _hosts(value: object) -> object:
+    """A comma-separated list of host names, lower-cased; empty: None (any host)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, list | tuple | set | frozenset):
+        return frozenset(str(h).strip().lower().rstrip(".") for h in value) - {""} or None
+    return value
 
-    connect_timeout: float = field(default_factory=lambda: _float("MODELLIX_CONNECT_TIMEOUT", 5.0))
-    read_timeout: float = field(default_factory=lambda: _float("MODELLIX_READ_TIMEOUT", 30.0))
+
+def _webhook_secret(value: str) -> str:
+    if value:
+        try:
+            WebhookSecret.parse(value)
+        except ValueError as exc:  # its message never holds the secret
+            raise ValueError(f"KLING_WEBHOOK_SECRET: {exc}") from None
+    return value
+
+
+def _archive(value: str) -> str:
+    ArchiveSpec.parse(value)  # at start-up rather than at a job's end; its message names KLING_ARCHIVE
+    return value
+
+
+def _env(name: str, default: Any, **checks: Any) -> Any:
+    """A field read from the variable `name` (also settable by its field name in Python)."""
+    if callable(default):
+        return Field(default_factory=default, validation_alias=name, **checks)
+    return Field(default, validation_alias=name, **checks)
+
+
+# The names that hold secrets: their values stay out of repr(), str() and every error message.
+SECRET_VARIABLES = frozenset({"MODELLIX_API_KEY", "KLING_WEBHOOK_SECRET"})
+
+
+class Settings(BaseSettings):
+    """Every setting of a process. `Settings()` reads the environment; `Settings(name=value)`
+    sets fields by name (tests), the rest still from the environment."""
+
+    model_config = SettingsConfigDict(
+        **_SOURCES,
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        # A trailing newline from a secrets file or a copied value is not part of it.
+        str_strip_whitespace=True,
+        # nan passes every comparison below and would wreck a schedule: a number must be finite.
+        allow_inf_nan=False,
+    )
+
+    broker_url: str = _env("CELERY_BROKER_URL", _embedded_broker)
+    database_url: str = _env("DATABASE_URL", _embedded_database)
+    # repr=False: the key must never show up in a log line or a traceback.
+    api_key: str = _env("MODELLIX_API_KEY", "", repr=False)
+    base_url: str = _env("MODELLIX_BASE_URL", DEFAULT_BASE_URL)
+    submit_path: str = _env("MODELLIX_SUBMIT_PATH", DEFAULT_SUBMIT_PATH)
+    queue: str = _env("KLING_QUEUE", "kling", min_length=1)
+
+    connect_timeout: float = _env("MODELLIX_CONNECT_TIMEOUT", 5.0, gt=0)
+    read_timeout: float = _env("MODELLIX_READ_TIMEOUT", 30.0, gt=0)
     # Transient errors (429/5xx/network): bounded exponential backoff with jitter.
-    max_attempts: int = field(default_factory=lambda: _int("KLING_MAX_ATTEMPTS", 6))
-    backoff_base: float = field(default_factory=lambda: _float("KLING_BACKOFF_BASE", 1.0))
-    backoff_max: float = field(default_factory=lambda: _float("KLING_BACKOFF_MAX", 60.0))
+    max_attempts: int = _env("KLING_MAX_ATTEMPTS", 6, ge=1)
+    backoff_base: float = _env("KLING_BACKOFF_BASE", 1.0, ge=0)
+    backoff_max: float = _env("KLING_BACKOFF_MAX", 60.0, ge=0)
     # A 5xx answer to a submit may come after the task was created. "unknown" (the
     # default, as Modellix's official CLI): the job fails as submit_unknown and is
     # never sent again. "retry" (as Modellix's REST documentation suggests): it is
     # sent again like a 503, at the risk of a second, billed task.
-    submit_5xx: str = field(default_factory=lambda: os.environ.get("KLING_SUBMIT_5XX", "").strip() or "unknown")
+    submit_5xx: Submit5xx = _env("KLING_SUBMIT_5XX", "unknown")
     # 401/402: the account is blocked; jobs wait this long between tries, without limit.
-    account_retry: float = field(default_factory=lambda: _float("KLING_ACCOUNT_RETRY", 60.0))
+    account_retry: float = _env("KLING_ACCOUNT_RETRY", 60.0, ge=0)
 
     # Status polling: first poll after poll_first seconds, each gap poll_factor times
     # the last, at most poll_max; a task not finished poll_deadline seconds after
     # submission fails as timed out.
-    poll_first: float = field(default_factory=lambda: _float("KLING_POLL_FIRST", 2.0))
-    poll_factor: float = field(default_factory=lambda: _float("KLING_POLL_FACTOR", 1.25))
-    poll_max: float = field(default_factory=lambda: _float("KLING_POLL_MAX", 30.0))
-    poll_deadline: float = field(default_factory=lambda: _float("KLING_POLL_DEADLINE", 900.0))
+    poll_first: float = _env("KLING_POLL_FIRST", 2.0, gt=0)
+    poll_factor: float = _env("KLING_POLL_FACTOR", 1.25, ge=1)
+    poll_max: float = _env("KLING_POLL_MAX", 30.0, gt=0)
+    poll_deadline: float = _env("KLING_POLL_DEADLINE", 900.0, gt=0)
     # A job left in `submitting` this long (worker died during the POST) is resolved
     # by the sweeper; see tracking.resolve_interrupted.
-    submit_grace: float = field(default_factory=lambda: _float("KLING_SUBMIT_GRACE", 120.0))
-    sweep_interval: float = field(default_factory=lambda: _float("KLING_SWEEP_INTERVAL", 1.0))
+    submit_grace: float = _env("KLING_SUBMIT_GRACE", 120.0)
+    sweep_interval: float = _env("KLING_SWEEP_INTERVAL", 1.0, gt=0)
 
     # Fleet-wide API budget (unset = unlimited).
-    max_rps: float | None = field(default_factory=lambda: _optional_float("MODELLIX_MAX_RPS"))
-    max_in_flight: int | None = field(default_factory=lambda: _optional_int("MODELLIX_MAX_IN_FLIGHT"))
+    max_rps: Annotated[float, Field(gt=0)] | None = _env("MODELLIX_MAX_RPS", None)
+    max_in_flight: Annotated[int, Field(ge=1)] | None = _env("MODELLIX_MAX_IN_FLIGHT", None)
     # HTTP and DB pools are sized to the worker's thread concurrency.
-    concurrency: int = field(default_factory=lambda: _int("KLING_CONCURRENCY", 32))
+    concurrency: int = _env("KLING_CONCURRENCY", 32, ge=1)
     # Database connections per worker process (default: an eighth of the threads, at least 4).
-    db_pool: int | None = field(default_factory=lambda: _optional_int("KLING_DB_POOL"))
+    db_pool: Annotated[int, Field(ge=1)] | None = _env("KLING_DB_POOL", None)
 
     # Webhooks (worker.webhooks): the Standard Webhooks signing secret, `whsec_<base64>`
     # (repr=False, like the API key); the hosts a job's webhook may name (unset: any);
-    # how long an event is retried after its first attempt; (connect, read) timeouts.
+    # how long an event is retried after its first attempt; (connect, read) timeouts,
+    # read together as `webhook_timeout`.
     # The read timeout is the specification's low end (15-30 s): the receiver's time to answer.
-    webhook_secret: str = field(default_factory=lambda: os.environ.get("KLING_WEBHOOK_SECRET", "").strip(), repr=False)
-    webhook_hosts: frozenset[str] | None = field(default_factory=lambda: _hosts("KLING_WEBHOOK_HOSTS"))
-    webhook_retry_for: float = field(default_factory=lambda: _float("KLING_WEBHOOK_RETRY_FOR", 86400.0))
-    webhook_timeout: tuple[float, float] = field(
-        default_factory=lambda: (
-            _float("KLING_WEBHOOK_CONNECT_TIMEOUT", 5.0),
-            _float("KLING_WEBHOOK_READ_TIMEOUT", 15.0),
-        )
+    webhook_secret: Annotated[str, AfterValidator(_webhook_secret)] = _env("KLING_WEBHOOK_SECRET", "", repr=False)
+    # NoDecode: a comma-separated list, not the JSON pydantic-settings expects for a set.
+    webhook_hosts: Annotated[frozenset[str] | None, NoDecode, BeforeValidator(_hosts)] = _env(
+        "KLING_WEBHOOK_HOSTS", None
     )
+    webhook_retry_for: float = _env("KLING_WEBHOOK_RETRY_FOR", 86400.0, ge=0)
+    webhook_connect_timeout: float = _env("KLING_WEBHOOK_CONNECT_TIMEOUT", 5.0, gt=0)
+    webhook_read_timeout: float = _env("KLING_WEBHOOK_READ_TIMEOUT", 15.0, gt=0)
     # How long a worker may take over one delivery (an archive, a webhook) before the sweep
     # gives it to another: longer than archiving a job's images or a webhook's timeouts.
-    delivery_lease: float = field(default_factory=lambda: _float("KLING_DELIVERY_LEASE", 120.0))
+    delivery_lease: float = _env("KLING_DELIVERY_LEASE", 120.0, gt=0)
     # Result images (worker.archive): where they are kept (file:///dir, s3://bucket/prefix or off),
     # and the most bytes one image may have; a larger one is refused, not cut.
-    archive: str = field(default_factory=lambda: os.environ.get("KLING_ARCHIVE", "").strip() or _embedded_archive())
-    archive_max_bytes: int = field(default_factory=lambda: _int("KLING_ARCHIVE_MAX_BYTES", DEFAULT_MAX_BYTES))
+    archive: Annotated[str, AfterValidator(_archive)] = _env("KLING_ARCHIVE", _embedded_archive)
+    archive_max_bytes: int = _env("KLING_ARCHIVE_MAX_BYTES", DEFAULT_MAX_BYTES, ge=1)
 
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ConfigError("KLING_MAX_ATTEMPTS must be at least 1")
-        if self.submit_5xx not in SUBMIT_5XX:
-            raise ConfigError(f"KLING_SUBMIT_5XX must be one of {', '.join(SUBMIT_5XX)}, not {self.submit_5xx!r}")
+    # Operations: the port of the worker's metrics and health endpoints (unset: none served),
+    # and how log lines are written.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = _env("KLING_METRICS_PORT", None)
+    log_format: LogFormat = _env("KLING_LOG_FORMAT", "text")
+
+    def __init__(self, **values: Any) -> None:
+        unknown = set(values) - set(type(self).model_fields) - {"webhook_timeout"}
+        if unknown:  # extra="ignore" is for .env's other lines, not for a misspelt keyword
+            raise TypeError(f"Settings() has no field {', '.join(sorted(unknown))}")
+        try:
+            super().__init__(**values)
+            return
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+        # Raised outside the except block: the ValidationError, which holds the raw values
+        # (a secret among them), is not kept as this error's context.
+        raise ConfigError("\n".join(dict.fromkeys(_describe(error) for error in errors)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_webhook_timeout(cls, data: Any) -> Any:
+        """`Settings(webhook_timeout=(connect, read))` sets the two timeouts it is read from."""
+        if isinstance(data, Mapping) and "webhook_timeout" in data:
+            data = dict(data)
+            timeout = data.pop("webhook_timeout")
+            if isinstance(timeout, Sequence) and len(timeout) == 2:
+                for field, seconds in zip(("webhook_connect_timeout", "webhook_read_timeout"), timeout, strict=True):
+                    data.pop(field, None)
+                    data[variable(field)] = seconds  # over what the environment gave under that name
+            else:
+                raise ValueError("webhook_timeout must be a (connect, read) pair")
+        return data
+
+    @model_validator(mode="after")
+    def _submit_grace_outlasts_a_submit(self) -> Settings:
         # The sweep fails a job left `submitting` longer than the grace as interrupted: the
         # grace must outlast a live submit (budget wait, connect, read), or a slow one is failed.
         longest = MAX_BUDGET_SLEEP + self.connect_timeout + self.read_timeout
         if self.submit_grace <= longest:
-            raise ConfigError(
+            raise ValueError(
                 f"KLING_SUBMIT_GRACE ({self.submit_grace:g}s) must be longer than a submit can take: "
                 f"{MAX_BUDGET_SLEEP:g}s of budget wait + MODELLIX_CONNECT_TIMEOUT + MODELLIX_READ_TIMEOUT "
                 f"= {longest:g}s"
             )
-        if self.webhook_secret:
-            try:
-                WebhookSecret.parse(self.webhook_secret)
-            except ValueError as exc:  # its message never holds the secret
-                raise ConfigError(f"KLING_WEBHOOK_SECRET: {exc}") from None
-        if self.webhook_retry_for < 0:
-            raise ConfigError("KLING_WEBHOOK_RETRY_FOR must not be negative")
-        if min(self.webhook_timeout) <= 0:
-            raise ConfigError("KLING_WEBHOOK_CONNECT_TIMEOUT and KLING_WEBHOOK_READ_TIMEOUT must be positive")
-        try:
-            ArchiveSpec.parse(self.archive)  # at start-up rather than at a job's end
-        except ValueError as exc:  # its message names KLING_ARCHIVE
-            raise ConfigError(str(exc)) from None
-        if self.archive_max_bytes < 1:
-            raise ConfigError("KLING_ARCHIVE_MAX_BYTES must be at least 1")
+        return self
+
+    @property
+    def webhook_timeout(self) -> tuple[float, float]:
+        """(connect, read) seconds for a webhook delivery, as requests takes them."""
+        return (self.webhook_connect_timeout, self.webhook_read_timeout)
+
+
+def variable(field: str) -> str:
+    """The environment variable a field is read from."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else field.upper()
+
+
+_VARIABLES = {variable(name): name for name in Settings.model_fields}
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One line for one of pydantic's errors: the variable, what it accepts, the value unless secret."""
+    loc = error.get("loc") or ()
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "value_error" or not loc:  # our own checks: their messages name their variables
+        return str(ctx.get("error") or error["msg"]).removeprefix("Value error, ")
+    field = str(loc[0]) if str(loc[0]) in Settings.model_fields else _VARIABLES.get(str(loc[0]))
+    if field is None:
+        return f"{loc[0]}: {error['msg']}"
+    name = variable(field)
+    value = "" if name in SECRET_VARIABLES else f"={error.get('input')!r}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{name}{value} is not a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return f"{name}{value} is not a number"
+    if kind == "finite_number":
+        return f"{name}{value} is not a finite number"
+    if kind == "literal_error":
+        choices = get_args(Settings.model_fields[field].annotation)
+        shown = "" if name in SECRET_VARIABLES else f", not {error.get('input')!r}"
+        return f"{name} must be one of {', '.join(choices)}{shown}"
+    bounds = {
+        "greater_than": "more than {gt:g}",
+        "greater_than_equal": "at least {ge:g}",
+        "less_than": "less than {lt:g}",
+        "less_than_equal": "at most {le:g}",
+        "string_too_short": "a name, not blank",
+    }
+    if kind in bounds:
+        return f"{name} must be {bounds[kind].format(**ctx)}" + ("" if not value else f", not {error.get('input')!r}")
+    return f"{name}: {error['msg']}"
 
 
 def load() -> Settings:
