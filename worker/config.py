@@ -139,6 +139,8 @@ class Settings:
     # and the most bytes one image may have; a larger one is refused, not cut.
     archive: str = field(default_factory=lambda: os.environ.get("KLING_ARCHIVE", "").strip() or _embedded_archive())
     archive_max_bytes: int = field(default_factory=lambda: _int("KLING_ARCHIVE_MAX_BYTES", DEFAULT_MAX_BYTES))
+    # This worker process's metrics and health server (worker.health): unset, none; 0, any free port (logged).
+    metrics_port: int | None = field(default_factory=lambda: _optional_int("KLING_METRICS_PORT"))
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -169,6 +171,8 @@ class Settings:
             raise ConfigError(str(exc)) from None
         if self.archive_max_bytes < 1:
             raise ConfigError("KLING_ARCHIVE_MAX_BYTES must be at least 1")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"KLING_METRICS_PORT must be a port, 1-65535 (0: any free port), not {self.metrics_port}")
 
 
 def load() -> Settings:
