@@ -52,6 +52,11 @@ def family(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
     return {labels: v for (n, labels), v in samples.items() if n == name}
 
 
+def by(samples: Samples, name: str, *keys: str) -> dict[tuple[str, ...], float]:
+    """A family's values keyed by the values of the labels `keys`."""
+    return {tuple(dict(labels)[k] for k in keys): v for labels, v in family(samples, name).items()}
+
+
 def get(port: int, path: str) -> tuple[int, dict[str, Any]]:
     answer = requests.get(f"http://127.0.0.1:{port}{path}", timeout=10)
     return answer.status_code, answer.json()
@@ -163,31 +168,23 @@ def test_the_snapshot_reads_the_outbox_backlog_the_pause_and_the_poll_timer(any_
     finally:
         server.stop()
 
-    backlog = {tuple(sorted(k)): v for k, v in family(samples, "kling_delivery_backlog").items()}
-    assert backlog == {
-        (("channel", c), ("state", s)): n
-        for (c, s), n in {
-            ("archive", "waiting"): 0,
-            ("archive", "pending"): 1,
-            ("webhook", "waiting"): 1,
-            ("webhook", "pending"): 0,
-            ("callback", "waiting"): 0,
-            ("callback", "pending"): 2,
-        }.items()
+    assert by(samples, "kling_delivery_backlog", "channel", "state") == {
+        ("archive", "waiting"): 0,
+        ("archive", "pending"): 1,
+        ("webhook", "waiting"): 1,
+        ("webhook", "pending"): 0,
+        ("callback", "waiting"): 0,
+        ("callback", "pending"): 2,
     }
-    assert {dict(k)["channel"]: v for k, v in family(samples, "kling_delivery_due").items()} == {
-        "archive": 1,
-        "webhook": 0,
-        "callback": 1,
-    }
-    oldest = {dict(k)["channel"]: v for k, v in family(samples, "kling_delivery_oldest_due_seconds").items()}
-    assert 25 <= oldest["callback"] < 120 and oldest["webhook"] == 0, oldest
+    assert by(samples, "kling_delivery_due", "channel") == {("archive",): 1, ("webhook",): 0, ("callback",): 1}
+    oldest = by(samples, "kling_delivery_oldest_due_seconds", "channel")
+    assert 25 <= oldest[("callback",)] < 120 and oldest[("webhook",)] == 0, oldest
     assert value(samples, "kling_scrape_errors_total") == 0
-    assert {dict(k)["reason"]: v for k, v in family(samples, "kling_fleet_paused").items()} == {
-        "rate_limited": 1,
-        "key_refused": 0,
-        "balance": 0,
-        "other": 0,
+    assert by(samples, "kling_fleet_paused", "reason") == {
+        ("rate_limited",): 1,
+        ("key_refused",): 0,
+        ("balance",): 0,
+        ("other",): 0,
     }
     assert 25 < (value(samples, "kling_fleet_pause_seconds_left") or 0) <= 30
     assert value(samples, "kling_poller_backlog") == 7
@@ -292,12 +289,8 @@ def test_a_worker_counts_its_jobs_api_calls_and_tasks_on_its_metrics_port(rabbit
             "callback": {"task": "orders.done", "queue": "orders"},
         }
         produce(rabbit_url, env["KLING_QUEUE"], [valid(tag, i) for i in range(3)] + [invalid])
-        running = wait_for(
-            lambda: value(scrape(port), "kling_tasks_in_flight", task="kling.generate"), 30, "a task in flight", [worker]
-        )
-        paused = wait_for(
-            lambda: value(scrape(port), "kling_fleet_paused", reason="rate_limited"), 30, "the pause seen", [worker]
-        )
+        running = wait_for(lambda: value(scrape(port), "kling_tasks_in_flight", task="kling.generate"), 30, "a task")
+        paused = wait_for(lambda: value(scrape(port), "kling_fleet_paused", reason="rate_limited"), 30, "the pause")
         found = wait_terminal(pg_url, 4, 120, [worker])
         samples = scrape(port)
     finally:
@@ -308,13 +301,12 @@ def test_a_worker_counts_its_jobs_api_calls_and_tasks_on_its_metrics_port(rabbit
     assert outcomes == {("succeeded", ""): 1, ("failed", "submit_unknown"): 1, ("failed", "task_failed"): 1} | {
         ("rejected", "validation"): 1
     }
-    ended = {(dict(k)["status"], dict(k)["error_code"]): v for k, v in family(samples, "kling_jobs_ended_total").items()}
-    assert ended == outcomes
+    assert by(samples, "kling_jobs_ended_total", "status", "error_code") == outcomes
 
     # Every API request the sandbox saw, by endpoint and answer (-1: the dropped connection).
     seen = Counter((r["kind"], str(r["status"]) if r["status"] >= 0 else "error") for r in sandbox.requests_log())
-    answers = {(dict(k)["endpoint"], dict(k)["status"]): v for k, v in family(samples, "kling_api_responses_total").items()}
-    assert answers == seen and seen[("submit", "429")] == 1 and seen[("submit", "error")] == 1
+    assert seen[("submit", "429")] == 1 and seen[("submit", "error")] == 1, seen
+    assert by(samples, "kling_api_responses_total", "endpoint", "status") == seen
     for endpoint in ("submit", "poll"):
         calls = sum(n for (kind, _), n in seen.items() if kind == endpoint)
         assert value(samples, "kling_api_request_duration_seconds_count", endpoint=endpoint) == calls
