@@ -113,7 +113,7 @@ def database_problem(engine: Engine) -> str | None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        return f"unreachable: {outages.reason(exc)}"
+        return f"cannot connect: {outages.reason(exc)}"
     return None
 
 
@@ -127,7 +127,7 @@ def broker_problem(app: Any) -> str | None:
         with app.connection_for_read(connect_timeout=PROBE_TIMEOUT) as conn:
             conn.ensure_connection(max_retries=0)
     except Exception as exc:
-        return f"unreachable: {outages.reason(exc)}"
+        return f"cannot connect: {outages.reason(exc)}"
     return None
 
 
@@ -223,6 +223,7 @@ def start(consumer: Any) -> HealthServer | None:
     port = res.settings.metrics_port
     if port is None or _running is not None:
         return _running
+    metrics.tasks_known(name for name in consumer.app.tasks if name.startswith("kling."))
     engine = probe_engine(res.settings.database_url)
     database = Cached(lambda: database_problem(engine))
     broker = Cached(lambda: broker_problem(consumer.app))

@@ -15,12 +15,14 @@ URL or a message, so the number of series stays bounded whatever the jobs are.
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from requests.adapters import BaseAdapter
@@ -34,6 +36,9 @@ ENDPOINTS = ("submit", "poll", "other")
 # How a fleet pause's reason (worker.api_errors) is labelled: by the HTTP status it starts with.
 PAUSE_REASONS = {"429": "rate_limited", "401": "key_refused", "402": "balance"}
 OTHER = "other"
+
+# A `_created` series beside every counter and histogram doubles what is scraped and says little here.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
 
 JOBS_ENDED = Counter(
     "kling_jobs_ended",
@@ -66,6 +71,12 @@ def job_ended(status: str, error_code: str | None, count: int = 1) -> None:
     """`count` jobs reached the end state `status` in this process (counted once: after the move committed)."""
     if count:
         JOBS_ENDED.labels(status, error_code_label(error_code)).inc(count)
+
+
+def tasks_known(names: Iterable[str]) -> None:
+    """Show these tasks at 0 in flight before any has run (a series that appears late hides its start)."""
+    for name in names:
+        TASKS_IN_FLIGHT.labels(name)
 
 
 def task_started(name: str) -> None:
@@ -127,6 +138,12 @@ class MeteredAdapter(BaseAdapter):
     def close(self) -> None:
         self.inner.close()
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else is the inner adapter's (its pool's size, for one): the wrapper stays out of sight.
+        if name == "inner":  # not set yet (during __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
 
 def meter(session: requests.Session, submit_url: str, poll_url: str) -> None:
     """Time and count every call `session` makes: a POST to `submit_url` is a submit, a GET under
@@ -164,6 +181,7 @@ class Snapshot(Collector):
         self.poller_backlog = poller_backlog
         self.read_backlog = read_backlog
         self.errors = 0
+        self._lock = threading.Lock()  # scrapes may run at once
 
     def collect(self) -> Iterator[Metric]:
         yield from self._pause()
@@ -198,7 +216,8 @@ class Snapshot(Collector):
         try:
             found = self.read_backlog()
         except Exception:
-            self.errors += 1
+            with self._lock:
+                self.errors += 1
             found = None
         yield CounterMetricFamily(
             "kling_scrape_errors",
