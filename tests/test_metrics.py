@@ -21,12 +21,13 @@ import requests
 from celery import Celery
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
 
 from models import JobStatus, lifecycle, outbox
-from models.job import utcnow
+from models.job import Job, utcnow
 from tests.proxy import TcpProxy
-from tests.support import rows, valid, wait_for, wait_terminal, worker_env
-from worker import health, metrics, runtime
+from tests.support import job, rows, submitted, valid, wait_for, wait_terminal, worker_env
+from worker import health, metrics, runtime, tracking
 from worker.config import ConfigError, Settings
 from worker.dev.processes import Worker, produce
 from worker.dev.sandbox import Step
@@ -100,6 +101,34 @@ def test_labels_come_from_small_fixed_sets():
         "other",
         "other",
     ]
+
+
+def test_without_a_port_no_server_is_started(configure):
+    configure(KLING_METRICS_PORT="")
+    assert health.start(consumer=None) is None
+
+
+# -- jobs ended where no API answer ends them ---------------------------------------------
+
+
+def test_jobs_the_deadline_and_the_sweep_end_are_counted_once_each(service, configure):
+    def ended(code: str) -> float:
+        return sample("kling_jobs_ended_total", status="failed", error_code=code)
+
+    before = ended("timeout"), ended("submit_interrupted")
+    service.task_seconds = 60
+    submitted("slow")
+    with runtime.get().transaction() as s:
+        s.execute(update(Job).where(Job.id == "slow").values(submitted_at=utcnow() - timedelta(seconds=61)))
+    assert tracking.check("slow", 0) is None and job("slow").error_code == "timeout"
+    configure(KLING_SUBMIT_GRACE=50)
+    past = utcnow() - timedelta(seconds=60)
+    with runtime.get().transaction() as s:
+        s.add(Job(id="stuck", status="submitting", request={}, attempts=1, created_at=past, updated_at=past))
+    tracking.sweep()
+    tracking.sweep()  # nothing left to end: nothing counted again
+    assert job("stuck").error_code == "submit_interrupted"
+    assert (ended("timeout") - before[0], ended("submit_interrupted") - before[1]) == (1, 1)
 
 
 # -- the API calls, counted by the client's metered session ------------------------------
