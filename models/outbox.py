@@ -15,11 +15,26 @@ wait for the archive, so a receiver can fetch the files at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, cast
 
-from sqlalchemy import Index, Integer, String, Table, Text, UniqueConstraint, insert, literal, select, text, update
+from sqlalchemy import (
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    case,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.db import Executor
@@ -173,6 +188,34 @@ def again(ex: Executor, job_id: str, channels: list[Channel], now: datetime) -> 
         .values(state=State.pending.value, due_at=now, attempts=0, last_error=None, done_at=None, updated_at=now)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The rows of one channel in one unsettled state (waiting or pending)."""
+
+    channel: str
+    state: str
+    rows: int
+    due: int  # pending rows whose time has come and that no worker holds: waiting for the sweep
+    oldest_due: datetime | None  # the due_at of the longest-waiting of those
+
+
+def backlog(ex: Executor, now: datetime) -> list[Backlog]:
+    """What is left to deliver, by channel and state (settled rows are not counted)."""
+    due = (deliveries.c.state == State.pending.value) & (deliveries.c.due_at <= now)
+    rows = ex.execute(
+        select(
+            deliveries.c.channel,
+            deliveries.c.state,
+            func.count(),
+            func.coalesce(func.sum(case((due, 1), else_=0)), 0),
+            func.min(case((due, deliveries.c.due_at))),
+        )
+        .where(deliveries.c.state.in_([State.waiting.value, State.pending.value]))
+        .group_by(deliveries.c.channel, deliveries.c.state)
+    )
+    return [Backlog(r[0], r[1], int(r[2]), int(r[3]), r[4]) for r in rows]
 
 
 def for_job(s: Session, job_id: str) -> list[Delivery]:

@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import CPendingDeprecationWarning
 
-from worker import outages
+from worker import health, outages
 from worker.config import home
 from worker.runtime import settings
 
@@ -55,6 +55,16 @@ def _on_ready(**_: Any) -> None:
     # worker_cancel_long_running_tasks_on_connection_loss will change; ours is set on purpose
     # below. Installed once ready: Celery's logging setup turns these warnings on at start.
     warnings.filterwarnings("ignore", "\nIn Celery 5.1 we introduced", CPendingDeprecationWarning)
+
+
+@signals.worker_ready.connect
+def _serve_health(sender: Any, **_: Any) -> None:
+    health.start(sender)  # the consumer: /healthz asks it whether this process consumes
+
+
+@signals.worker_shutdown.connect
+def _stop_health(**_: Any) -> None:
+    health.stop()
 
 
 transport_options: dict[str, object] = {}

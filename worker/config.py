@@ -187,8 +187,8 @@ class Settings(BaseSettings):
     archive: Annotated[str, AfterValidator(_archive)] = _env("KLING_ARCHIVE", _embedded_archive)
     archive_max_bytes: int = _env("KLING_ARCHIVE_MAX_BYTES", DEFAULT_MAX_BYTES, ge=1)
 
-    # Operations: the port of the worker's metrics and health endpoints (unset: none served),
-    # and how log lines are written.
+    # Operations: the port of each worker process's metrics and health server (worker.health;
+    # unset: none served; 0: any free port, logged), and how log lines are written.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = _env("KLING_METRICS_PORT", None)
     log_format: LogFormat = _env("KLING_LOG_FORMAT", "text")
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from models import db, lifecycle
+from models import JobStatus, db, lifecycle
 from models.job import utcnow
-from worker import runtime
+from worker import metrics, runtime
 
 log = logging.getLogger("kling_worker.holding")
 
@@ -31,8 +31,8 @@ MAX_RETRY = 2.0
 
 # "claimed": a claim whose commit the worker never saw (at = the claim's time); the rest are the API's answers.
 KINDS = frozenset({"claimed", "submitted", "requeued", "submit_failed", "succeeded", "task_failed"})
-# The kinds that end a job.
-ENDS = frozenset({"submit_failed", "succeeded", "task_failed"})
+# The kinds that end a job, and the status they end it in.
+ENDS = {"submit_failed": JobStatus.failed, "succeeded": JobStatus.succeeded, "task_failed": JobStatus.failed}
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ def _write(fact: Fact) -> Exception | None:
         if not db.unreachable(exc):
             raise
         return exc
+    if moved and fact.kind in ENDS:
+        metrics.job_ended(ENDS[fact.kind].value, fact.values.get("error_code"))
     if not moved and fact.kind == "submitted":
         # Either this answer was written before (a message carrying it came twice), or the sweep
         # gave up on the job first (the answer came later than KLING_SUBMIT_GRACE): say which task.

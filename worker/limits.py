@@ -80,6 +80,7 @@ def take_request_slot() -> None:
             # Read the clock only once the lock is held: a time taken before a
             # contended lock would put the slot in the past and let a burst out.
             now = time.time()
+            _saw(res, row.paused_until, row.pause_reason or "")
             slot = max(row.next_slot, now, row.paused_until)
             wait, reason = slot - now, row.pause_reason or "rate limit"
             if wait <= MAX_SLEEP:
@@ -213,6 +214,11 @@ def _current_pause(res: runtime.Resources) -> tuple[float, str]:
         with res.statement() as ex:
             row = budget.read(ex)
         if row is not None:
-            seen.until, seen.reason = row.paused_until, row.pause_reason or ""
+            _saw(res, row.paused_until, row.pause_reason or "")
         seen.read_at = time.monotonic()
     return seen.until, seen.reason
+
+
+def _saw(res: runtime.Resources, until: float, reason: str) -> None:
+    """The pause as the budget row says, for this process (its metrics, and the next request without a rate limit)."""
+    res.pause.until, res.pause.reason = until, reason

@@ -255,8 +255,11 @@ class ModellixClient:
             raise AmbiguousSubmit("submit answered without a task_id", 200)
         return Submission(task_id, str(data.get("status", "pending")), data)
 
+    def task_url(self, task_id: str) -> str:
+        return f"{self.base_url}/api/v1/tasks/{task_id}"
+
     def get_task(self, task_id: str) -> TaskState:
-        data = self._call("GET", f"{self.base_url}/api/v1/tasks/{task_id}")
+        data = self._call("GET", self.task_url(task_id))
         if data.get("task_id") not in (None, task_id):
             raise ProtocolError(f"asked for task {task_id}, got {data.get('task_id')}", 200)
         return TaskState(task_id, str(data.get("status", "")), data, result_urls(data))

@@ -45,6 +45,10 @@ class Poller:
     def pending(self) -> int:
         return len(self._heap)
 
+    def alive(self) -> bool:
+        """Whether the timer thread runs: it ends when the poller is stopped (or on a bug)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         """Drop what is scheduled and end the timer thread (the job rows still say what is due)."""
         with self._wake:

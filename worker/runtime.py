@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from models import db
-from worker import outages
+from worker import metrics, outages
 from worker.config import Settings, load
 from worker.modellix import ModellixClient
 from worker.poller import Poller
@@ -82,13 +82,15 @@ class Resources:
 
     @property
     def client(self) -> ModellixClient:
+        return self.once("client", self._make_client)
+
+    def _make_client(self) -> ModellixClient:
         s = self.settings
-        return self.once(
-            "client",
-            lambda: ModellixClient(
-                s.base_url, s.api_key, s.submit_path, s.connect_timeout, s.read_timeout, pool_size=s.concurrency + 4
-            ),
+        client = ModellixClient(
+            s.base_url, s.api_key, s.submit_path, s.connect_timeout, s.read_timeout, pool_size=s.concurrency + 4
         )
+        metrics.meter(client.session, client.submit_url, client.task_url(""))
+        return client
 
     @property
     def poller(self) -> Poller:

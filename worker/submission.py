@@ -22,7 +22,7 @@ from marshmallow import ValidationError
 
 from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, modellix, outages, runtime, schedule, webhooks
+from worker import holding, limits, metrics, modellix, outages, runtime, schedule, webhooks
 from worker.api_errors import Action, judge_submit, retry_delay
 from worker.holding import Fact
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
@@ -284,6 +284,7 @@ def _reject(
         # The id is taken by an earlier job: that row stays as it is.
         log.warning("job %s: invalid duplicate of an existing job ignored", job_id)
         return Outcome(job_id, None)
+    metrics.job_ended(JobStatus.rejected.value, "validation")
     return Outcome(job_id, JobStatus.rejected)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Task, signals
 from kombu.exceptions import OperationalError
 
-from worker import delivery, holding, limits, runtime, schedule, submission, tracking
+from worker import delivery, holding, limits, metrics, runtime, schedule, submission, tracking
 from worker.app import app
 
 log = logging.getLogger("kling_worker.tasks")
@@ -97,6 +97,16 @@ def follow(job_id: str, seq: int) -> None:
 
 def follow_later(job_id: str, poll: schedule.NextPoll) -> None:
     runtime.get().poller.schedule(poll.delay, follow, job_id, poll.seq)
+
+
+@signals.task_prerun.connect
+def _task_started(task: Task, **_: Any) -> None:
+    metrics.task_started(task.name)
+
+
+@signals.task_postrun.connect
+def _task_ended(task: Task, **_: Any) -> None:
+    metrics.task_ended(task.name)
 
 
 @signals.worker_shutting_down.connect

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from models import JobStatus, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, modellix, outages, runtime, schedule
+from worker import holding, limits, metrics, modellix, outages, runtime, schedule
 from worker.api_errors import Action, judge_poll
 from worker.config import Settings
 from worker.holding import Fact
@@ -130,10 +130,12 @@ def _next(
     res = runtime.get()
     if now >= deadline:
         with res.transaction() as ex:
-            lifecycle.fail_task(
+            ended = lifecycle.fail_task(
                 ex, job_id, utcnow(), "timeout", f"Modellix task not finished by the deadline ({deadline.isoformat()})"
             )
-        log.info("job %s failed: timeout", job_id)
+        if ended:
+            metrics.job_ended(JobStatus.failed.value, "timeout")
+            log.info("job %s failed: timeout", job_id)
         return None
     delay = min(following.delay, max(0.0, (deadline - now).total_seconds()))
     with res.statement() as ex:
@@ -188,7 +190,7 @@ def resolve_interrupted(before: datetime) -> int:
     with runtime.get().transaction() as s:
         ids = store.claim_stale(s, JobStatus.submitting, before, SWEEP_BATCH)
         now = utcnow()
-        for job_id in ids:
+        ended = sum(
             lifecycle.fail_submit(
                 s,
                 job_id,
@@ -197,6 +199,9 @@ def resolve_interrupted(before: datetime) -> int:
                 "the worker stopped while submitting; the Modellix task may exist "
                 "but its id is unknown, so the job is not submitted again",
             )
+            for job_id in ids
+        )
+    metrics.job_ended(JobStatus.failed.value, "submit_interrupted", ended)
     if ids:
         log.warning("%d jobs interrupted during submission marked failed: %s", len(ids), ", ".join(ids[:20]))
     return len(ids)
