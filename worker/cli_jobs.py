@@ -283,13 +283,14 @@ def prune(before: datetime, status: tuple[str, ...], dry_run: bool, batch_size: 
                 "total": found.total,
                 "deliveries": found.deliveries,
                 "kept_with_deliveries_due": found.kept,
-                "archived_files": "not deleted",
+                "archived_files_deleted": False,
+                "archive": archive,
             }
         )
         return 0
     verb = "would delete" if dry_run else "deleted"
     rows: list[list[Any]] = [[s, n] for s, n in sorted(found.jobs.items())] + [["total", found.total]]
-    tables.table(["status", f"jobs {verb}"], rows)
+    tables.table(["status", verb], rows)
     tables.say(f"{verb} {found.total} job(s) ended before {before.isoformat(timespec='seconds')}")
     tables.say(f"{verb} {found.deliveries} delivery row(s) of those jobs")
     if found.kept:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -30,9 +31,24 @@ HINT_EVERY = 5.0
 # On a broker that cannot count consumers, a job nobody took for this long is worth a word.
 UNSEEN_AFTER = 15.0
 
-# (what it is about, the sentence): a line is printed again only when what it is about changes.
-Hint = tuple[str, str]
-Hints = Callable[[float], list[Hint]]
+
+
+@dataclass(frozen=True)
+class Hint:
+    """Why queued jobs may be waiting. A line is printed again only when what it is `about` changes;
+    with `until` (time.monotonic()), the time left is counted down on a terminal."""
+
+    about: str
+    text: str
+    until: float | None = None
+
+    def sentence(self) -> str:
+        if self.until is None:
+            return self.text
+        return f"{self.text} ({max(0.0, self.until - time.monotonic()):.0f}s left)"
+
+
+Hints = Callable[[float], list["Hint"]]
 
 
 def why_queued(waited: float) -> list[Hint]:
@@ -43,12 +59,12 @@ def why_queued(waited: float) -> list[Hint]:
     found: list[Hint] = []
     broker, consumers = doctor.check_queue(cfg)
     if not broker.ok:
-        found.append(("broker", f"the broker is unreachable: {broker.detail}"))
+        found.append(Hint("broker", f"the broker is unreachable: {broker.detail}"))
     elif not consumers.ok:
-        found.append(("consumers", consumers.detail))
+        found.append(Hint("consumers", consumers.detail))
     elif consumers.detail == doctor.CONSUMERS_UNKNOWN and waited >= UNSEEN_AFTER:
         found.append(
-            (
+            Hint(
                 "unseen",
                 f"no worker has taken it in {waited:.0f}s; this broker cannot tell whether any worker is "
                 "running (start one with `kling-worker worker`)",
@@ -58,7 +74,8 @@ def why_queued(waited: float) -> list[Hint]:
         budget = limits.status(s)
     if budget["paused_for"]:
         reason = budget["pause_reason"] or "no reason recorded"
-        found.append((f"pause {reason}", f"the fleet is paused for {budget['paused_for']:g}s more: {reason}"))
+        until = time.monotonic() + budget["paused_for"]
+        found.append(Hint(f"pause {reason}", f"the fleet is paused: {reason}", until))
     return found
 
 
@@ -127,10 +144,10 @@ class _Lines(_View):
         print(f"{datetime.now():%H:%M:%S} {job_id:<22} {status}", file=self.out, flush=True)
 
     def hints(self, found: list[Hint]) -> None:
-        for about, sentence in found:
-            if about not in self.shown:
-                print(f"{datetime.now():%H:%M:%S} waiting: {sentence}", file=self.out, flush=True)
-        self.shown = {about for about, _ in found}
+        for hint in found:
+            if hint.about not in self.shown:
+                print(f"{datetime.now():%H:%M:%S} waiting: {hint.sentence()}", file=self.out, flush=True)
+        self.shown = {hint.about for hint in found}
 
 
 class _LiveView(_View):
@@ -164,5 +181,5 @@ class _LiveView(_View):
             status, at = self.status.get(job_id, (JobStatus.queued.value, now))
             waited = "" if status in TERMINAL else f"{now - at:.0f}s"
             shown.add_row(job_id, styled(status), Text(waited, style="dim"))
-        notes = [Text(f"waiting: {sentence}", style="yellow") for _, sentence in self.found]
+        notes = [Text(f"waiting: {hint.sentence()}", style="yellow") for hint in self.found]
         return Group(shown, *notes)
