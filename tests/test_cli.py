@@ -203,3 +203,29 @@ def test_an_unmigrated_database_and_a_bad_setting_are_one_line_each(configure, c
     configure(KLING_CONCURRENCY="abc")
     code, _, err = run(capsys, "jobs", "list")
     assert code == 2 and err == "kling-worker: KLING_CONCURRENCY='abc' is not a whole number\n"
+
+
+# The mistakes a newcomer made (issue 9), as they make them: the command, from a folder with no service in it.
+NEWCOMER_MISTAKES = [
+    (["enqueue", "x <<<image_1>>>", "--image", "missing.png"], {}, "kling-worker: --image missing.png: No such file"),
+    (["jobs", "list", "--since", "garbage"], {}, "'garbage' is not an ISO time or an age"),
+    (["jobs", "list"], {}, "kling-worker: no job database at "),
+    (["jobs", "retry"], {}, "kling-worker: no job database at "),
+    (["jobs", "list", "--status", "bogus"], {}, "'bogus' is not one of 'queued'"),
+    (["enqueue", "x", "--metadata", "{bad"], {}, "Invalid value for '--metadata': not JSON: "),
+    (["jobs", "list"], {"KLING_CONCURRENCY": "abc"}, "KLING_CONCURRENCY"),
+    (["enqueue", "x", "--resolution", "4k"], {}, "'4k' is not one of '1k', '2k'"),
+    (["enqueue", "see <<<image_2>>>", "-n", "12"], {}, "kling-worker: the request is not valid: "),
+]
+
+
+def test_each_newcomer_mistake_is_one_line_and_exit_2_from_another_folder(tmp_path):
+    from tests.cli_support import cli_env, run_cli
+
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    for argv, settings, said in NEWCOMER_MISTAKES:
+        done = run_cli(argv, cli_env(**settings), cwd=folder)
+        assert (done.returncode, done.stdout) == (2, ""), (argv, done.stderr)
+        assert said in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, argv
+    assert list(folder.iterdir()) == []  # no ./.kling, no empty database

@@ -204,3 +204,17 @@ def test_a_retry_is_a_new_linked_job_and_a_second_run_sends_none(fleet, rabbit_u
     assert shown["retry_of"] == "f2"
     text = run_cli(["jobs", "show", "f2:retry1"], fleet).stdout
     assert "retry_of: f2" in text
+
+
+def test_the_worker_records_the_link_whatever_becomes_of_the_job(service, configure, monkeypatch):
+    monkeypatch.delenv("KLING_WEBHOOK_SECRET", raising=False)
+    handle(request={"prompt": "a cat"}, job_id="a:retry1", retry_of="a")
+    handle(request={"prompt": "a cat", "n": 12}, job_id="b:retry1", retry_of="b")
+    handle(request={"prompt": "a cat"}, job_id="c:retry1", retry_of="c", webhook="https://hooks.example.com/k")
+    assert (job("a:retry1").status, job("a:retry1").retry_of) == ("submitted", "a")
+    assert (job("b:retry1").status, job("b:retry1").retry_of) == ("rejected", "b")
+    refused = job("c:retry1")  # no secret to sign its webhook with
+    assert (refused.status, refused.retry_of, refused.webhook) == ("rejected", "c", None)
+    handle(request={"prompt": "a cat"}, job_id="d", retry_of="not a job id")
+    bad = job("d")  # a bad retry_of is a bad message: rejected, the link not kept
+    assert (bad.status, bad.retry_of) == ("rejected", None) and "retry_of" in bad.error_message

@@ -77,9 +77,10 @@ def require_database() -> None:
 
 def given(ctx: click.Context, *names: str) -> list[str]:
     """Which of these options the user gave (not their defaults), as they would type them."""
+    params = {param.name: param for param in ctx.command.params}
     chosen = []
     for name in names:
         source = ctx.get_parameter_source(name)
         if source is not None and source is not click.core.ParameterSource.DEFAULT:
-            chosen.append("--" + name.replace("_", "-"))
+            chosen.append(params[name].opts[0])
     return chosen
