@@ -1,4 +1,4 @@
-"""`kling-worker jobs prune`: old ended jobs go with their deliveries; nothing else does, and a dry run deletes nothing."""
+"""`kling-worker jobs prune`: old ended jobs go with their deliveries, nothing else; a dry run deletes nothing."""
 
 from __future__ import annotations
 

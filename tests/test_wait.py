@@ -82,7 +82,8 @@ def test_a_queue_nobody_consumes_is_named(rabbit_url, embedded):
     assert done.returncode == 1, done.stderr
     waiting = [line for line in done.stderr.splitlines() if " waiting: " in line]
     assert len(waiting) == 1, done.stderr
-    assert waiting[0].endswith(f"waiting: queue {queue!r}: 0 consumer(s), 1 message(s) waiting: no worker is taking jobs")
+    said = f"waiting: queue {queue!r}: 0 consumer(s), 1 message(s) waiting: no worker is taking jobs"
+    assert waiting[0].endswith(said)
 
 
 def test_on_a_terminal_the_wait_is_a_live_table_with_the_reason(embedded):

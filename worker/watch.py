@@ -32,7 +32,6 @@ HINT_EVERY = 5.0
 UNSEEN_AFTER = 15.0
 
 
-
 @dataclass(frozen=True)
 class Hint:
     """Why queued jobs may be waiting. A line is printed again only when what it is `about` changes;
