@@ -96,7 +96,9 @@ def test_a_good_file_is_sent_whole_on_rabbitmq(rabbit_url, rabbit_queue, tmp_pat
     # From standard input, and as a table when not asked for JSON.
     done = run_cli(["enqueue", "--batch", "-"], env, stdin=json.dumps(GOOD[0]) + "\n")
     assert done.returncode == 0 and done.stdout.split() == ["line", "job_id", "1", "batch-1"]
-    assert depth(rabbit_url, rabbit_queue) == 1
+    done = run_cli(["enqueue", "a cat", "--job-id", "one-1", "--json"], env)
+    assert done.returncode == 0 and json.loads(done.stdout) == {"job_id": "one-1"}
+    assert [kwargs["job_id"] for _, kwargs in drain(rabbit_url, rabbit_queue)] == ["batch-1", "one-1"]
 
 
 @pytest.mark.services
@@ -116,3 +118,28 @@ def test_a_batch_is_recorded_by_a_worker_and_waited_for(pg_url, rabbit_url, sand
     assert rows[2]["callback"] == {"task": "orders.ready", "queue": "orders"}
     assert "succeeded" in done.stderr  # the progress, on stderr
     delete_queue(rabbit_url, env["KLING_QUEUE"])
+
+
+def test_a_broker_that_refuses_is_one_line_for_one_job_a_batch_and_a_retry(sqlite_url, configure, tmp_path):
+    import socket
+
+    from models.job import Job
+    from worker import runtime
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    configure(DATABASE_URL=sqlite_url)
+    with runtime.get().transaction() as s:
+        s.add(Job(id="f1", status="failed", request={"prompt": "p"}, error_code="429"))
+    env = cli_env(CELERY_BROKER_URL=f"amqp://guest:secret-pw@127.0.0.1:{port}//", DATABASE_URL=sqlite_url)
+    one = run_cli(["enqueue", "a cat"], env)
+    assert one.returncode == 2 and one.stdout == "" and one.stderr.count("\n") == 1
+    assert one.stderr.startswith("kling-worker: the broker refused the message (") and "CELERY_BROKER_URL" in one.stderr
+    many = run_cli(["enqueue", "--batch", str(write(tmp_path / "jobs.jsonl", GOOD))], env)
+    assert many.returncode == 2 and many.stdout == ""
+    assert many.stderr.startswith("kling-worker: the broker refused line 1 (") and "0 of 3 sent" in many.stderr
+    again = run_cli(["jobs", "retry", "f1", "--json"], env)
+    assert again.returncode == 1 and json.loads(again.stdout)[0]["action"] == "not sent"
+    for done in (one, many, again):
+        assert "Traceback" not in done.stderr and "secret-pw" not in done.stderr + done.stdout

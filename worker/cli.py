@@ -20,7 +20,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker import outages, runtime, tables
-from worker.cli_enqueue import build_request, enqueue
+from worker.cli_enqueue import PartlySent, build_request, enqueue
 from worker.cli_jobs import jobs, results
 from worker.cli_params import UsageError
 from worker.config import ConfigError, home
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             "is DATABASE_URL right, and has `kling-worker db upgrade` run?",
             file=sys.stderr,
         )
+        return 2
+    except PartlySent as exc:  # one message (`enqueue PROMPT`): nothing was sent
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     except OperationalError as exc:
         print(f"{PROG}: the broker is not usable ({_one_line(str(exc))}); is CELERY_BROKER_URL right?", file=sys.stderr)

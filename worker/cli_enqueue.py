@@ -163,7 +163,7 @@ class PartlySent(Exception):
     """The broker refused a message: `sent` went before it, nothing after it."""
 
     def __init__(self, sent: list[str], cause: Exception):
-        super().__init__(f"the broker refused a message after {len(sent)} were sent: {cause}")
+        super().__init__(f"the broker refused the message ({cause}); is CELERY_BROKER_URL right?")
         self.sent = sent
         self.cause = cause
 
@@ -186,13 +186,14 @@ def _enqueue_batch(file: IO[str], wait: bool, timeout: float, as_json: bool) -> 
     try:
         ids = _send([m.kwargs for m in messages])
     except PartlySent as partly:
-        _print_sent(messages, partly.sent, as_json)
+        if partly.sent:
+            _print_sent(messages, partly.sent, as_json)
         refused = messages[len(partly.sent)].line
         tables.say(
             f"kling-worker: the broker refused line {refused} ({partly.cause}); "
             f"{len(partly.sent)} of {len(messages)} sent, none after it"
         )
-        return 1
+        return 1 if partly.sent else 2
     if not wait:
         _print_sent(messages, ids, as_json)
         return 0

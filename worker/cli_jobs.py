@@ -201,8 +201,8 @@ def retry(
         else:
             found = store.list_jobs(s, status, since, until, limit, error_code)
         plans = retries.plan(s, found, force)
-    sent = _send_retries(plans) if not dry_run else []
-    report = [p.to_dict(sent=p.job_id in sent) for p in plans]
+    sent = _send_retries(plans) if not dry_run else set()
+    report = [p.to_dict(_action(p, sent, dry_run)) for p in plans]
     if as_json:
         tables.as_json(report)
     else:
@@ -212,13 +212,21 @@ def retry(
     if dry_run:
         tables.say(f"dry run: {sum(1 for p in plans if p.retry)} would be retried, {skipped} skipped; nothing sent")
     else:
-        tables.say(f"{len(sent)} retried, {skipped} skipped")
-        unsent = [p.job_id for p in plans if p.retry and p.job_id not in sent]
+        unsent = sum(1 for p in plans if p.retry and p.job_id not in sent)
+        tables.say(f"{len(sent)} retried, {skipped} skipped" + (f", {unsent} not sent" if unsent else ""))
         if unsent:
             return 1
     if not plans:
         tables.say("no job matches")
     return 1 if job_id is not None and skipped else 0
+
+
+def _action(plan: retries.Plan, sent: set[str], dry_run: bool) -> str:
+    if not plan.retry:
+        return "skipped"
+    if dry_run:
+        return "would retry"
+    return "retried" if plan.job_id in sent else "not sent"
 
 
 def _send_retries(plans: list[retries.Plan]) -> set[str]:

@@ -59,8 +59,8 @@ class Plan:
     def retry(self) -> bool:
         return self.new_id is not None
 
-    def to_dict(self, sent: bool) -> dict[str, Any]:
-        action = ("retried" if sent else "would retry") if self.retry else "skipped"
+    def to_dict(self, action: str) -> dict[str, Any]:
+        """The report's row; `action`: retried, would retry (a dry run), not sent (the broker refused), skipped."""
         return {
             "job_id": self.job_id,
             "status": self.status,

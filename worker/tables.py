@@ -31,6 +31,7 @@ STYLES = {
     "skipped": "yellow",
     "would retry": "cyan",
     "would delete": "cyan",
+    "not sent": "bold red",
     "queued": "dim",
     "submitting": "cyan",
     "submitted": "cyan",
