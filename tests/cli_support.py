@@ -45,19 +45,6 @@ def drain(broker_url: str, queue: str) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def depth(broker_url: str, queue: str) -> int | None:
-    """Messages waiting on a RabbitMQ queue; None if the queue does not exist."""
-    with Connection(broker_url) as conn:
-        channel = conn.channel()
-        try:
-            _, messages, _ = channel.queue_declare(queue=queue, passive=True)
-        except Exception as exc:
-            if getattr(exc, "code", None) == 404:
-                return None
-            raise
-    return int(messages)
-
-
 def delete_queue(broker_url: str, queue: str) -> None:
     with Connection(broker_url) as conn:
         conn.channel().queue_delete(queue)

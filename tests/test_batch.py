@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_support import cli_env, delete_queue, depth, drain, run_cli
+from tests.cli_support import cli_env, delete_queue, drain, run_cli
 from tests.support import worker_env
 from worker import cli
 from worker.dev.processes import Worker
