@@ -86,7 +86,7 @@ def enqueue(
 
         MessageSchema().load(kwargs)
         GenerationRequestSchema().load(request)
-    sent = _send([kwargs])[0]
+    sent = send([kwargs])[0]
     if as_json and not wait:
         tables.as_json({"job_id": sent})
     elif not as_json:
@@ -103,9 +103,7 @@ def enqueue(
     if as_json:
         tables.as_json(row)
     else:
-        from worker.cli_jobs import print_job
-
-        print_job(row)
+        tables.job(row)
     return 0 if row["status"] == "succeeded" else 1
 
 
@@ -142,7 +140,7 @@ def _image(value: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def _send(messages: Sequence[dict[str, Any]]) -> list[str]:
+def send(messages: Sequence[dict[str, Any]]) -> list[str]:
     """Send `kling.generate` messages; the job ids, in order. A broker error after some were sent
     raises PartlySent with the ids sent so far."""
     from worker.app import app, prepare_folders
@@ -184,7 +182,7 @@ def _enqueue_batch(file: IO[str], wait: bool, timeout: float, as_json: bool) -> 
     if not messages:
         raise UsageError(f"{name} holds no message; nothing was sent")
     try:
-        ids = _send([m.kwargs for m in messages])
+        ids = send([m.kwargs for m in messages])
     except PartlySent as partly:
         if partly.sent:
             _print_sent(messages, partly.sent, as_json)

@@ -13,6 +13,7 @@ from models import TERMINAL, JobStatus, lifecycle, outbox, retention, store
 from models.job import utcnow
 from models.outbox import Channel
 from worker import retries, runtime, tables
+from worker.cli_enqueue import PartlySent, send
 from worker.cli_params import WHEN, UsageError, given, require_database
 
 STATUSES = click.Choice([s.value for s in JobStatus])
@@ -71,23 +72,8 @@ def show(job_id: str, as_json: bool) -> int:
     if as_json:
         tables.as_json(row)
     else:
-        print_job(row)
+        tables.job(row)
     return 0
-
-
-def print_job(row: dict[str, Any]) -> None:
-    pairs: list[tuple[str, Any]] = []
-    for key, value in row.items():
-        if key in ("last_response", "files", "deliveries") or value is None:
-            continue
-        pairs.append((key.replace("_", " ") if key == "retried_as" else key, value))
-    for index, found in enumerate(row.get("files") or []):
-        kept = f"{found['uri']} ({found['content_type']}, {found['bytes']} bytes)" if found.get("uri") else None
-        pairs.append((f"file {index}", kept or "not archived: " + str(found.get("error"))))
-    for d in row.get("deliveries") or []:
-        state = f"{d['state']} after {d['attempts']} attempt(s)"
-        pairs.append((d["channel"], state + (f"; last error: {d['last_error']}" if d["last_error"] else "")))
-    tables.fields(pairs)
 
 
 @jobs.command()
@@ -231,11 +217,9 @@ def _action(plan: retries.Plan, sent: set[str], dry_run: bool) -> str:
 
 def _send_retries(plans: list[retries.Plan]) -> set[str]:
     """Send each planned retry; the original ids whose retry went out. A broker error stops the rest."""
-    from worker.cli_enqueue import PartlySent, _send
-
     todo = [p for p in plans if p.retry]
     try:
-        _send([p.message for p in todo])
+        send([p.message for p in todo])
     except PartlySent as partly:
         done = {p.job_id for p in todo[: len(partly.sent)]}
         for p in todo[len(partly.sent) :]:

@@ -105,6 +105,22 @@ def fields(pairs: Sequence[tuple[str, Any]], *, sep: str = ": ", title: str | No
         print(f"{name:>{width}}{sep}{cell(value)}")
 
 
+def job(row: dict[str, Any]) -> None:
+    """A job in full (`jobs show`, the end of `enqueue --wait`): its columns, files and deliveries."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in row.items():
+        if key in ("last_response", "files", "deliveries") or value is None:
+            continue
+        pairs.append((key.replace("_", " ") if key == "retried_as" else key, value))
+    for index, found in enumerate(row.get("files") or []):
+        kept = f"{found['uri']} ({found['content_type']}, {found['bytes']} bytes)" if found.get("uri") else None
+        pairs.append((f"file {index}", kept or "not archived: " + str(found.get("error"))))
+    for d in row.get("deliveries") or []:
+        state = f"{d['state']} after {d['attempts']} attempt(s)"
+        pairs.append((d["channel"], state + (f"; last error: {d['last_error']}" if d["last_error"] else "")))
+    fields(pairs)
+
+
 def as_json(data: Any) -> None:
     """JSON for programs: never coloured, never wrapped."""
     print(json.dumps(data, indent=2, ensure_ascii=False))

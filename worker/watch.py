@@ -10,6 +10,7 @@ has taken it for a while. Those checks run at most every HINT_EVERY seconds.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -110,26 +111,24 @@ def _follow(ids: list[str], timeout: float, view: _View, hints: Hints | None) ->
         elif max(queued) >= HINT_AFTER and now - asked_at >= HINT_EVERY:
             asked_at = now
             view.hints(hints(max(queued)))
-        view.tick()
         time.sleep(LOOK_EVERY)
     return rows
 
 
-class _View:
+class _View(ABC):
+    """How the jobs' progress is shown."""
+
     def __enter__(self) -> _View:
         return self
 
     def __exit__(self, *_: object) -> None:
         return None
 
-    def changed(self, job_id: str, status: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def changed(self, job_id: str, status: str) -> None: ...
 
-    def hints(self, found: list[Hint]) -> None:
-        raise NotImplementedError
-
-    def tick(self) -> None:
-        return None
+    @abstractmethod
+    def hints(self, found: list[Hint]) -> None: ...
 
 
 class _Lines(_View):
