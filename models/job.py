@@ -90,18 +90,23 @@ class Job(Base):
     callback: Mapped[dict[str, Any] | None] = mapped_column(OptionalJSONDoc)
     # The archived result images, in the order of result_urls (worker.archive).
     files: Mapped[list[dict[str, Any]] | None] = mapped_column(OptionalJSONDoc)
+    # The job this one retries (`kling-worker jobs retry`): a new job, with a new id, linked to the failed one.
+    retry_of: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index("ix_jobs_status_updated", "status", "updated_at"),
         Index("ix_jobs_created_at", "created_at"),
         # The tracker's query: active jobs whose next poll is due.
         Index("ix_jobs_next_poll", "next_poll_at", postgresql_where=_ACTIVE_SQL, sqlite_where=_ACTIVE_SQL),
+        # A job's retries: found before retrying it again, shown by `jobs show`.
+        Index("ix_jobs_retry_of", "retry_of"),
     )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "status": self.status,
+            "retry_of": self.retry_of,
             "modellix_task_id": self.modellix_task_id,
             "request": self.request,
             "metadata": self.meta,

@@ -48,6 +48,7 @@ _NEW_ROW = (
     "updated_at",
     "webhook",
     "callback",
+    "retry_of",
 )
 
 
@@ -65,6 +66,7 @@ def _new_row(
         "updated_at": now,
         "webhook": None,
         "callback": None,
+        "retry_of": None,
         **extra,
     }
 
@@ -220,13 +222,34 @@ def find_jobs(s: Session, ids: list[str]) -> list[Job]:
 
 
 def list_jobs(
-    s: Session, status: str | None = None, since: datetime | None = None, until: datetime | None = None, limit: int = 50
+    s: Session,
+    status: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    error_code: str | None = None,
 ) -> list[Job]:
     query = select(Job).order_by(Job.created_at.desc()).limit(limit)
     if status:
         query = query.where(Job.status == status)
+    if error_code:
+        query = query.where(Job.error_code == error_code)
     if since:
         query = query.where(Job.created_at >= since)
     if until:
         query = query.where(Job.created_at < until)
     return list(s.scalars(query))
+
+
+def retries_of(s: Session, ids: Iterable[str]) -> dict[str, list[str]]:
+    """The jobs that retry each of `ids` (their `retry_of`), oldest first; ids with none are left out."""
+    found: dict[str, list[str]] = {}
+    query = select(jobs.c.retry_of, jobs.c.id).where(jobs.c.retry_of.in_(list(ids))).order_by(jobs.c.created_at)
+    for original, retry in s.execute(query):
+        found.setdefault(original, []).append(retry)
+    return found
+
+
+def existing_ids(s: Session, ids: Iterable[str]) -> set[str]:
+    """Which of `ids` are jobs."""
+    return set(s.scalars(select(jobs.c.id).where(jobs.c.id.in_(list(ids)))))

@@ -10,6 +10,7 @@ import pytest
 
 from models.job import Job
 from worker import cli, runtime
+from worker.cli_params import when
 from worker.dev.sandbox import png
 
 
@@ -95,31 +96,15 @@ def test_cancel_only_a_queued_job(table, capsys):
 
 def test_enqueue_refuses_an_invalid_request_before_sending(table, capsys):
     code, _, err = run(capsys, "enqueue", "see <<<image_2>>>", "-n", "12")
-    assert code == 2 and '"n"' in err and "image_2" in err
+    assert code == 2 and "n: must be 1 to 9" in err and "image_2" in err and err.count("\n") == 1
 
 
 def test_local_images_become_data_uris_and_urls_pass(tmp_path):
     image = tmp_path / "in.png"
     image.write_bytes(png(2, 2))
-    args = cli._parser().parse_args(
-        [
-            "enqueue",
-            "x <<<image_1>>>",
-            "--image",
-            str(image),
-            "--image",
-            "https://a/b.png",
-            "--element",
-            "9",
-            "-n",
-            "2",
-            "--resolution",
-            "2k",
-            "--aspect-ratio",
-            "1:1",
-        ]
+    request = cli.build_request(
+        "x <<<image_1>>>", [str(image), "https://a/b.png"], [9], n=2, resolution="2k", aspect_ratio="1:1"
     )
-    request = cli.build_request(args)
     first = request["image_list"][0]["image"]
     assert first.startswith("data:image/png;base64,") and base64.b64decode(first.split(",", 1)[1]) == png(2, 2)
     assert request["image_list"][1] == {"image": "https://a/b.png"}
@@ -131,16 +116,16 @@ def test_local_images_become_data_uris_and_urls_pass(tmp_path):
         "resolution": "2k",
         "aspect_ratio": "1:1",
     }
-    assert cli.build_request(cli._parser().parse_args(["enqueue", "y"])) == {"prompt": "y"}
+    assert cli.build_request("y") == {"prompt": "y"}
 
 
 @pytest.mark.parametrize("value, ago", [("30s", 30), ("15m", 900), ("2h", 7200), ("1d", 86400)])
 def test_ages_are_counted_back_from_now(value, ago):
-    assert abs((datetime.now(UTC) - cli._when(value)).total_seconds() - ago) < 5
+    assert abs((datetime.now(UTC) - when(value)).total_seconds() - ago) < 5
 
 
 def test_iso_times_without_a_zone_are_utc():
-    assert cli._when("2026-11-24T12:00") == datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    assert when("2026-11-24T12:00") == datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
 def test_list_shows_fifty_by_default_with_since_inclusive_and_until_exclusive(sqlite_url, configure, capsys):
@@ -183,17 +168,16 @@ def test_watch_gives_up_after_its_timeout_on_a_job_nobody_takes(table):
 @pytest.mark.parametrize(
     "argv, said",
     [
-        (["jobs", "list", "--status", "bogus"], "invalid choice: 'bogus'"),
+        (["jobs", "list", "--status", "bogus"], "'bogus' is not one of 'queued'"),
         (["jobs", "list", "--since", "garbage"], "not an ISO time or an age"),
         (["enqueue", "x", "--metadata", "{bad"], "not JSON"),
         (["enqueue", "x", "--metadata", "[1, 2]"], "must be a JSON object"),
     ],
 )
 def test_a_bad_option_is_one_line_and_exit_2(table, capsys, argv, said):
-    with pytest.raises(SystemExit) as exited:
-        cli.main(argv)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and said in err and "Traceback" not in err
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and said in err and err.count("\n") == 1 and out == ""
+    assert err.startswith(f"kling-worker {argv[0]}") and "Traceback" not in err
 
 
 def test_a_missing_image_file_is_one_line_and_exit_2(table, capsys, tmp_path):
@@ -219,3 +203,29 @@ def test_an_unmigrated_database_and_a_bad_setting_are_one_line_each(configure, c
     configure(KLING_CONCURRENCY="abc")
     code, _, err = run(capsys, "jobs", "list")
     assert code == 2 and err == "kling-worker: KLING_CONCURRENCY='abc' is not a whole number\n"
+
+
+# The mistakes a newcomer made (issue 9), as they make them: the command, from a folder with no service in it.
+NEWCOMER_MISTAKES = [
+    (["enqueue", "x <<<image_1>>>", "--image", "missing.png"], {}, "kling-worker: --image missing.png: No such file"),
+    (["jobs", "list", "--since", "garbage"], {}, "'garbage' is not an ISO time or an age"),
+    (["jobs", "list"], {}, "kling-worker: no job database at "),
+    (["jobs", "retry"], {}, "kling-worker: no job database at "),
+    (["jobs", "list", "--status", "bogus"], {}, "'bogus' is not one of 'queued'"),
+    (["enqueue", "x", "--metadata", "{bad"], {}, "Invalid value for '--metadata': not JSON: "),
+    (["jobs", "list"], {"KLING_CONCURRENCY": "abc"}, "KLING_CONCURRENCY"),
+    (["enqueue", "x", "--resolution", "4k"], {}, "'4k' is not one of '1k', '2k'"),
+    (["enqueue", "see <<<image_2>>>", "-n", "12"], {}, "kling-worker: the request is not valid: "),
+]
+
+
+def test_each_newcomer_mistake_is_one_line_and_exit_2_from_another_folder(tmp_path):
+    from tests.cli_support import cli_env, run_cli
+
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    for argv, settings, said in NEWCOMER_MISTAKES:
+        done = run_cli(argv, cli_env(**settings), cwd=folder)
+        assert (done.returncode, done.stdout) == (2, ""), (argv, done.stderr)
+        assert said in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, argv
+    assert list(folder.iterdir()) == []  # no ./.kling, no empty database

@@ -391,7 +391,15 @@ def test_message_defaults():
         "metadata": None,
         "webhook": None,
         "callback": None,
+        "retry_of": None,
     }
+
+
+@pytest.mark.parametrize(
+    "retry_of, valid", [("order-1", True), (None, True), ("a b", False), ("x" * 65, False), (7, False)]
+)
+def test_a_message_may_name_the_job_it_retries(retry_of, valid):
+    assert (not message_errors({"request": {}, "retry_of": retry_of})) is valid
 
 
 def test_a_message_may_ask_for_a_webhook_and_a_callback():

@@ -112,6 +112,7 @@ def test_the_job_row_as_json_has_the_documented_columns():
         "webhook",
         "callback",
         "files",
+        "retry_of",
     }
     assert set(Job(id="j", status="queued", request={}).to_dict()) == documented
 

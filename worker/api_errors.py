@@ -114,3 +114,25 @@ def _account(exc: modellix.ModellixError, settings: Settings, floor: float = 0.0
         counts=False,
         account=True,
     )
+
+
+# The codes of a failed job whose Modellix task, if it had one, has ended for sure: Modellix said it
+# failed or had no results, or it was gone (404). Written by worker.tracking.
+_TASK_ENDED = frozenset({"task_failed", "no_results", "404"})
+# A submit cut off by the worker's death, resolved by the sweep (worker.tracking.resolve_interrupted).
+SUBMIT_INTERRUPTED = "submit_interrupted"
+
+
+def task_may_exist(error_code: str | None, modellix_task_id: str | None) -> str | None:
+    """Why a failed job may have left a Modellix task behind (running, or billed), so that sending its
+    request again could create a second one; None when its failure proves there is none."""
+    if modellix_task_id:
+        if error_code in _TASK_ENDED:
+            return None
+        return f"its Modellix task {modellix_task_id} may still be running (and is billed): it failed as {error_code}"
+    if error_code in (modellix.AmbiguousSubmit.code, SUBMIT_INTERRUPTED):
+        return f"{error_code}: its submit may have created a Modellix task (billed) whose id is unknown"
+    if error_code is not None and error_code.isdigit() and int(error_code) >= 500:
+        # Only with KLING_SUBMIT_5XX=retry: each 5xx answer may have come after a task was created.
+        return f"its submits were answered {error_code}: a Modellix task may exist for any of them"
+    return None

@@ -20,6 +20,8 @@ from worker.config import DEFAULT_BASE_URL, Settings, home
 from worker.modellix import AccountError, ModellixClient, ModellixError, NetworkError, ServerError
 
 BROKER_TIMEOUT = 5.0
+# What the consumers check says where the transport cannot count consumers (all but AMQP).
+CONSUMERS_UNKNOWN = "consumers: unknown for this transport"
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ def check_consumers(cfg: Settings, conn: Any, broker: Check) -> Check:
     if not broker.ok:
         return _skipped(name, "the broker is unreachable")
     if conn is None or conn.transport.driver_type != "amqp":
-        return Check(name, True, "consumers: unknown for this transport")
+        return Check(name, True, CONSUMERS_UNKNOWN)
     try:
         channel = conn.channel()
         try:
@@ -84,6 +86,17 @@ def check_consumers(cfg: Settings, conn: Any, broker: Check) -> Check:
     if consumers < 1:
         return Check(name, False, detail + ": no worker is taking jobs")
     return Check(name, True, detail)
+
+
+def check_queue(cfg: Settings) -> tuple[Check, Check]:
+    """The broker and consumers checks together, the connection opened and closed here
+    (doctor, and `enqueue --wait` asking why a job stays queued)."""
+    broker, conn = check_broker(cfg)
+    try:
+        return broker, check_consumers(cfg, conn, broker)
+    finally:
+        if conn is not None:
+            conn.release()
 
 
 # -- the database -------------------------------------------------------------
@@ -191,12 +204,7 @@ def check_balance(client: ModellixClient, key: Check) -> Check:
 def run() -> list[Check]:
     """Every check, in order; none raises."""
     cfg = runtime.settings()
-    broker, conn = check_broker(cfg)
-    try:
-        consumers = check_consumers(cfg, conn, broker)
-    finally:
-        if conn is not None:
-            conn.release()
+    broker, consumers = check_queue(cfg)
     database = check_database(cfg)
     pause = check_pause(database)
     client = runtime.get().client

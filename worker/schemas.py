@@ -227,6 +227,28 @@ class MessageSchema(Schema):
         validate=validate.Length(max=2048),
     )
     callback = fields.Nested(CallbackSchema, load_default=None, allow_none=True)
+    # The job this one retries (set by `kling-worker jobs retry`), recorded in the job's retry_of column.
+    retry_of = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Regexp(JOB_ID_PATTERN, error="must be a job id: 1-64 characters of [A-Za-z0-9._:-]"),
+    )
+
+
+def errors_line(messages: Any, path: str = "") -> str:
+    """Marshmallow's nested error messages as one line: `request.n: must be 1 to 9; job_id: ...`."""
+    if isinstance(messages, dict):
+        parts = []
+        for key, value in messages.items():
+            where = path if key == "_schema" else f"{path}.{key}" if path else str(key)
+            parts.append(errors_line(value, where))
+        return "; ".join(parts)
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        text = " ".join(messages)
+        return f"{path}: {text}" if path else text
+    if isinstance(messages, list):
+        return "; ".join(errors_line(m, path) for m in messages)
+    return f"{path}: {messages}" if path else str(messages)
 
 
 def redact_request(request: dict[str, Any]) -> dict[str, Any]:

@@ -87,7 +87,9 @@ def _handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, ret
     job_id = message["job_id"] or delivery_id
     refused = _webhook_refused(message["webhook"])
     if refused:
-        return _reject(job_id, message["request"], message["metadata"], {"webhook": [refused]})
+        # Without the webhook: a job rejected for it must not try to send its event there.
+        link = {"retry_of": message["retry_of"]}
+        return _reject(job_id, message["request"], message["metadata"], {"webhook": [refused]}, link)
     try:
         request = _request_schema.load(message["request"])
     except ValidationError as exc:
@@ -104,8 +106,8 @@ def _webhook_refused(url: str | None) -> str | None:
 
 
 def _contact(message: dict[str, Any]) -> dict[str, Any]:
-    """The job's webhook and callback columns: where the caller hears of its end."""
-    return {"webhook": message["webhook"], "callback": message["callback"]}
+    """The job's webhook and callback columns (where the caller hears of its end), and the job it retries."""
+    return {"webhook": message["webhook"], "callback": message["callback"], "retry_of": message["retry_of"]}
 
 
 def _submit(

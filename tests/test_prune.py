@@ -1,0 +1,118 @@
+"""`kling-worker jobs prune`: old ended jobs go with their deliveries, nothing else; a dry run deletes nothing."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from models import Delivery
+from models.job import Job
+from worker import cli, runtime
+
+NOW = datetime.now(UTC)
+OLD = NOW - timedelta(days=40)
+
+
+def add(job_id: str, status: str, when: datetime, deliveries: tuple[tuple[str, str], ...] = ()) -> None:
+    with runtime.get().transaction() as s:
+        s.add(Job(id=job_id, status=status, request={"prompt": job_id}, created_at=when, updated_at=when))
+        for channel, state in deliveries:
+            s.add(Delivery(job_id=job_id, channel=channel, state=state, created_at=when, updated_at=when))
+
+
+def left() -> tuple[set[str], dict[str, set[str]]]:
+    """The job ids left, and the channels of the deliveries left by job."""
+    with runtime.get().transaction() as s:
+        ids = set(s.scalars(select(Job.id)))
+        found: dict[str, set[str]] = {}
+        for job_id, channel in s.execute(select(Delivery.job_id, Delivery.channel)):
+            found.setdefault(job_id, set()).add(channel)
+    return ids, found
+
+
+def prune(capsys, *args: str) -> tuple[int, dict[str, Any], str]:
+    code = cli.main(["jobs", "prune", *args, "--json"])
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if out else {}, err
+
+
+@pytest.fixture
+def table(any_db_url, configure, tmp_path):
+    configure(DATABASE_URL=any_db_url, KLING_ARCHIVE=(tmp_path / "results").as_uri())
+    settled = (("archive", "done"), ("webhook", "failed"))
+    add("old-ok", "succeeded", OLD, settled)
+    add("old-failed", "failed", OLD, (("callback", "done"),))
+    add("old-rejected", "rejected", OLD)
+    add("old-cancelled", "cancelled", OLD)
+    add("old-failed-2", "failed", OLD + timedelta(hours=1))
+    add("old-still-delivering", "failed", OLD, (("webhook", "pending"),))
+    add("old-waiting-archive", "succeeded", OLD, (("archive", "pending"), ("webhook", "waiting")))
+    add("old-but-active", "processing", OLD)
+    add("old-but-queued", "queued", OLD)
+    add("new-ok", "succeeded", NOW - timedelta(days=2), settled)
+    kept = tmp_path / "results" / "old-ok" / "0.png"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"an archived image")
+    return kept
+
+
+def test_a_dry_run_counts_by_status_and_deletes_nothing(table, capsys):
+    before = left()
+    code, report, err = prune(capsys, "--before", "30d", "--dry-run")
+    assert code == 0 and report["dry_run"] is True
+    assert report["jobs"] == {"succeeded": 1, "failed": 2, "rejected": 1, "cancelled": 1} and report["total"] == 5
+    assert report["deliveries"] == 3 and report["kept_with_deliveries_due"] == 2
+    assert report["archived_files_deleted"] is False
+    assert left() == before
+
+
+def test_prune_deletes_only_old_ended_jobs_with_their_deliveries_in_batches(table, capsys):
+    code, report, _ = prune(capsys, "--before", "30d", "--batch-size", "2")
+    assert code == 0 and report["dry_run"] is False and report["total"] == 5 and report["deliveries"] == 3
+    ids, deliveries = left()
+    assert ids == {"old-still-delivering", "old-waiting-archive", "old-but-active", "old-but-queued", "new-ok"}
+    assert deliveries == {
+        "old-still-delivering": {"webhook"},
+        "old-waiting-archive": {"archive", "webhook"},
+        "new-ok": {"archive", "webhook"},
+    }
+    assert table.read_bytes() == b"an archived image"  # archived files stay
+    code, report, _ = prune(capsys, "--before", "30d")
+    assert code == 0 and report["total"] == 0 and report["kept_with_deliveries_due"] == 2
+
+
+def test_status_and_an_iso_cutoff_narrow_it(table, capsys):
+    cutoff = (OLD + timedelta(minutes=30)).isoformat()
+    code, report, _ = prune(capsys, "--before", cutoff, "--status", "failed", "--status", "cancelled")
+    assert code == 0 and report["jobs"] == {"failed": 1, "cancelled": 1}
+    assert {"old-failed-2", "old-ok", "old-rejected"} <= left()[0]
+
+
+def test_the_plain_report_says_what_went_and_that_archived_files_stay(table, capsys):
+    assert cli.main(["jobs", "prune", "--before", "30d", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split() == ["status", "would", "delete"]
+    assert out.splitlines()[-1].split() == ["total", "5"]
+    assert "would delete 3 delivery row(s)" in err and "kept 2 ended job(s)" in err
+    assert "archived images are not deleted" in err
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["jobs", "prune"], "Missing option '--before'"),
+        (["jobs", "prune", "--before", "soon"], "not an ISO time or an age"),
+        (["jobs", "prune", "--before", "2999-01-01"], "is in the future"),
+        (["jobs", "prune", "--before", "1d", "--status", "queued"], "'queued' is not one of"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(table, capsys, argv, said):
+    before = left()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1 and "Traceback" not in err
+    assert left() == before
