@@ -9,7 +9,12 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name in ("app", "celery"):
-        from worker.app import app
+        from worker.config import ConfigError
 
+        try:
+            from worker.app import app
+        except ConfigError as exc:
+            # `celery -A worker …` would print the traceback of the import; one line names the setting.
+            raise SystemExit(f"kling-worker: {exc}") from None
         return app
     raise AttributeError(name)

@@ -21,6 +21,8 @@ DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
 MAX_BUDGET_SLEEP = 5.0
 # What a 5xx answer to a submit means (Settings.submit_5xx).
 SUBMIT_5XX = ("unknown", "retry")
+# How log lines look (Settings.log_format, worker.logs).
+LOG_FORMATS = ("text", "json")
 
 
 def _float(name: str, default: float) -> float:
@@ -139,6 +141,8 @@ class Settings:
     # and the most bytes one image may have; a larger one is refused, not cut.
     archive: str = field(default_factory=lambda: os.environ.get("KLING_ARCHIVE", "").strip() or _embedded_archive())
     archive_max_bytes: int = field(default_factory=lambda: _int("KLING_ARCHIVE_MAX_BYTES", DEFAULT_MAX_BYTES))
+    # Log lines (worker.logs): Celery's text, or one JSON object per line.
+    log_format: str = field(default_factory=lambda: os.environ.get("KLING_LOG_FORMAT", "").strip().lower() or "text")
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -169,6 +173,8 @@ class Settings:
             raise ConfigError(str(exc)) from None
         if self.archive_max_bytes < 1:
             raise ConfigError("KLING_ARCHIVE_MAX_BYTES must be at least 1")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"KLING_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
 
 
 def load() -> Settings:
