@@ -68,7 +68,7 @@ _bound: ContextVar[Mapping[str, str]] = ContextVar("kling_log_bound", default=Ma
 @contextmanager
 def bound(**values: str | None) -> Iterator[None]:
     """Log records made inside this block (in this thread) carry `values` (None values are left out)."""
-    token = _bound.set(MappingProxyType({**_bound.get(), **{k: v for k, v in values.items() if v is not None}}))
+    token = _bound.set(_with(values))
     try:
         yield
     finally:
@@ -78,7 +78,11 @@ def bound(**values: str | None) -> Iterator[None]:
 def bind(**values: str | None) -> None:
     """Add to the values of the enclosing `bound` block (a job's Modellix task id, once known);
     the block's end drops them with the rest. Only call it inside such a block."""
-    _bound.set(MappingProxyType({**_bound.get(), **{k: v for k, v in values.items() if v is not None}}))
+    _bound.set(_with(values))
+
+
+def _with(values: Mapping[str, str | None]) -> Mapping[str, str]:
+    return MappingProxyType({**_bound.get(), **{k: v for k, v in values.items() if v is not None}})
 
 
 class JobContext(logging.Filter):
@@ -90,8 +94,8 @@ class JobContext(logging.Filter):
         for key, value in _bound.get().items():
             found.setdefault(key, value)
         if "event" not in found:
-            template = record.msg if isinstance(record.msg, str) else None
-            found["event"] = CELERY_EVENTS.get(template, record.name) if template else record.name
+            named = CELERY_EVENTS.get(record.msg) if isinstance(record.msg, str) else None
+            found["event"] = named or record.name
         data = found.get("data")
         if isinstance(data, Mapping) and "id" in data and "name" in data:
             # Celery's task lines (received, succeeded …) say which task in their `data`.
