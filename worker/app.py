@@ -9,12 +9,13 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import CPendingDeprecationWarning
 
-from worker import health, outages
+from worker import health, logs, outages
 from worker.config import home
 from worker.runtime import settings
 
 cfg = settings()
 app = Celery("kling_worker", broker=cfg.broker_url, include=["worker.tasks"])
+logs.connect(cfg.log_format)
 
 
 def _embedded_folders() -> dict[str, Path]:
@@ -121,6 +122,15 @@ app.conf.update(
     broker_transport=transport,
     broker_transport_options=transport_options,
     worker_hijack_root_logger=False,
+    # Task events, for Flower (README: "Flower and what it shows"): a worker publishes three small
+    # messages per task it runs (received, started, succeeded) and a heartbeat every 2 s; our own
+    # sends (beat's sweep, the polls and deliveries it dispatches, retries) add task-sent.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    # A monitor's event queue (Flower's, declared from these settings) is deleted 60 s after its
+    # monitor goes, and an event it has not read within 5 s is dropped: nothing piles up on RabbitMQ.
+    event_queue_expires=60.0,
+    event_queue_ttl=5.0,
     beat_schedule={
         # A sweep nobody ran in time is worthless: expire it rather than let
         # sweeps pile up in the queue while every worker is down.

@@ -24,7 +24,7 @@ import requests
 from models import outbox, store
 from models.job import Job, utcnow
 from models.outbox import Channel, State
-from worker import archive, runtime, webhooks
+from worker import archive, logs, runtime, webhooks
 
 log = logging.getLogger("kling_worker.delivery")
 
@@ -77,11 +77,12 @@ def deliver(delivery_id: int) -> Done:
     hands it out again (a webhook already sent goes again: deliveries are at least once).
     """
     res = runtime.get()
-    try:
-        return _deliver(delivery_id)
-    except Exception as exc:
-        res.put_off(exc, "deliveries")
-        return Done()
+    with logs.bound():  # _deliver binds the job once it has read the row
+        try:
+            return _deliver(delivery_id)
+        except Exception as exc:
+            res.put_off(exc, "deliveries")
+            return Done()
 
 
 def _deliver(delivery_id: int) -> Done:
@@ -92,6 +93,7 @@ def _deliver(delivery_id: int) -> Done:
         if row is None or job is None or row.state != State.pending.value:
             return Done()  # settled meanwhile (another worker, after a lease ran out)
         channel, attempts, created_at = Channel(row.channel), row.attempts, row.created_at
+        logs.bind(job_id=job.id, modellix_task_id=job.modellix_task_id)
         s.expunge(job)
     if channel is Channel.archive:
         return Done(then=_archive(delivery_id, job, attempts))
@@ -179,7 +181,14 @@ def _archive(delivery_id: int, job: Job, attempts: int) -> tuple[int, ...]:
             return ()
         failed = bool(missing) and kept_in is not None
         if failed:
-            log.warning("job %s: %d of %d images not archived: %s", job.id, len(missing), len(urls), missing[0])
+            log.warning(
+                "job %s: %d of %d images not archived: %s",
+                job.id,
+                len(missing),
+                len(urls),
+                missing[0],
+                extra={"event": "archive_failed"},
+            )
         outbox.settle(s, delivery_id, now, State.failed if failed else State.done, "; ".join(missing) or None)
         outbox.release_events(s, job.id, now)
         return tuple(outbox.claim_job_due(s, job.id, now, cfg.delivery_lease))
@@ -197,7 +206,7 @@ def _webhook(delivery_id: int, job: Job, event: dict[str, Any], attempts: int, c
     now = utcnow()
     if refused:
         _settle(delivery_id, State.failed, refused)
-        log.warning("job %s: webhook not sent: %s", job.id, refused)
+        log.warning("job %s: webhook not sent: %s", job.id, refused, extra={"event": "webhook_refused"})
         return
     secret = res.once("webhook_secret", lambda: webhooks.WebhookSecret.parse(cfg.webhook_secret))
     session = res.once("webhook_session", _webhook_session)
@@ -208,12 +217,25 @@ def _webhook(delivery_id: int, job: Job, event: dict[str, Any], attempts: int, c
     error = attempt.error or f"HTTP {attempt.status}"
     if not attempt.retryable or webhooks.give_up(created_at.timestamp(), time.time(), cfg.webhook_retry_for):
         _settle(delivery_id, State.failed, error)
-        log.warning("job %s: webhook given up after %d attempts: %s", job.id, attempts, error)
+        log.warning(
+            "job %s: webhook given up after %d attempts: %s",
+            job.id,
+            attempts,
+            error,
+            extra={"event": "delivery_failed"},
+        )
         return
     delay = webhooks.next_attempt_delay(attempts, attempt.retry_after)
     with res.transaction() as s:
         outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=delay), error)
-    log.info("job %s: webhook attempt %d failed (%s); next in %.0fs", job.id, attempts, error, delay)
+    log.info(
+        "job %s: webhook attempt %d failed (%s); next in %.0fs",
+        job.id,
+        attempts,
+        error,
+        delay,
+        extra={"event": "delivery_retry"},
+    )
 
 
 def _webhook_session() -> requests.Session:

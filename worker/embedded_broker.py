@@ -105,7 +105,11 @@ def _take_folder(root: Path) -> _Holder:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     folder = root / name
     os.rename(staging, folder)
-    log.info("embedded broker: this process holds its unacknowledged messages in %s", folder)
+    log.info(
+        "embedded broker: this process holds its unacknowledged messages in %s",
+        folder,
+        extra={"event": "embedded_broker_holder"},
+    )
     return _Holder(folder, fd)
 
 
@@ -168,6 +172,7 @@ def _reap_folder(folder: Path, queue_folder: Path) -> int:
             "embedded broker: %d unacknowledged message(s) of dead consumer %s back on the queue",
             len(moved),
             folder.name,
+            extra={"event": "embedded_broker_reaped"},
         )
     return len(moved)
 
@@ -277,7 +282,13 @@ class Channel(filesystem.Channel):
             return None
         self.bad_folder.mkdir(parents=True, exist_ok=True)
         os.rename(claimed, self.bad_folder / claimed.name)
-        log.error("embedded broker: message %s does not parse (%s); kept in %s", claimed.name, problem, self.bad_folder)
+        log.error(
+            "embedded broker: message %s does not parse (%s); kept in %s",
+            claimed.name,
+            problem,
+            self.bad_folder,
+            extra={"event": "embedded_broker_bad_message"},
+        )
         return None
 
     # -- settling ----------------------------------------------------------

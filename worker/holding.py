@@ -20,7 +20,7 @@ from typing import Any
 
 from models import JobStatus, db, lifecycle
 from models.job import utcnow
-from worker import metrics, runtime
+from worker import logs, metrics, runtime
 
 log = logging.getLogger("kling_worker.holding")
 
@@ -59,6 +59,11 @@ class Fact:
 def keep(fact: Fact) -> Fact | None:
     """Write `fact`, holding it through an outage: None once written (or found already superseded);
     the fact itself if the process began to stop before the database came back."""
+    with logs.bound(job_id=fact.job_id, modellix_task_id=fact.values.get("task_id")):
+        return _keep(fact)
+
+
+def _keep(fact: Fact) -> Fact | None:
     outage = runtime.get().outage
     failure = _write(fact)
     if failure is None:
@@ -99,6 +104,7 @@ def _write(fact: Fact) -> Exception | None:
             "(recorded before, or failed as interrupted)",
             fact.job_id,
             fact.values["task_id"],
+            extra={"event": "answer_not_recorded"},
         )
     return None
 

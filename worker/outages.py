@@ -64,11 +64,24 @@ class Outage:
                 self._deferred[what] += 1
             if self._since is None:
                 self._since = self._summary_at = now
-                log.warning("%s unreachable (%s); meanwhile %s", self.name, reason(exc), self.meanwhile)
+                log.warning(
+                    "%s unreachable (%s); meanwhile %s",
+                    self.name,
+                    reason(exc),
+                    self.meanwhile,
+                    extra={"event": "outage_started"},
+                )
             elif now - self._summary_at >= SUMMARY_EVERY:
                 self._summary_at = now
                 took = now - self._since
-                log.warning("%s still unreachable after %.0fs (%s); %s", self.name, took, reason(exc), self._tally())
+                log.warning(
+                    "%s still unreachable after %.0fs (%s); %s",
+                    self.name,
+                    took,
+                    reason(exc),
+                    self._tally(),
+                    extra={"event": "outage_continues"},
+                )
 
     def holding(self, change: int) -> None:
         """An answer from the API starts (+1) or stops (-1) waiting in memory for the database."""
@@ -84,7 +97,9 @@ class Outage:
             if self._since is None or began < self._last_failure:
                 return
             took = time.monotonic() - self._since
-            log.warning("%s reachable again after %.0fs; %s", self.name, took, self._tally())
+            log.warning(
+                "%s reachable again after %.0fs; %s", self.name, took, self._tally(), extra={"event": "outage_ended"}
+            )
             self._since = None
             self._deferred.clear()
 
@@ -148,6 +163,7 @@ class BrokerLogShape(logging.Filter):
             record.msg, record.args = "%s (the broker delivers its message again; it finds its job handled)", (text,)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text = None, None
+            record.__dict__["event"] = "ack_lost"  # worker.logs names Celery's other lines
             return True
         for start, what in _BROKER_LINES:
             if text.startswith(start):

@@ -90,4 +90,9 @@ class Poller:
             fn(*args)
         except Exception:
             # The job row keeps its lease; the sweep re-dispatches the poll when it runs out.
-            log.exception("%s%r failed; the sweep will make it again", getattr(fn, "__name__", fn), args)
+            log.exception(
+                "%s%r failed; the sweep will make it again",
+                getattr(fn, "__name__", fn),
+                args,
+                extra={"event": "scheduled_call_failed"},
+            )

@@ -22,7 +22,7 @@ from marshmallow import ValidationError
 
 from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, metrics, modellix, outages, runtime, schedule, webhooks
+from worker import holding, limits, logs, metrics, modellix, outages, runtime, schedule, webhooks
 from worker.api_errors import Action, judge_submit, retry_delay
 from worker.holding import Fact
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
@@ -55,13 +55,15 @@ class Outcome:
 
 def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retries: int = 0) -> Outcome:
     """Process one message; `delivery_id` is the Celery task id, `retries` how often it was sent again."""
-    try:
-        return _handle(args, kwargs, delivery_id, retries)
-    except Exception as exc:
-        # Nothing was sent (answers are held, never raised): the message waits on the broker.
-        runtime.get().put_off(exc, "messages")
-        job_id = kwargs.get("job_id")
-        return Outcome(job_id if isinstance(job_id, str) else delivery_id, None, retry_in=outages.backoff(retries))
+    given = kwargs.get("job_id")
+    job_id = given if isinstance(given, str) else delivery_id  # until the message is validated (_reject)
+    with logs.bound(job_id=job_id):
+        try:
+            return _handle(args, kwargs, delivery_id, retries)
+        except Exception as exc:
+            # Nothing was sent (answers are held, never raised): the message waits on the broker.
+            runtime.get().put_off(exc, "messages")
+            return Outcome(job_id, None, retry_in=outages.backoff(retries))
 
 
 def _handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retries: int) -> Outcome:
@@ -133,9 +135,18 @@ def _submit(
             found = store.get_job(s, job_id)
             status = found.status if found else "gone"
         if status == JobStatus.cancelled.value:
-            log.info("job %s was cancelled before it was submitted; its message is dropped", job_id)
+            log.info(
+                "job %s was cancelled before it was submitted; its message is dropped",
+                job_id,
+                extra={"event": "cancelled_before_submit"},
+            )
         else:
-            log.info("job %s: already %s (another delivery took it); not submitting again", job_id, status)
+            log.info(
+                "job %s: already %s (another delivery took it); not submitting again",
+                job_id,
+                status,
+                extra={"event": "duplicate_delivery"},
+            )
         return Outcome(job_id, None)
     return _send(job_id, request, attempt)
 
@@ -197,6 +208,8 @@ def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
     except Exception as exc:
         res.put_off(exc, "submits")  # reading the fleet's budget, before anything was sent
         return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=outages.RETRY_AFTER))
+    logs.bind(modellix_task_id=submitted.task_id)
+    log.info("job %s submitted as Modellix task %s", job_id, submitted.task_id, extra={"event": "job_submitted"})
     first = schedule.first(res.settings)
     values = {"task_id": submitted.task_id, "answer": submitted.raw, "first_poll": first.delay}
     fact = Fact(job_id, "submitted", utcnow(), values)
@@ -214,16 +227,26 @@ def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outc
             "(a second task may be created and billed)",
             job_id,
             exc.status,
+            extra={"event": "submit_resent"},
         )
     if verdict.action is Action.fail:
         fact = Fact(job_id, "submit_failed", utcnow(), {"error_code": code, "error_message": message})
         outcome = _settle(fact, Outcome(job_id, JobStatus.failed))
-        log.warning("job %s failed after %d attempt(s): %s %s", job_id, attempt, code, message)
+        log.warning(
+            "job %s failed after %d attempt(s): %s %s", job_id, attempt, code, message, extra={"event": "submit_failed"}
+        )
     else:
         fact = _requeue(job_id, refund=not verdict.counts, error_code=code, error_message=message)
         outcome = _settle(fact, Outcome(job_id, JobStatus.queued, retry_in=verdict.delay))
         if not verdict.account:
-            log.info("job %s: attempt %d failed (%s), retrying in %.1fs", job_id, attempt, message, verdict.delay)
+            log.info(
+                "job %s: attempt %d failed (%s), retrying in %.1fs",
+                job_id,
+                attempt,
+                message,
+                verdict.delay,
+                extra={"event": "submit_retry"},
+            )
     if verdict.account:
         log.error(
             "job %s: Modellix rejects the account (%s %s); the fleet pauses %.0fs and retries until fixed",
@@ -231,6 +254,7 @@ def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outc
             exc.status,
             exc.message,
             verdict.pause,
+            extra={"event": "fleet_paused"},
         )
     if verdict.pause:
         limits.pause(verdict.pause, verdict.pause_reason)
@@ -270,8 +294,9 @@ def _write_carried(fact: Fact) -> Outcome | None:
 def _reject(
     job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any], contact: dict[str, Any] | None = None
 ) -> Outcome:
+    logs.bind(job_id=job_id)  # the delivery id when the message's own job id is invalid
     message = json.dumps(errors, ensure_ascii=False)
-    log.warning("job %s rejected: %s", job_id, message)
+    log.warning("job %s rejected: %s", job_id, message, extra={"event": "job_rejected"})
     with runtime.get().transaction() as ex:
         created = lifecycle.reject(
             ex,
@@ -284,7 +309,9 @@ def _reject(
         )
     if not created:
         # The id is taken by an earlier job: that row stays as it is.
-        log.warning("job %s: invalid duplicate of an existing job ignored", job_id)
+        log.warning(
+            "job %s: invalid duplicate of an existing job ignored", job_id, extra={"event": "duplicate_rejected"}
+        )
         return Outcome(job_id, None)
     metrics.job_ended(JobStatus.rejected.value, "validation")
     return Outcome(job_id, JobStatus.rejected)

@@ -30,7 +30,13 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
         # The database has not taken a fact (an answer, a claim) before this process had to let go.
         # A claim carried through an outage is routine (one per message); an answer is worth a line.
         level = logging.DEBUG if outcome.carry.kind == "claimed" else logging.INFO
-        log.log(level, "job %s: its %s fact travels on in the retried message", outcome.job_id, outcome.carry.kind)
+        log.log(
+            level,
+            "job %s: its %s fact travels on in the retried message",
+            outcome.job_id,
+            outcome.carry.kind,
+            extra={"event": "fact_carried", "job_id": outcome.job_id},
+        )
         carried = {**kwargs, submission.CARRIED: outcome.carry.to_json()}
         raise self.retry(countdown=outcome.retry_in or 0, kwargs=carried)
     if outcome.retry_in is not None:
@@ -89,7 +95,12 @@ def follow(job_id: str, seq: int) -> None:
     """Make poll `seq` of a job, then schedule the next one on this process's poll timer."""
     following = tracking.check(job_id, seq)
     if isinstance(following, holding.Fact):
-        log.info("job %s: its %s result travels on in a message (the database is away)", job_id, following.kind)
+        log.info(
+            "job %s: its %s result travels on in a message (the database is away)",
+            job_id,
+            following.kind,
+            extra={"event": "result_handed_on", "job_id": job_id},
+        )
         redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq, "fact": following.to_json()})
     elif following is not None:
         follow_later(job_id, following)
@@ -140,8 +151,11 @@ def hand_over(**_: Any) -> int:
             len(polls),
             exc,
             tracking.OVERDUE_SLACK,
+            extra={"event": "hand_over_incomplete"},
         )
         return sent
     if polls:
-        log.info("stopping: handed %d scheduled polls over to the other workers", sent)
+        log.info(
+            "stopping: handed %d scheduled polls over to the other workers", sent, extra={"event": "polls_handed_over"}
+        )
     return sent

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from models import JobStatus, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, metrics, modellix, outages, runtime, schedule
+from worker import holding, limits, logs, metrics, modellix, outages, runtime, schedule
 from worker.api_errors import Action, judge_poll
 from worker.config import Settings
 from worker.holding import Fact
@@ -44,6 +44,11 @@ def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
     A Fact is a finished task's result that the database has not taken before
     this process began to stop: the caller hands it on.
     """
+    with logs.bound(job_id=job_id):
+        return _check(job_id, seq)
+
+
+def _check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
     res = runtime.get()
     cfg = res.settings
     now = utcnow()
@@ -55,6 +60,7 @@ def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
             return None  # finished, or another worker holds this poll
         token = seq + 1
         task_id, submitted_at = claimed
+        logs.bind(modellix_task_id=task_id)
         deadline = schedule.deadline(submitted_at, cfg)
         gap = schedule.gap(seq + 1, cfg)
         try:
@@ -82,16 +88,21 @@ def _record(
             held = holding.keep(
                 Fact(job_id, "succeeded", utcnow(), {"result_urls": state.result_urls, "answer": state.raw})
             )
-            log.info("job %s succeeded", job_id)
+            log.info("job %s succeeded", job_id, extra={"event": "job_succeeded"})
             return held
-        log.info("job %s failed: no results", job_id)
+        log.info("job %s failed: no results", job_id, extra={"event": "job_failed"})
         message = f"task {state.task_id} succeeded without any http(s) result URL"
         return _fail(job_id, "no_results", message, state.raw)
     if phase is Phase.failed:
-        log.info("job %s failed: task_failed", job_id)
+        log.info("job %s failed: task_failed", job_id, extra={"event": "job_failed"})
         return _fail(job_id, "task_failed", state.error_message, state.raw)
     if not state.known_status:
-        log.warning("job %s: unknown Modellix status %r, treated as still running", job_id, state.status)
+        log.warning(
+            "job %s: unknown Modellix status %r, treated as still running",
+            job_id,
+            state.status,
+            extra={"event": "unknown_status"},
+        )
     return _next(job_id, following, now, deadline, running=phase is Phase.running, answer=state.raw)
 
 
@@ -107,12 +118,23 @@ def _after_error(
     if verdict.pause:
         limits.pause(verdict.pause, verdict.pause_reason)
     if verdict.action is Action.fail:
-        log.warning("job %s failed: %s %s", job_id, exc.stored_code, exc.message)
+        log.warning("job %s failed: %s %s", job_id, exc.stored_code, exc.message, extra={"event": "job_failed"})
         return _fail(job_id, exc.stored_code, exc.message)
     if verdict.account:
-        log.error("job %s: Modellix rejects the account while polling (%s); polling slowly", job_id, exc.message)
+        log.error(
+            "job %s: Modellix rejects the account while polling (%s); polling slowly",
+            job_id,
+            exc.message,
+            extra={"event": "fleet_paused"},
+        )
     else:
-        log.info("job %s: poll failed (%s); next poll in %.1fs", job_id, exc.message, verdict.delay)
+        log.info(
+            "job %s: poll failed (%s); next poll in %.1fs",
+            job_id,
+            exc.message,
+            verdict.delay,
+            extra={"event": "poll_failed"},
+        )
     return _next(job_id, schedule.NextPoll(following.seq, verdict.delay), now, deadline)
 
 
@@ -135,7 +157,7 @@ def _next(
             )
         if ended:
             metrics.job_ended(JobStatus.failed.value, "timeout")
-            log.info("job %s failed: timeout", job_id)
+            log.info("job %s failed: timeout", job_id, extra={"event": "job_failed"})
         return None
     delay = min(following.delay, max(0.0, (deadline - now).total_seconds()))
     with res.statement() as ex:
@@ -171,7 +193,7 @@ def sweep() -> list[tuple[str, int]]:
         res.put_off(exc, "sweeps")
         return []
     if overdue:
-        log.warning("re-dispatching %d overdue polls", len(overdue))
+        log.warning("re-dispatching %d overdue polls", len(overdue), extra={"event": "polls_redispatched"})
     # Right after an outage, a submit's answer may still be on its way from a held fact.
     if res.outage.quiet_for() >= AFTER_OUTAGE:
         resolve_interrupted(now - timedelta(seconds=res.settings.submit_grace))
@@ -203,5 +225,10 @@ def resolve_interrupted(before: datetime) -> int:
         )
     metrics.job_ended(JobStatus.failed.value, "submit_interrupted", ended)
     if ids:
-        log.warning("%d jobs interrupted during submission marked failed: %s", len(ids), ", ".join(ids[:20]))
+        log.warning(
+            "%d jobs interrupted during submission marked failed: %s",
+            len(ids),
+            ", ".join(ids[:20]),
+            extra={"event": "submits_interrupted"},
+        )
     return len(ids)
