@@ -98,6 +98,11 @@ def _archive(value: str) -> str:
     return value
 
 
+def _word(value: Any) -> Any:
+    """A choice as people type it: `JSON`, ` json ` and `json` are the same word."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 def _env(name: str, default: Any, **checks: Any) -> Any:
     """A field read from the variable `name` (also settable by its field name in Python)."""
     if callable(default):
@@ -142,7 +147,7 @@ class Settings(BaseSettings):
     # default, as Modellix's official CLI): the job fails as submit_unknown and is
     # never sent again. "retry" (as Modellix's REST documentation suggests): it is
     # sent again like a 503, at the risk of a second, billed task.
-    submit_5xx: Submit5xx = _env("KLING_SUBMIT_5XX", "unknown")
+    submit_5xx: Annotated[Submit5xx, BeforeValidator(_word)] = _env("KLING_SUBMIT_5XX", "unknown")
     # 401/402: the account is blocked; jobs wait this long between tries, without limit.
     account_retry: float = _env("KLING_ACCOUNT_RETRY", 60.0, ge=0)
 
@@ -190,7 +195,7 @@ class Settings(BaseSettings):
     # Operations: the port of each worker process's metrics and health server (worker.health;
     # unset: none served; 0: any free port, logged), and how log lines are written.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = _env("KLING_METRICS_PORT", None)
-    log_format: LogFormat = _env("KLING_LOG_FORMAT", "text")
+    log_format: Annotated[LogFormat, BeforeValidator(_word)] = _env("KLING_LOG_FORMAT", "text")
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(type(self).model_fields) - {"webhook_timeout"}
