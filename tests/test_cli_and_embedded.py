@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +129,7 @@ def test_a_newcomer_runs_an_embedded_worker_with_the_sandbox_and_sees_a_job_end(
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
         worker = subprocess.Popen(
-            CLI + ["worker", "--sandbox", "--concurrency", "4"],
+            CLI + ["worker", "--sandbox", "--sandbox-port", "0", "--concurrency", "4"],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -142,6 +144,26 @@ def test_a_newcomer_runs_an_embedded_worker_with_the_sandbox_and_sees_a_job_end(
         assert b"sandbox Modellix API at http://127.0.0.1:" in log.read_bytes(), log.read_text()
         done = run(["enqueue", "a cat", "--job-id", "newcomer-1", "--wait", "--timeout", "60"], env, timeout=90)
         assert "status: succeeded" in done.stdout
+        # The worker says what another terminal needs for doctor to check the sandbox it runs.
+        hint = re.search(
+            rb"for doctor in another terminal: (MODELLIX_BASE_URL=\S+) (MODELLIX_API_KEY=\S+)", log.read_bytes()
+        )
+        assert hint, log.read_text()
+        told = dict(part.decode().split("=", 1) for part in hint.groups())
+        checked = run(["doctor", "--json"], {**env, **told}, check=False)
+        verdicts = {c["name"]: c for c in json.loads(checked.stdout)}
+        assert checked.returncode == 0 and all(c["ok"] for c in verdicts.values()), checked.stdout
+        assert {"api", "key", "balance", "database"} <= set(verdicts)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(30)
+
+
+def test_the_embedded_worker_says_in_one_line_that_the_sandbox_port_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run(["worker", "--sandbox", "--sandbox-port", str(port)], embedded_env(tmp_path), check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and f"127.0.0.1:{port}" in done.stderr, done.stderr

@@ -135,8 +135,15 @@ def run_sandbox(
 
 @cli.command("worker")
 @click.option("--sandbox", "with_sandbox", is_flag=True, help="Also run the sandbox API and point the worker at it.")
+@click.option(
+    "--sandbox-port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="The sandbox's port on 127.0.0.1 (0: any free port).",
+)
 @click.option("--concurrency", type=click.IntRange(min=1), help="Threads (default: KLING_CONCURRENCY).")
-def run_worker(with_sandbox: bool, concurrency: int | None) -> int:
+def run_worker(with_sandbox: bool, sandbox_port: int, concurrency: int | None) -> int:
     """Run a worker and the sweep here (the embedded defaults unless configured).
 
     After `make demo`, this is how a newcomer keeps a worker running and enqueues jobs to it.
@@ -154,9 +161,19 @@ def run_worker(with_sandbox: bool, concurrency: int | None) -> int:
         from worker.dev.sandbox import SandboxServer
 
         key = cfg.api_key or "sandbox-key"
-        server = SandboxServer(api_key=key).start()
+        try:
+            server = SandboxServer(port=sandbox_port, api_key=key).start()
+        except OSError as exc:
+            raise UsageError(f"the sandbox cannot listen on 127.0.0.1:{sandbox_port}: {exc.strerror or exc}") from None
         env.update(MODELLIX_BASE_URL=server.url, MODELLIX_API_KEY=key)
         print(f"sandbox Modellix API at {server.url} (key {'from MODELLIX_API_KEY' if cfg.api_key else 'sandbox-key'})")
+        if not (cfg.base_url == server.url and cfg.api_key == key):
+            # doctor, run from another terminal, checks the API the settings name: tell it about this one.
+            print(
+                f"for doctor in another terminal: MODELLIX_BASE_URL={server.url} MODELLIX_API_KEY={key}"
+                if not cfg.api_key
+                else f"for doctor in another terminal: MODELLIX_BASE_URL={server.url}"
+            )
     base = env.get("MODELLIX_BASE_URL") or cfg.base_url
     print(f"worker: broker {cfg.broker_url}; database {cfg.database_url}; API {base}", flush=True)
     cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-B", "--loglevel=INFO"]
