@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from models import JobStatus, lifecycle, store
 from models.job import utcnow
 from worker import holding, limits, logs, metrics, modellix, outages, runtime, schedule
-from worker.api_errors import Action, judge_poll
+from worker.api_errors import SUBMIT_INTERRUPTED, Action, judge_poll
 from worker.config import Settings
 from worker.holding import Fact
 from worker.modellix import Phase
@@ -217,13 +217,13 @@ def resolve_interrupted(before: datetime) -> int:
                 s,
                 job_id,
                 now,
-                "submit_interrupted",
+                SUBMIT_INTERRUPTED,
                 "the worker stopped while submitting; the Modellix task may exist "
                 "but its id is unknown, so the job is not submitted again",
             )
             for job_id in ids
         )
-    metrics.job_ended(JobStatus.failed.value, "submit_interrupted", ended)
+    metrics.job_ended(JobStatus.failed.value, SUBMIT_INTERRUPTED, ended)
     if ids:
         log.warning(
             "%d jobs interrupted during submission marked failed: %s",
