@@ -203,6 +203,12 @@ def test_an_unmigrated_database_and_a_bad_setting_are_one_line_each(configure, c
     configure(KLING_CONCURRENCY="abc")
     code, _, err = run(capsys, "jobs", "list")
     assert code == 2 and err == "kling-worker: KLING_CONCURRENCY='abc' is not a whole number\n"
+    configure(KLING_SUBMIT_5XX="maybe")  # two bad variables: one line for each
+    code, _, err = run(capsys, "jobs", "list")
+    assert code == 2 and sorted(err.splitlines()) == [
+        "kling-worker: KLING_CONCURRENCY='abc' is not a whole number",
+        "kling-worker: KLING_SUBMIT_5XX must be one of unknown, retry, not 'maybe'",
+    ]
 
 
 # The mistakes a newcomer made (issue 9), as they make them: the command, from a folder with no service in it.

@@ -167,3 +167,43 @@ def test_the_embedded_worker_says_in_one_line_that_the_sandbox_port_is_taken(tmp
         done = run(["worker", "--sandbox", "--sandbox-port", str(port)], embedded_env(tmp_path), check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0 and f"127.0.0.1:{port}" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_a_kill_of_the_embedded_worker_command_stops_its_celery_worker_too(tmp_path):
+    """`kill PID` reaches only the `kling-worker worker` process; the Celery worker it started must stop
+    with it rather than live on, taking jobs for a sandbox that is gone."""
+    import signal
+    import time
+
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        parent = subprocess.Popen(
+            CLI + ["worker", "--sandbox", "--sandbox-port", "0", "--concurrency", "2"],
+            cwd=ROOT,
+            env=embedded_env(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b" ready." not in log.read_bytes() and time.monotonic() < deadline:
+            assert parent.poll() is None, log.read_text()
+            time.sleep(0.2)
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+        assert children, "the command runs Celery in a child process"
+        parent.send_signal(signal.SIGTERM)  # the process alone, as `kill` does: not its group
+        assert parent.wait(60) == 0, log.read_text()
+        assert all(not Path(f"/proc/{pid}").exists() for pid in children), log.read_text()
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("broker", "events"), [("", False), ("amqp://guest:guest@127.0.0.1:1//", True)])
+def test_task_events_are_sent_except_on_the_embedded_broker(tmp_path, broker, events):
+    env = embedded_env(tmp_path, **({"CELERY_BROKER_URL": broker} if broker else {}))
+    code = "from worker.app import app; print(app.conf.worker_send_task_events, app.conf.task_send_sent_event)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == [str(events)] * 2, done.stderr

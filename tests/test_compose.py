@@ -168,6 +168,8 @@ def test_flower_prometheus_and_rabbitmq_management_are_published(stack):
     assert "127.0.0.1:9090:9090" in published["prometheus"]
     assert "127.0.0.1:15672:15672" in published["rabbitmq"]
     assert not published.get("postgres")  # would clash with a PostgreSQL on the host; see the file's header
+    # Nothing in this stack asks for a password that is not a development default: host-only, all of it.
+    assert all(p.startswith("127.0.0.1:") for ports in published.values() for p in ports), published
 
     flower = services["flower"]
     assert flower["image"].startswith("mher/flower:2.") and flower["command"][:2] == ["celery", "flower"]

@@ -113,7 +113,7 @@ def test_tables_are_drawn_on_a_terminal_and_plain_in_a_pipe(embedded):
 def test_the_reasons_are_asked_at_most_every_few_seconds(embedded):
     asked = []
 
-    def hints(waited: float) -> list[watch.Hint]:
+    def hints(waited: float, rows: list) -> list[watch.Hint]:
         asked.append(waited)
         return [watch.Hint("why", "because")]
 
@@ -124,3 +124,30 @@ def test_the_reasons_are_asked_at_most_every_few_seconds(embedded):
     assert len(asked) == 2 and asked[0] >= watch.HINT_AFTER and asked[1] - asked[0] >= watch.HINT_EVERY - 0.5
     lines = out.getvalue().splitlines()
     assert [line.split(" ", 1)[1] for line in lines] == ["never-1                queued", "waiting: because"]
+
+
+def test_a_job_a_worker_is_retrying_is_named_with_its_last_error_not_as_unseen(embedded):
+    from models.job import Job
+    from worker import runtime
+
+    with runtime.get().transaction() as s:  # a worker took it, and its submit met a refused connection
+        s.add(
+            Job(
+                id="retried-1",
+                status="queued",
+                request={"prompt": "p"},
+                attempts=2,
+                error_code="network",
+                error_message="connection error: refused",
+            )
+        )
+    found = watch.why_queued(
+        watch.UNSEEN_AFTER + 1,
+        [{"id": "retried-1", "attempts": 2, "error_code": "network", "error_message": "connection error: refused"}],
+    )
+    assert [h.about for h in found] == ["retry retried-1 network"]
+    assert "retrying its submit (2 attempt(s)); last error network: connection error: refused" in found[0].text
+    done = run_cli(["enqueue", "a cat", "--job-id", "retried-1", "--wait", "--timeout", "4"], embedded)
+    assert "a worker is retrying its submit" in done.stderr and "no worker has taken it" not in done.stderr
+    # Nobody has taken a job with no row: on a broker that cannot count consumers, that is worth saying.
+    assert [h.about for h in watch.why_queued(watch.UNSEEN_AFTER + 1, [])] == ["unseen"]

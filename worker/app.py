@@ -125,8 +125,10 @@ app.conf.update(
     # Task events, for Flower (README: "Flower and what it shows"): a worker publishes three small
     # messages per task it runs (received, started, succeeded) and a heartbeat every 2 s; our own
     # sends (beat's sweep, the polls and deliveries it dispatches, retries) add task-sent.
-    worker_send_task_events=True,
-    task_send_sent_event=True,
+    # Not on the embedded broker: its folders keep a fanout binding after a monitor has gone, and
+    # the events would pile up as files nobody reads (Flower wants RabbitMQ or Redis anyway).
+    worker_send_task_events=transport is None,
+    task_send_sent_event=transport is None,
     # A monitor's event queue (Flower's, declared from these settings) is deleted 60 s after its
     # monitor goes, and an event it has not read within 5 s is dropped: nothing piles up on RabbitMQ.
     event_queue_expires=60.0,

@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"{PROG}: the request is not valid: {errors_line(exc.messages)}", file=sys.stderr)
         return 2
-    except (UsageError, ConfigError) as exc:
+    except ConfigError as exc:
+        for line in str(exc).splitlines():  # one line per bad variable
+            print(f"{PROG}: {line}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
         print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
@@ -149,6 +153,7 @@ def run_worker(with_sandbox: bool, sandbox_port: int, concurrency: int | None) -
     After `make demo`, this is how a newcomer keeps a worker running and enqueues jobs to it.
     """
     import os
+    import signal
     import subprocess
 
     from models.migrate import upgrade
@@ -181,6 +186,8 @@ def run_worker(with_sandbox: bool, sandbox_port: int, concurrency: int | None) -
     if concurrency:
         cmd += [f"--concurrency={concurrency}"]
     proc = subprocess.Popen(cmd, env=env)
+    # `kill` reaches only this process: pass it on, or the worker would outlive the sandbox it calls.
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -3,8 +3,9 @@
 On a terminal the jobs are a live table (rich); anywhere else each change is
 one line. While a job waits in `queued`, `why_queued` says why it may be
 waiting: no worker consuming the queue (the doctor's check), the fleet paused
-(the budget row), or, on a broker that cannot count consumers, that no worker
-has taken it for a while. Those checks run at most every HINT_EVERY seconds.
+(the budget row), a worker retrying its submit (the row's last error), or, on a
+broker that cannot count consumers, that no worker has taken it for a while.
+Those checks run at most every HINT_EVERY seconds.
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ class Hint:
         return f"{self.text} ({max(0.0, self.until - time.monotonic()):.0f}s left)"
 
 
-Hints = Callable[[float], list["Hint"]]
+# (how long the longest-queued job has waited, the rows of the queued jobs a worker has seen)
+Hints = Callable[[float, list[dict[str, Any]]], list["Hint"]]
 
 
-def why_queued(waited: float) -> list[Hint]:
-    """Why a job `waited` seconds in `queued` may be waiting still (nothing found: an empty list)."""
+def why_queued(waited: float, rows: list[dict[str, Any]] | None = None) -> list[Hint]:
+    """Why a job `waited` seconds in `queued` may be waiting still (nothing found: an empty list).
+    `rows`: the queued jobs a worker has seen (a row with a last error is being retried)."""
     from worker import doctor, limits
 
     cfg = runtime.settings()
@@ -62,12 +65,20 @@ def why_queued(waited: float) -> list[Hint]:
         found.append(Hint("broker", f"the broker is unreachable: {broker.detail}"))
     elif not consumers.ok:
         found.append(Hint("consumers", consumers.detail))
-    elif consumers.detail == doctor.CONSUMERS_UNKNOWN and waited >= UNSEEN_AFTER:
+    elif consumers.detail == doctor.CONSUMERS_UNKNOWN and waited >= UNSEEN_AFTER and not rows:
         found.append(
             Hint(
                 "unseen",
                 f"no worker has taken it in {waited:.0f}s; this broker cannot tell whether any worker is "
                 "running (start one with `kling-worker worker`)",
+            )
+        )
+    for row in [r for r in rows or [] if r.get("error_code")][:3]:  # a worker has it, and its submit failed
+        last = f"{row['error_code']}: {row['error_message']}" if row.get("error_message") else row["error_code"]
+        found.append(
+            Hint(
+                f"retry {row['id']} {row['error_code']}",
+                f"{row['id']}: a worker is retrying its submit ({row['attempts']} attempt(s)); last error {last}",
             )
         )
     with runtime.get().transaction() as s:
@@ -110,7 +121,8 @@ def _follow(ids: list[str], timeout: float, view: _View, hints: Hints | None) ->
             view.hints([])
         elif max(queued) >= HINT_AFTER and now - asked_at >= HINT_EVERY:
             asked_at = now
-            view.hints(hints(max(queued)))
+            seen_rows = [rows[j] for j in ids if seen[j] == JobStatus.queued.value and j in rows]
+            view.hints(hints(max(queued), seen_rows))
         time.sleep(LOOK_EVERY)
     return rows
 
