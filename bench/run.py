@@ -8,8 +8,9 @@ For each scenario it starts the sandbox (its own process), N worker processes,
 and a separate producer process that enqueues the jobs with send_task, then
 prints: jobs/s from enqueue to `submitted` and to `succeeded`, p50/p95/p99
 latency from enqueue to `submitted` (and submission to result), API requests
-per job, peak memory per worker, duplicates, and the rate of a bare Celery
-no-op task on the same broker and pool with the ratio of the two.
+per job, worker CPU per job (user+system of the worker processes from ready
+to the last job's end, / jobs), peak memory per worker, duplicates, and the
+rate and CPU per task of a bare Celery no-op task on the same broker and pool.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def free_port() -> int:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -113,18 +120,22 @@ def queue_depth(broker: str, queue: str) -> int:
         return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
 
 
-def bare_celery_rate(args, workers: int, tmp: Path) -> float:
-    """No-op tasks/s: first enqueue until the queue is drained, same broker/pool/concurrency."""
+def bare_celery_rate(args, workers: int, tmp: Path) -> tuple[float, float]:
+    """No-op tasks/s (first enqueue until the queue is drained) and the workers' CPU seconds per task,
+    on the same broker, pool and concurrency."""
     queue = f"bench-noop-{uuid.uuid4().hex[:6]}"
     env = {"CELERY_BROKER_URL": args.broker, "KLING_QUEUE": queue, "PYTHONPATH": str(ROOT / "bench")}
     procs = [Worker(env, tmp, concurrency=args.concurrency, app="noop") for _ in range(workers)]
     try:
         for w in procs:
             w.wait_ready()
+        idle = sum(cpu_seconds(w.proc.pid) for w in procs)
         started = produce(args.broker, queue, [{"i": i} for i in range(args.jobs)])
         while queue_depth(args.broker, queue) > 0:
             time.sleep(0.02)
-        return args.jobs / (time.time() - started)
+        rate = args.jobs / (time.time() - started)
+        time.sleep(0.5)  # the last tasks' acks
+        return rate, (sum(cpu_seconds(w.proc.pid) for w in procs) - idle) / args.jobs
     finally:
         for w in procs:
             w.stop()
@@ -153,6 +164,7 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
     try:
         for w in procs:
             w.wait_ready()
+        idle = sum(cpu_seconds(w.proc.pid) for w in procs)  # start-up is not the jobs' cost
         tag = uuid.uuid4().hex[:6]
         messages = [{"request": {"prompt": f"bench {tag} {i}"}, "job_id": f"{tag}-{i}"} for i in range(args.jobs)]
         produce(args.broker, queue, messages, stamp=True)
@@ -167,6 +179,7 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
                 break
             time.sleep(0.2)
         memory = [peak_rss_mb(w.proc.pid) for w in procs]
+        cpu = sum(cpu_seconds(w.proc.pid) for w in procs) - idle
         with engine.connect() as conn:
             rows = conn.execute(
                 text(
@@ -207,6 +220,7 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
         "max_rps_seen": stats["max_requests_per_second"],
         "max_unfinished_seen": stats["max_unfinished"],
         "peak_rss_mb": max(memory),
+        "cpu_ms_per_job": cpu / args.jobs * 1000,
     }
 
 
@@ -236,9 +250,14 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for workers in [int(w) for w in args.workers.split(",")]:
-            ceiling = None if args.no_baseline else bare_celery_rate(args, workers, Path(tmp))
-            if ceiling:
-                print(f"bare Celery no-op, {workers} worker(s): {ceiling:.0f} tasks/s", flush=True)
+            ceiling = None
+            if not args.no_baseline:
+                ceiling, noop_cpu = bare_celery_rate(args, workers, Path(tmp))
+                print(
+                    f"bare Celery no-op, {workers} worker(s): {ceiling:.0f} tasks/s, "
+                    f"worker CPU {noop_cpu * 1000:.2f} ms/task",
+                    flush=True,
+                )
             for latency in [float(x) for x in args.latency.split(",")]:
                 r = run_scenario(args, latency, workers, Path(tmp))
                 ratio = f" ({r['submitted_per_s'] / ceiling:.0%} of no-op)" if ceiling else ""
@@ -252,7 +271,8 @@ def main() -> int:
                     f"  API requests/job {r['requests_per_job']:.2f} (submits {r['submits_per_job']:.2f}, "
                     f"polls {r['polls_per_job']:.2f}, max polls on one job {r['polls_per_job_max']}); "
                     f"duplicates {r['duplicates']}, extra submits {r['extra_submits']}\n"
-                    f"  peak RSS per worker {r['peak_rss_mb']:.0f} MB; sandbox saw at most "
+                    f"  worker CPU {r['cpu_ms_per_job']:.2f} ms/job (user+system of the workers / jobs); "
+                    f"peak RSS per worker {r['peak_rss_mb']:.0f} MB; sandbox saw at most "
                     f"{r['max_rps_seen']} requests/s and {r['max_unfinished_seen']} unfinished tasks",
                     flush=True,
                 )
