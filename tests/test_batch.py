@@ -36,6 +36,7 @@ def test_one_bad_line_and_nothing_is_sent_each_named_by_its_number(configure, tm
         {"request": {"prompt": "y"}, "bogus": 1},
         {"request": {"prompt": "z"}, "job_id": "batch-1"},
         {"request": {"prompt": "w"}, "metadata": "not an object"},
+        {"prompt": "a bare request"},
         GOOD[2],
     ]
     code = cli.main(["enqueue", "--batch", str(write(tmp_path / "jobs.jsonl", lines))])
@@ -50,8 +51,12 @@ def test_one_bad_line_and_nothing_is_sent_each_named_by_its_number(configure, tm
     assert said[3] == f"kling-worker: {name} line 6: bogus: Unknown field."
     assert said[4] == f"kling-worker: {name} line 7: job_id 'batch-1' is also on line 1"
     assert said[5].startswith(f"kling-worker: {name} line 8: metadata: ")
-    assert said[6] == "kling-worker: 6 lines are not valid messages; nothing was sent"
-    assert len(said) == 7
+    assert said[6] == (
+        f"kling-worker: {name} line 9: a request without its envelope: "
+        'write {"request": {"prompt": ...}} on each line'
+    )
+    assert said[7] == "kling-worker: 7 lines are not valid messages; nothing was sent"
+    assert len(said) == 8
     assert not (tmp_path / "home" / "broker").exists()  # no message, not even the broker's folders
 
 

@@ -214,6 +214,7 @@ def test_an_unmigrated_database_and_a_bad_setting_are_one_line_each(configure, c
 # The mistakes a newcomer made (issue 9), as they make them: the command, from a folder with no service in it.
 NEWCOMER_MISTAKES = [
     (["enqueue", "x <<<image_1>>>", "--image", "missing.png"], {}, "kling-worker: --image missing.png: No such file"),
+    (["enqueue", "x <<<image_1>>>", "--image", "README.md"], {}, "--image README.md: not a .png, .jpg or .jpeg file"),
     (["jobs", "list", "--since", "garbage"], {}, "'garbage' is not an ISO time or an age"),
     (["jobs", "list"], {}, "kling-worker: no job database at "),
     (["jobs", "retry"], {}, "kling-worker: no job database at "),

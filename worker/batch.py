@@ -62,6 +62,8 @@ def _check(text: str) -> tuple[dict[str, Any] | None, str | None]:
     try:
         MessageSchema().load(found)
     except ValidationError as exc:
+        if "request" not in found and "prompt" in found:  # a bare request, without its envelope
+            return None, 'a request without its envelope: write {"request": {"prompt": ...}} on each line'
         return None, errors_line(exc.messages)
     try:
         GenerationRequestSchema().load(found["request"])

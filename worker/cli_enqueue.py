@@ -133,6 +133,8 @@ def _image(value: str) -> str:
         return value
     path = Path(value)
     mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if mime not in ("image/png", "image/jpeg"):  # the only inline images the API takes (worker.schemas)
+        raise UsageError(f"--image {value}: not a .png, .jpg or .jpeg file; give one, or an http(s) URL")
     try:
         data = path.read_bytes()
     except OSError as exc:
