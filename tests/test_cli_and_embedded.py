@@ -120,27 +120,35 @@ def test_alembic_migration_matches_the_models(any_db_url):
     assert diff == []
 
 
-@pytest.mark.slow
-def test_a_newcomer_runs_an_embedded_worker_with_the_sandbox_and_sees_a_job_end(tmp_path):
-    import signal
+def start_embedded_worker(env: dict[str, str], log: Path, concurrency: int) -> subprocess.Popen:
+    """`kling-worker worker --sandbox` (the sandbox on a free port) in a session of its own, writing to `log`;
+    returned once Celery says it is ready."""
     import time
 
-    env = embedded_env(tmp_path, MODELLIX_API_KEY="", KLING_POLL_FIRST="0.3", KLING_POLL_MAX="0.5")
-    log = tmp_path / "worker.log"
     with open(log, "wb") as out:
         worker = subprocess.Popen(
-            CLI + ["worker", "--sandbox", "--sandbox-port", "0", "--concurrency", "4"],
+            CLI + ["worker", "--sandbox", "--sandbox-port", "0", "--concurrency", str(concurrency)],
             cwd=ROOT,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    deadline = time.monotonic() + 60
+    while b" ready." not in log.read_bytes() and time.monotonic() < deadline:
+        assert worker.poll() is None, log.read_text()
+        time.sleep(0.2)
+    return worker
+
+
+@pytest.mark.slow
+def test_a_newcomer_runs_an_embedded_worker_with_the_sandbox_and_sees_a_job_end(tmp_path):
+    import signal
+
+    env = embedded_env(tmp_path, MODELLIX_API_KEY="", KLING_POLL_FIRST="0.3", KLING_POLL_MAX="0.5")
+    log = tmp_path / "worker.log"
+    worker = start_embedded_worker(env, log, concurrency=4)
     try:
-        deadline = time.monotonic() + 60
-        while b" ready." not in log.read_bytes() and time.monotonic() < deadline:
-            assert worker.poll() is None, log.read_text()
-            time.sleep(0.2)
         assert b"sandbox Modellix API at http://127.0.0.1:" in log.read_bytes(), log.read_text()
         done = run(["enqueue", "a cat", "--job-id", "newcomer-1", "--wait", "--timeout", "60"], env, timeout=90)
         assert "status: succeeded" in done.stdout
@@ -174,23 +182,10 @@ def test_a_kill_of_the_embedded_worker_command_stops_its_celery_worker_too(tmp_p
     """`kill PID` reaches only the `kling-worker worker` process; the Celery worker it started must stop
     with it rather than live on, taking jobs for a sandbox that is gone."""
     import signal
-    import time
 
     log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        parent = subprocess.Popen(
-            CLI + ["worker", "--sandbox", "--sandbox-port", "0", "--concurrency", "2"],
-            cwd=ROOT,
-            env=embedded_env(tmp_path),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    parent = start_embedded_worker(embedded_env(tmp_path), log, concurrency=2)
     try:
-        deadline = time.monotonic() + 60
-        while b" ready." not in log.read_bytes() and time.monotonic() < deadline:
-            assert parent.poll() is None, log.read_text()
-            time.sleep(0.2)
         children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
         assert children, "the command runs Celery in a child process"
         parent.send_signal(signal.SIGTERM)  # the process alone, as `kill` does: not its group
