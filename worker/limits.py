@@ -182,7 +182,7 @@ def watch_balance() -> str | None:
             res.put_off(exc, "balance checks")
             return None
         if lifted:
-            res.pause.until = 0.0
+            _saw(res, 0.0, "")
             log.info("the account's balance is %g: the fleet's pause for credit is lifted", balance)
         return "resumed"
     pause(res.settings.account_retry, row.pause_reason)
