@@ -143,7 +143,27 @@ def bare_celery_rate(args, workers: int, tmp: Path) -> tuple[float, float]:
             conn.default_channel.queue_delete(queue)
 
 
-def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
+def scrape_phases(port: int) -> dict[str, float]:
+    """CPU seconds by phase (worker.phases) from one worker's /metrics; empty from code that has none."""
+    found = {}
+    for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith('kling_cpu_seconds_total{phase="'):
+            name, value = line[len('kling_cpu_seconds_total{phase="') :].split('"}')
+            found[name] = float(value)
+    return found
+
+
+def wait_metrics(port: int) -> None:
+    for _ in range(100):
+        try:
+            scrape_phases(port)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError(f"no metrics on port {port}")
+
+
+def run_scenario(args, latency: float, workers: int, tmp: Path, code: Path = ROOT) -> dict:
     sandbox = Sandbox(latency, args.task_seconds)
     database, drop = fresh_database(args.database)
     queue = f"bench-{uuid.uuid4().hex[:6]}"
@@ -159,12 +179,26 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
     for name in ("MODELLIX_MAX_RPS", "MODELLIX_MAX_IN_FLIGHT"):
         if getattr(args, name.lower()):
             env[name] = str(getattr(args, name.lower()))
-    # No beat: its sweep only repairs lost polls, which a healthy run does not have.
-    procs = [Worker(env, tmp, concurrency=args.concurrency, loglevel="WARNING") for _ in range(workers)]
+    # The first worker runs the beat, as a deployment does: its sweep hands out the outbox (the
+    # archive of each job's images), which is part of a job's cost.
+    ports = [free_port() for _ in range(workers)]
+    procs = [
+        Worker(
+            {**env, "KLING_METRICS_PORT": str(port)},
+            tmp,
+            concurrency=args.concurrency,
+            loglevel="WARNING",
+            beat=(i == 0),
+            root=code,
+        )
+        for i, port in enumerate(ports)
+    ]
     try:
-        for w in procs:
+        for w, port in zip(procs, ports, strict=True):
             w.wait_ready()
+            wait_metrics(port)
         idle = sum(cpu_seconds(w.proc.pid) for w in procs)  # start-up is not the jobs' cost
+        phases_idle = [scrape_phases(port) for port in ports]
         tag = uuid.uuid4().hex[:6]
         messages = [{"request": {"prompt": f"bench {tag} {i}"}, "job_id": f"{tag}-{i}"} for i in range(args.jobs)]
         produce(args.broker, queue, messages, stamp=True)
@@ -175,11 +209,19 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
                 done = conn.execute(
                     text("select count(*) from jobs where status in ('succeeded','failed','rejected')")
                 ).scalar_one()
-            if done >= args.jobs:
+                # A job's cost ends with its outbox: the archive of its images.
+                outbox = conn.execute(
+                    text("select count(*) from deliveries where state in ('waiting', 'pending')")
+                ).scalar_one()
+            if done >= args.jobs and outbox == 0:
                 break
             time.sleep(0.2)
         memory = [peak_rss_mb(w.proc.pid) for w in procs]
         cpu = sum(cpu_seconds(w.proc.pid) for w in procs) - idle
+        by_phase: dict[str, float] = {}
+        for port, before in zip(ports, phases_idle, strict=True):
+            for name, seconds in scrape_phases(port).items():
+                by_phase[name] = by_phase.get(name, 0.0) + seconds - before.get(name, 0.0)
         with engine.connect() as conn:
             rows = conn.execute(
                 text(
@@ -221,7 +263,38 @@ def run_scenario(args, latency: float, workers: int, tmp: Path) -> dict:
         "max_unfinished_seen": stats["max_unfinished"],
         "peak_rss_mb": max(memory),
         "cpu_ms_per_job": cpu / args.jobs * 1000,
+        # The rest of the CPU is Celery and kombu moving messages, thread hand-offs, timers: "consume".
+        "phase_ms_per_job": (
+            {"consume": (cpu - sum(by_phase.values())) / args.jobs * 1000}
+            | {name: seconds / args.jobs * 1000 for name, seconds in by_phase.items()}
+            if by_phase
+            else {}
+        ),
     }
+
+
+def report(r: dict, ceiling: float | None, label: str = "") -> str:
+    ratio = f" ({r['submitted_per_s'] / ceiling:.0%} of no-op)" if ceiling else ""
+    lines = [
+        f"{label}latency {r['latency'] * 1000:.0f} ms, {r['workers']} worker(s): "
+        f"{r['submitted_per_s']:.0f} jobs/s to submitted{ratio}, "
+        f"{r['succeeded_per_s']:.0f} jobs/s to succeeded ({r['succeeded']}/{r['jobs']})",
+        f"  enqueue->submitted p50 {r['p50'] * 1000:.0f} ms, p95 {r['p95'] * 1000:.0f} ms, "
+        f"p99 {r['p99'] * 1000:.0f} ms; submitted->result p50 {r['result_p50'] or 0:.1f} s, "
+        f"max {r['result_max'] or 0:.1f} s",
+        f"  API requests/job {r['requests_per_job']:.2f} (submits {r['submits_per_job']:.2f}, "
+        f"polls {r['polls_per_job']:.2f}, max polls on one job {r['polls_per_job_max']}); "
+        f"duplicates {r['duplicates']}, extra submits {r['extra_submits']}",
+        f"  worker CPU {r['cpu_ms_per_job']:.2f} ms/job (user+system of the workers / jobs, archive included); "
+        f"peak RSS per worker {r['peak_rss_mb']:.0f} MB; sandbox saw at most "
+        f"{r['max_rps_seen']} requests/s and {r['max_unfinished_seen']} unfinished tasks",
+    ]
+    if r["phase_ms_per_job"]:
+        profile = ", ".join(f"{name} {ms:.2f}" for name, ms in r["phase_ms_per_job"].items())
+        lines.append(f"  CPU by phase, ms/job: {profile}")
+    else:
+        lines.append("  CPU by phase: not reported by this code (no kling_cpu_seconds metric)")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -241,6 +314,11 @@ def main() -> int:
     )
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument(
+        "--against",
+        metavar="DIR",
+        help="another checkout (e.g. `git worktree add /tmp/before HEAD~3`): run each scenario on it first",
+    )
     args = p.parse_args()
 
     print(
@@ -259,23 +337,19 @@ def main() -> int:
                     flush=True,
                 )
             for latency in [float(x) for x in args.latency.split(",")]:
+                if args.against:
+                    # The same scenario on the other checkout first, then this one: one run, one machine.
+                    before = run_scenario(args, latency, workers, Path(tmp), code=Path(args.against))
+                    print(report(before, ceiling, f"[{args.against}] "), flush=True)
                 r = run_scenario(args, latency, workers, Path(tmp))
-                ratio = f" ({r['submitted_per_s'] / ceiling:.0%} of no-op)" if ceiling else ""
-                print(
-                    f"latency {latency * 1000:.0f} ms, {workers} worker(s): "
-                    f"{r['submitted_per_s']:.0f} jobs/s to submitted{ratio}, "
-                    f"{r['succeeded_per_s']:.0f} jobs/s to succeeded ({r['succeeded']}/{r['jobs']})\n"
-                    f"  enqueue->submitted p50 {r['p50'] * 1000:.0f} ms, p95 {r['p95'] * 1000:.0f} ms, "
-                    f"p99 {r['p99'] * 1000:.0f} ms; submitted->result p50 {r['result_p50'] or 0:.1f} s, "
-                    f"max {r['result_max'] or 0:.1f} s\n"
-                    f"  API requests/job {r['requests_per_job']:.2f} (submits {r['submits_per_job']:.2f}, "
-                    f"polls {r['polls_per_job']:.2f}, max polls on one job {r['polls_per_job_max']}); "
-                    f"duplicates {r['duplicates']}, extra submits {r['extra_submits']}\n"
-                    f"  worker CPU {r['cpu_ms_per_job']:.2f} ms/job (user+system of the workers / jobs); "
-                    f"peak RSS per worker {r['peak_rss_mb']:.0f} MB; sandbox saw at most "
-                    f"{r['max_rps_seen']} requests/s and {r['max_unfinished_seen']} unfinished tasks",
-                    flush=True,
-                )
+                print(report(r, ceiling, "[this checkout] " if args.against else ""), flush=True)
+                if args.against:
+                    print(
+                        f"  this checkout / {args.against}: worker CPU per job x"
+                        f"{r['cpu_ms_per_job'] / before['cpu_ms_per_job']:.2f}, jobs/s to submitted x"
+                        f"{r['submitted_per_s'] / before['submitted_per_s']:.2f}",
+                        flush=True,
+                    )
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
+from functools import lru_cache
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -27,12 +28,15 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     case,
     func,
     insert,
     literal,
+    null,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -93,29 +97,50 @@ deliveries = cast(Table, Delivery.__table__)
 
 
 def add_for(ex: Executor, job_id: str, status: JobStatus, now: datetime) -> None:
-    """Within the transaction that ended the job: one row per channel that must follow its end."""
-    succeeded = status is JobStatus.succeeded
-    if succeeded:
-        ex.execute(insert(deliveries).values(_row(job_id, Channel.archive, State.pending, now)))
+    """Within the transaction that ended the job: one row per channel that must follow its end.
+
+    One statement, whatever the job asked for: the job's own row says whether it has a
+    webhook or a callback.
+    """
+    ex.execute(_add_stmt(status is JobStatus.succeeded), {"job_id": job_id, "now": now})
+
+
+@lru_cache(maxsize=2)
+def _add_stmt(succeeded: bool) -> Any:
+    """INSERT … SELECT of the rows a job's end needs, built once per kind of end (the statement
+    is then compiled once and cached by SQLAlchemy, instead of once per job)."""
+    now = bindparam("now", type_=UTCDateTime)
+    # A job that succeeded has its images archived first; its events wait for that.
     event_state = State.waiting if succeeded else State.pending
-    for channel, column in ((Channel.webhook, jobs.c.webhook), (Channel.callback, jobs.c.callback)):
-        row = _row(job_id, channel, event_state, now)
-        chosen = select(*[literal(v) if k != "job_id" else jobs.c.id for k, v in row.items()]).where(
-            jobs.c.id == job_id, column.is_not(None)
+    event_due = null() if succeeded else now
+    wanted = [(Channel.webhook, jobs.c.webhook.is_not(None)), (Channel.callback, jobs.c.callback.is_not(None))]
+    rows = [
+        select(
+            jobs.c.id,
+            literal(channel.value),
+            literal(event_state.value),
+            literal(0),
+            event_due,
+            now,
+            now,
+        ).where(jobs.c.id == bindparam("job_id"), condition)
+        for channel, condition in wanted
+    ]
+    if succeeded:
+        rows.insert(
+            0,
+            select(
+                jobs.c.id,
+                literal(Channel.archive.value),
+                literal(State.pending.value),
+                literal(0),
+                now,
+                now,
+                now,
+            ).where(jobs.c.id == bindparam("job_id")),
         )
-        ex.execute(insert(deliveries).from_select(list(row), chosen))
-
-
-def _row(job_id: str, channel: Channel, state: State, now: datetime) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "channel": channel.value,
-        "state": state.value,
-        "attempts": 0,
-        "due_at": now if state is State.pending else None,
-        "created_at": now,
-        "updated_at": now,
-    }
+    columns = ["job_id", "channel", "state", "attempts", "due_at", "created_at", "updated_at"]
+    return insert(deliveries).from_select(columns, union_all(*rows))
 
 
 def claim_due(s: Session, now: datetime, lease: float, limit: int) -> list[tuple[int, str, str]]:

@@ -347,9 +347,13 @@ def test_a_worker_counts_its_jobs_api_calls_and_tasks_on_its_metrics_port(rabbit
     assert value(samples, "kling_tasks_in_flight", task="kling.generate") == 0
     assert value(samples, "kling_fleet_paused", reason="rate_limited") == 0
     assert value(samples, "kling_poller_backlog") == 0
-    # No beat, so no sweep: the succeeded job's archive and the rejected job's callback wait, due.
-    assert value(samples, "kling_delivery_backlog", channel="archive", state="pending") == 1
+    # No beat, so no sweep: the rejected job's callback waits, due. The succeeded job's archive was
+    # kept at once by the worker whose poll ended the job (its CPU shows in the deliver phase).
+    assert value(samples, "kling_delivery_backlog", channel="archive", state="pending") == 0
     assert value(samples, "kling_delivery_due", channel="callback") == 1
+    for phase in ("validate", "claim", "submit", "record", "poll", "deliver"):
+        assert value(samples, "kling_cpu_seconds_total", phase=phase) > 0, phase
+    assert value(samples, "kling_cpu_seconds_total", phase="sweep") == 0
     assert value(samples, "kling_scrape_errors_total") == 0
 
 

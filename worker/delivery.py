@@ -70,6 +70,18 @@ def due() -> list[int]:
         return []
 
 
+def claim_ended(job_id: str) -> list[int]:
+    """Claim the outbox rows of a job that just ended that are due (for KLING_DELIVERY_LEASE seconds):
+    its archive, or the events of a job that failed; none if another worker took them."""
+    res = runtime.get()
+    try:
+        with res.statement() as ex:
+            return outbox.claim_job_due(ex, job_id, utcnow(), res.settings.delivery_lease)
+    except Exception as exc:
+        res.put_off(exc, "deliveries")  # the sweep hands them out once the database is back
+        return []
+
+
 def deliver(delivery_id: int) -> Done:
     """Carry out one claimed row: archive, or send a webhook; a callback is returned to be sent.
 

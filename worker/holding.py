@@ -20,7 +20,7 @@ from typing import Any
 
 from models import JobStatus, db, lifecycle
 from models.job import utcnow
-from worker import logs, metrics, runtime
+from worker import logs, metrics, phases, runtime
 
 log = logging.getLogger("kling_worker.holding")
 
@@ -56,6 +56,7 @@ class Fact:
         return cls(data["job_id"], data["kind"], datetime.fromisoformat(data["at"]), dict(data["values"]))
 
 
+@phases.timed("record")
 def keep(fact: Fact) -> Fact | None:
     """Write `fact`, holding it through an outage: None once written (or found already superseded);
     the fact itself if the process began to stop before the database came back."""

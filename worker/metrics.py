@@ -29,6 +29,7 @@ from requests.adapters import BaseAdapter
 
 from models.job import utcnow
 from models.outbox import Backlog, Channel, State
+from worker import phases
 
 # The Modellix API answers in tens of milliseconds to seconds; a read may take up to MODELLIX_READ_TIMEOUT (30 s).
 API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -186,7 +187,19 @@ class Snapshot(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._pause()
         yield self._poller()
+        yield self._phases()
         yield from self._backlog()
+
+    def _phases(self) -> Metric:
+        spent = CounterMetricFamily(
+            "kling_cpu_seconds",
+            "CPU seconds this process's threads spent in each phase of a job (worker.phases); the rest of "
+            "process_cpu_seconds_total is Celery and the broker moving messages, thread hand-offs and timers",
+            labels=["phase"],
+        )
+        for name, seconds in phases.totals().items():
+            spent.add_metric([name], seconds)
+        return spent
 
     def _pause(self) -> Iterator[Metric]:
         until, reason = self.pause()

@@ -22,7 +22,7 @@ from marshmallow import ValidationError
 
 from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, logs, metrics, modellix, outages, runtime, schedule, webhooks
+from worker import holding, limits, logs, metrics, modellix, outages, phases, runtime, schedule, webhooks
 from worker.api_errors import Action, judge_submit, retry_delay
 from worker.holding import Fact
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
@@ -57,7 +57,8 @@ def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retr
     """Process one message; `delivery_id` is the Celery task id, `retries` how often it was sent again."""
     given = kwargs.get("job_id")
     job_id = given if isinstance(given, str) else delivery_id  # until the message is validated (_reject)
-    with logs.bound(job_id=job_id):
+    # What no nested phase claims (the message's and the request's schemas, the webhook check) is `validate`.
+    with logs.bound(job_id=job_id), phases.phase("validate"):
         try:
             return _handle(args, kwargs, delivery_id, retries)
         except Exception as exc:
@@ -151,6 +152,7 @@ def _submit(
     return _send(job_id, request, attempt)
 
 
+@phases.timed("claim")
 def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, contact: dict[str, Any]) -> int | None:
     """Take the job for this delivery (`submitting`, committed before the POST); its attempt number.
 
@@ -199,8 +201,9 @@ class ClaimUnknown(Exception):
 def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
     res = runtime.get()
     try:
-        limits.take_request_slot()
-        submitted = res.client.submit(request)
+        with phases.phase("submit"):
+            limits.take_request_slot()
+            submitted = res.client.submit(request)
     except limits.OverBudget as exc:
         return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=exc.retry_in))
     except modellix.ModellixError as exc:
@@ -291,6 +294,7 @@ def _write_carried(fact: Fact) -> Outcome | None:
     return outcome if outcome.carry is not None else None
 
 
+@phases.timed("record")
 def _reject(
     job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any], contact: dict[str, Any] | None = None
 ) -> Outcome:

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Task, signals
 from kombu.exceptions import OperationalError
 
-from worker import delivery, holding, limits, metrics, runtime, schedule, submission, tracking
+from worker import delivery, holding, limits, metrics, phases, runtime, schedule, submission, tracking
 from worker.app import app
 
 log = logging.getLogger("kling_worker.tasks")
@@ -60,6 +60,7 @@ def redispatched_poll(self: Task, job_id: str, seq: int, fact: dict[str, Any] | 
 
 
 @app.task(name="kling.sweep")
+@phases.timed("sweep")
 def sweep() -> int:
     overdue = tracking.sweep()
     for job_id, seq in overdue:
@@ -73,9 +74,13 @@ def sweep() -> int:
 
 @app.task(name="kling.deliver")
 def deliver(delivery_id: int) -> None:
-    """Carry out one row of the outbox: archive a job's images, or send its event (worker.delivery);
-    then the events an archive released, here and now."""
-    todo = [delivery_id]
+    """Carry out one row of the outbox: archive a job's images, or send its event (worker.delivery)."""
+    carry_out([delivery_id])
+
+
+@phases.timed("deliver")
+def carry_out(todo: list[int]) -> None:
+    """Carry out claimed outbox rows, then the events an archive released, here and now."""
     while todo:
         current = todo.pop(0)
         done = delivery.deliver(current)
@@ -104,6 +109,11 @@ def follow(job_id: str, seq: int) -> None:
         redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq, "fact": following.to_json()})
     elif following is not None:
         follow_later(job_id, following)
+    else:
+        # The job needs no more polls: most often this poll ended it. What must follow its end
+        # (the archive, then its events) is done here at once, not after a sweep and a message;
+        # the sweep still hands out any row this process does not take (it died, the row was not due).
+        carry_out(delivery.claim_ended(job_id))
 
 
 def follow_later(job_id: str, poll: schedule.NextPoll) -> None:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from models import JobStatus, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, logs, metrics, modellix, outages, runtime, schedule
+from worker import holding, limits, logs, metrics, modellix, outages, phases, runtime, schedule
 from worker.api_errors import SUBMIT_INTERRUPTED, Action, judge_poll
 from worker.config import Settings
 from worker.holding import Fact
@@ -44,7 +44,7 @@ def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
     A Fact is a finished task's result that the database has not taken before
     this process began to stop: the caller hands it on.
     """
-    with logs.bound(job_id=job_id):
+    with logs.bound(job_id=job_id), phases.phase("poll"):
         return _check(job_id, seq)
 
 

@@ -67,7 +67,9 @@ class Worker:
         pool: str = "threads",
         app: str = "worker",
         loglevel: str = "INFO",
+        root: Path = ROOT,
     ):
+        """`root`: the source tree whose code runs (a benchmark compares two checkouts)."""
         self.name = f"w{uuid.uuid4().hex[:6]}"
         self.log = log_dir / f"{self.name}.log"
         cmd = [
@@ -90,7 +92,7 @@ class Worker:
         self._started = time.monotonic()
         self.proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=root,
             env={**os.environ, **env},
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
