@@ -39,6 +39,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from models.db import Executor
@@ -245,6 +246,37 @@ def backlog(ex: Executor, now: datetime) -> list[Backlog]:
 
 def for_job(s: Session, job_id: str) -> list[Delivery]:
     return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
+
+
+# A delivery row with what carrying it out needs of its job: not the job's request or last answer,
+# the two large documents, which neither an archive nor an event reads.
+_WITH_JOB = (
+    select(
+        deliveries.c.channel,
+        deliveries.c.state,
+        deliveries.c.attempts,
+        deliveries.c.created_at.label("row_created_at"),
+        jobs.c.id,
+        jobs.c.status,
+        jobs.c.modellix_task_id,
+        jobs.c.result_urls,
+        jobs.c.files,
+        jobs.c.error_code,
+        jobs.c.error_message,
+        jobs.c["metadata"].label("meta"),
+        jobs.c.created_at,
+        jobs.c.finished_at,
+        jobs.c.webhook,
+        jobs.c.callback,
+    )
+    .join(jobs, jobs.c.id == deliveries.c.job_id)
+    .where(deliveries.c.id == bindparam("delivery_id"))
+)
+
+
+def with_job(ex: Executor, delivery_id: int) -> Row[Any] | None:
+    """A delivery and its job's columns named as on models.job.Job (`meta` for the metadata), in one read."""
+    return cast("Row[Any] | None", ex.execute(_WITH_JOB, {"delivery_id": delivery_id}).first())
 
 
 def get(s: Session, delivery_id: int) -> Delivery | None:

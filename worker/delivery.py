@@ -20,13 +20,17 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import requests
+from sqlalchemy.engine import Row
 
 from models import outbox, store
-from models.job import Job, utcnow
+from models.job import utcnow
 from models.outbox import Channel, State
 from worker import archive, logs, runtime, webhooks
 
 log = logging.getLogger("kling_worker.delivery")
+
+# A delivery row read with its job's columns (models.outbox.with_job), named as on models.job.Job.
+JobView = Row[Any]
 
 # Rows claimed per sweep.
 BATCH = 200
@@ -99,14 +103,12 @@ def deliver(delivery_id: int) -> Done:
 
 def _deliver(delivery_id: int) -> Done:
     res = runtime.get()
-    with res.transaction() as s:
-        row = outbox.get(s, delivery_id)
-        job = store.get_job(s, row.job_id) if row is not None else None
-        if row is None or job is None or row.state != State.pending.value:
-            return Done()  # settled meanwhile (another worker, after a lease ran out)
-        channel, attempts, created_at = Channel(row.channel), row.attempts, row.created_at
-        logs.bind(job_id=job.id, modellix_task_id=job.modellix_task_id)
-        s.expunge(job)
+    with res.statement() as ex:
+        job = outbox.with_job(ex, delivery_id)
+    if job is None or job.state != State.pending.value:
+        return Done()  # settled meanwhile (another worker, after a lease ran out)
+    channel, attempts, created_at = Channel(job.channel), job.attempts, job.row_created_at
+    logs.bind(job_id=job.id, modellix_task_id=job.modellix_task_id)
     if channel is Channel.archive:
         return Done(then=_archive(delivery_id, job, attempts))
     event = event_of(job)
@@ -132,7 +134,7 @@ def not_sent(delivery_id: int, error: str) -> None:
         outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=delay), error)
 
 
-def event_of(job: Job) -> dict[str, Any]:
+def event_of(job: JobView) -> dict[str, Any]:
     """The event a caller receives when its job ends (the README's contract)."""
     return {
         "type": EVENT_TYPES[job.status],
@@ -160,7 +162,7 @@ def event_id(job_id: str) -> str:
 # -- the channels --------------------------------------------------------------
 
 
-def _archive(delivery_id: int, job: Job, attempts: int) -> tuple[int, ...]:
+def _archive(delivery_id: int, job: JobView, attempts: int) -> tuple[int, ...]:
     """Keep each result image not kept yet; settled once all are kept, or once no retry can help.
 
     Returns the job's events it released, claimed for this worker to send at once (not a sweep later).
@@ -202,6 +204,8 @@ def _archive(delivery_id: int, job: Job, attempts: int) -> tuple[int, ...]:
                 extra={"event": "archive_failed"},
             )
         outbox.settle(s, delivery_id, now, State.failed if failed else State.done, "; ".join(missing) or None)
+        if job.webhook is None and job.callback is None:
+            return ()  # no event waits for this archive
         outbox.release_events(s, job.id, now)
         return tuple(outbox.claim_job_due(s, job.id, now, cfg.delivery_lease))
 
@@ -210,7 +214,7 @@ def _missing(reason: str) -> dict[str, Any]:
     return {"uri": None, "sha256": None, "bytes": None, "content_type": None, "error": reason}
 
 
-def _webhook(delivery_id: int, job: Job, event: dict[str, Any], attempts: int, created_at: datetime) -> None:
+def _webhook(delivery_id: int, job: JobView, event: dict[str, Any], attempts: int, created_at: datetime) -> None:
     res = runtime.get()
     cfg = res.settings
     url = job.webhook or ""
