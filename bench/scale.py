@@ -386,6 +386,8 @@ def run_in_flight(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 time.sleep(0.5)
             sweep_at_peak = time_sweep(engine) if why == "all in flight" else sweep_at_peak
             rss = [peak_rss_mb(w.proc.pid) for w in procs]
+            # The partial indexes on active jobs are full now: the plans may differ from the ended table's.
+            plans = explain_all(engine)
         return {
             "target": args.in_flight,
             "reached": peak,
@@ -394,6 +396,7 @@ def run_in_flight(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "rss": rss,
             "sweep_ms": sweep_at_peak[0],
             "backlog_ms": sweep_at_peak[1],
+            "plans": plans,
         }
     finally:
         delete_queue(args.broker, queue)
@@ -463,6 +466,8 @@ def main() -> int:
                 f"after; outbox backlog read {r['backlog_ms']:.1f} ms",
                 flush=True,
             )
+            if not r["left_in_queue"]:
+                print(f"  size {n:,}: the queue ran dry within the window: not a figure under backlog", flush=True)
         print()
         print(table(rows))
         for r in rows:
@@ -476,11 +481,15 @@ def main() -> int:
         if args.in_flight:
             f = run_in_flight(args, Path(tmp))
             print(
-                f"\nin flight: {f['reached']:,} of {f['target']:,} at once after {f['after_s']:.0f} s "
+                f"\nin flight: {f['reached']:,} of {f['target']:,} at once, "
+                f"{f['after_s']:.1f} s after both workers were ready "
                 f"(stopped: {f['why']}); peak RSS per worker "
                 + "/".join(f"{mb:.0f}" for mb in f["rss"])
                 + f" MB; sweep {f['sweep_ms']:.1f} ms, outbox backlog read {f['backlog_ms']:.1f} ms at the peak"
             )
+            print("plans while in flight:")
+            for name, (word, detail) in f["plans"].items():
+                print(f"  {name}: {detail}" + ("  <- FINDING" if word == "Seq" else ""))
     return 0
 
 
