@@ -19,7 +19,8 @@ from worker import limits, runtime, submission, tracking
 from worker.dev.sandbox import Step
 
 
-def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service):
+def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_HOLD", 5.0)  # shorter than the pause: the message goes back at once
     service.script(Step(429, on="submit", retry_after=8))
     first = handle(request={"prompt": "x"}, job_id="hit")
     assert first.status is JobStatus.queued and first.retry_in >= 8
@@ -33,7 +34,8 @@ def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service):
 
 
 @pytest.mark.parametrize("max_rps", [None, "50"])
-def test_a_pause_set_by_another_worker_holds_this_one_back(service, configure, max_rps):
+def test_a_pause_set_by_another_worker_holds_this_one_back(service, configure, monkeypatch, max_rps):
+    monkeypatch.setattr(limits, "MAX_HOLD", 5.0)
     if max_rps:
         configure(MODELLIX_MAX_RPS=max_rps)
     set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")  # another worker's write
@@ -42,7 +44,8 @@ def test_a_pause_set_by_another_worker_holds_this_one_back(service, configure, m
     assert service.stats()["requests"] == 0
 
 
-def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(service):
+def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(service, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_HOLD", 5.0)
     submitted("before")  # this process has read the budget row and cached "no pause"
     set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")
     time.sleep(limits.PAUSE_REFRESH + 0.1)
@@ -50,7 +53,8 @@ def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(servic
     assert service.stats()["submits"] == 1
 
 
-def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(service, configure):
+def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(service, configure, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_HOLD", 5.0)  # the slot is further off than a wait in place may last
     configure(MODELLIX_MAX_RPS="1")
     set_budget(next_slot=time.time() + 100)  # the fleet has booked the next 100 s of requests
     out = handle(request={"prompt": "x"}, job_id="later")
@@ -60,7 +64,8 @@ def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(ser
     assert service.stats()["requests"] == 0
 
 
-def test_a_full_fleet_sends_the_job_back_within_ten_seconds(service, configure):
+def test_a_full_fleet_sends_the_job_back_within_ten_seconds(service, configure, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_HOLD", 0.5)  # then the wait in place runs out
     configure(MODELLIX_MAX_IN_FLIGHT="1")
     assert handle(request={"prompt": "r"}, job_id="running", metadata={"m": 1}).status is JobStatus.submitted
     assert job("running").meta == {"m": 1}
@@ -135,6 +140,7 @@ def test_a_pause_for_credit_is_renewed_while_the_balance_is_empty_and_lifted_onc
     first = budget()
     assert first["paused_for"] > 20 and first["pause_reason"].startswith("402 ")
     until = _paused_until()
+    monkeypatch.setattr(limits, "MAX_HOLD", 1.0)  # the wait in place for the top-up runs out
     held = handle(request={"prompt": "y"}, job_id="held")
     assert held.status is JobStatus.queued and 15 <= held.retry_in < 17  # the pause has ~30 s left
     assert service.stats()["submits"] == 0 and service.stats()["requests"] == 1
