@@ -13,12 +13,16 @@
   A pause for the balance (402) is watched by the sweep (`watch_balance`):
   lifted once the balance is positive, renewed while it is not.
 
-A wait longer than MAX_SLEEP is not slept in a worker thread: the caller gets
-OverBudget and the job waits in `queued`. For a place in flight, a few
-threads per process (WAITERS) look again every few hundred milliseconds for up
-to MAX_SLEEP (`place_tries`), so a freed place is taken at once without every
-waiting job hammering the lock; polls have threads of their own
-(worker.poller), so waiting submits never starve them.
+Submits wait in place (`claim_turn`): the thread keeps its unacked message
+(acks_late, prefetch 1) for up to MAX_HOLD rather than send it back to the
+broker to wait there, so a backlog under a limit is delivered about once per
+job. Per process one submit thread at a time contends for the row (the others
+queue at a process-local gate), and it books a slot only when the fleet's next
+free one is within HORIZON, so polls keep priority; a stopping worker gives the
+waiting messages back at once. A poll waits at most MAX_SLEEP
+(`take_request_slot`), else OverBudget and it is rescheduled on this process's
+poll timer; polls have threads of their own (worker.poller), so waiting
+submits never starve them.
 
 The SQL is in models.budget. Clocks: slots are epoch seconds from each host's
 clock; hosts must be NTP-synced.
@@ -43,8 +47,8 @@ from worker.gate import Gate
 
 T = TypeVar("T")
 
-# A wait longer than this goes back to the broker instead of holding a thread
-# (config bounds KLING_SUBMIT_GRACE by it).
+# A poll waits at most this long for its request slot; longer, and it is rescheduled
+# (config bounds KLING_SUBMIT_GRACE by it, from when a submit slept after its claim).
 MAX_SLEEP = MAX_BUDGET_SLEEP
 # Slots are spaced 20 % wider than 1/MAX_RPS: a request leaves a little after
 # its slot (thread wake-up, GIL), and that jitter must not add up to a burst
