@@ -50,10 +50,6 @@ class Gate:
             for turn in self._waiters:
                 turn.ready.set()
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
     def _enter(self, stopping: threading.Event, deadline: float) -> bool:
         with self._lock:
             if stopping.is_set():
