@@ -159,7 +159,9 @@ def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, con
     submitting again. The fleet's limits (worker.limits.claim_turn) decide when:
     this thread waits in place, holding its message, until the budget lets it go.
     """
-    tried: list[datetime] = []
+    # When the last claim was made: an outage may hide its commit (ClaimUnknown). Before any claim
+    # (the budget being read, the connection being opened) nothing matches it, and releasing it is a no-op.
+    tried = [utcnow()]
 
     def claim(ex: db.Executor) -> int | None:
         tried.append(utcnow())
@@ -170,8 +172,6 @@ def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, con
     except limits.OverBudget:
         raise
     except Exception as exc:
-        if not tried:
-            raise  # reading the budget, before any claim: nothing to release
         raise ClaimUnknown.after(exc, tried[-1]) from exc
 
 
