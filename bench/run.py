@@ -319,7 +319,18 @@ def main() -> int:
         metavar="DIR",
         help="another checkout (e.g. `git worktree add /tmp/before HEAD~3`): run each scenario on it first",
     )
+    p.add_argument(
+        "--deliveries",
+        metavar="N,M,R",
+        nargs="?",
+        const="10000,1500,50",
+        help="instead: broker deliveries per submitted job, backlog N, over M submits, MODELLIX_MAX_RPS=R",
+    )
     args = p.parse_args()
+    if args.deliveries:
+        from bench.deliveries import main as deliveries
+
+        return deliveries(args)
 
     print(
         f"# {os.cpu_count()} cores, {args.jobs} jobs, {args.concurrency} threads/worker, "

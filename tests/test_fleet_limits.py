@@ -7,8 +7,10 @@ import uuid
 from contextlib import contextmanager
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.support import valid, wait_for, wait_terminal, worker_env
+from tests.test_metrics import scrape, served_port, value
 from worker.dev.processes import Worker, produce
 from worker.dev.sandbox import Step
 
@@ -97,3 +99,56 @@ def test_a_fleet_waiting_for_credit_sends_no_submit_and_resumes_soon_after_a_top
     ended = max(j.finished_at.timestamp() for j in found.values())
     print(f"\n{len(submits_402)} submits answered 402; every job ended {ended - topped_up:.1f}s after the top-up")
     assert ended - topped_up < 45, f"the fleet took {ended - topped_up:.0f}s to resume (KLING_ACCOUNT_RETRY is 120)"
+
+
+def test_a_backlog_under_max_rps_is_delivered_about_once_per_job(rabbit_url, pg_url, sandbox, tmp_path):
+    """64 threads hold messages while MAX_SLEEP (5 s) of slots at 10 rps holds only 41 requests: the
+    submits wait in place for their turn instead of going back to the broker to wait there."""
+    jobs = 60
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, MODELLIX_MAX_RPS=10, KLING_METRICS_PORT=0)
+    workers = [Worker(env, tmp_path, concurrency=32) for _ in range(2)]
+    try:
+        ports = [served_port(w.wait_ready()) for w in workers]
+        produce(rabbit_url, env["KLING_QUEUE"], [valid(uuid.uuid4().hex[:6], i) for i in range(jobs)])
+        found = wait_terminal(pg_url, jobs, 120, workers)
+        runs = sum(value(scrape(port), "kling_task_runs_total", task="kling.generate") or 0 for port in ports)
+    finally:
+        for w in workers:
+            w.stop()
+    assert {j.status for j in found.values()} == {"succeeded"}
+    stats = sandbox.stats()
+    assert stats["submits"] == jobs and stats["duplicate_prompts"] == 0
+    assert stats["max_requests_per_second"] <= 10, stats
+    print(f"\n{runs / jobs:.2f} deliveries of kling.generate per job")
+    assert runs / jobs <= 1.2
+
+
+def test_a_warm_shutdown_gives_back_the_messages_waiting_for_budget_at_once(rabbit_url, pg_url, sandbox, tmp_path):
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, MODELLIX_MAX_RPS=1, KLING_METRICS_PORT=0)
+    budget_row = create_engine(pg_url)
+    with budget_row.begin() as conn:  # the fleet has booked the next two minutes of requests
+        conn.execute(text("update api_budget set next_slot = :t"), {"t": time.time() + 120})
+    first = Worker(env, tmp_path, concurrency=4)
+    try:
+        port = served_port(first.wait_ready())
+        tag = uuid.uuid4().hex[:6]
+        produce(rabbit_url, env["KLING_QUEUE"], [valid(tag, i) for i in range(3)])
+        running = lambda: value(scrape(port), "kling_tasks_in_flight", task="kling.generate") == 3  # noqa: E731
+        wait_for(running, 30, "three submits waiting in place", [first])
+        time.sleep(1)
+        stopping = time.monotonic()
+        first.stop()
+        stopped = time.monotonic() - stopping
+    finally:
+        first.stop()
+    assert stopped < 8, f"the warm shutdown took {stopped:.1f}s"
+    with budget_row.begin() as conn:
+        conn.execute(text("update api_budget set next_slot = 0"))
+    budget_row.dispose()
+    second = Worker(env, tmp_path, concurrency=4)
+    try:
+        found = wait_terminal(pg_url, 3, 60, [second.wait_ready()])
+    finally:
+        second.stop()
+    assert {j.status for j in found.values()} == {"succeeded"}  # no job lost with the first worker
+    assert sandbox.stats()["submits"] == 3

@@ -19,7 +19,8 @@ from worker import limits, runtime, submission, tracking
 from worker.dev.sandbox import Step
 
 
-def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service):
+def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_HOLD", 5.0)  # shorter than the pause: the message goes back at once
     service.script(Step(429, on="submit", retry_after=8))
     first = handle(request={"prompt": "x"}, job_id="hit")
     assert first.status is JobStatus.queued and first.retry_in >= 8
@@ -33,7 +34,8 @@ def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service):
 
 
 @pytest.mark.parametrize("max_rps", [None, "50"])
-def test_a_pause_set_by_another_worker_holds_this_one_back(service, configure, max_rps):
+def test_a_pause_set_by_another_worker_holds_this_one_back(service, configure, monkeypatch, max_rps):
+    monkeypatch.setattr(limits, "MAX_HOLD", 5.0)
     if max_rps:
         configure(MODELLIX_MAX_RPS=max_rps)
     set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")  # another worker's write
@@ -42,7 +44,8 @@ def test_a_pause_set_by_another_worker_holds_this_one_back(service, configure, m
     assert service.stats()["requests"] == 0
 
 
-def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(service):
+def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(service, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_HOLD", 5.0)
     submitted("before")  # this process has read the budget row and cached "no pause"
     set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")
     time.sleep(limits.PAUSE_REFRESH + 0.1)
@@ -50,7 +53,8 @@ def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(servic
     assert service.stats()["submits"] == 1
 
 
-def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(service, configure):
+def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(service, configure, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_HOLD", 5.0)  # the slot is further off than a wait in place may last
     configure(MODELLIX_MAX_RPS="1")
     set_budget(next_slot=time.time() + 100)  # the fleet has booked the next 100 s of requests
     out = handle(request={"prompt": "x"}, job_id="later")
@@ -60,7 +64,8 @@ def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(ser
     assert service.stats()["requests"] == 0
 
 
-def test_a_full_fleet_sends_the_job_back_within_ten_seconds(service, configure):
+def test_a_full_fleet_sends_the_job_back_within_ten_seconds(service, configure, monkeypatch):
+    monkeypatch.setattr(limits, "MAX_HOLD", 0.5)  # then the wait in place runs out
     configure(MODELLIX_MAX_IN_FLIGHT="1")
     assert handle(request={"prompt": "r"}, job_id="running", metadata={"m": 1}).status is JobStatus.submitted
     assert job("running").meta == {"m": 1}
@@ -135,6 +140,7 @@ def test_a_pause_for_credit_is_renewed_while_the_balance_is_empty_and_lifted_onc
     first = budget()
     assert first["paused_for"] > 20 and first["pause_reason"].startswith("402 ")
     until = _paused_until()
+    monkeypatch.setattr(limits, "MAX_HOLD", 1.0)  # the wait in place for the top-up runs out
     held = handle(request={"prompt": "y"}, job_id="held")
     assert held.status is JobStatus.queued and 15 <= held.retry_in < 17  # the pause has ~30 s left
     assert service.stats()["submits"] == 0 and service.stats()["requests"] == 1
@@ -187,3 +193,68 @@ def test_the_sweep_lifts_a_pause_for_credit(service, monkeypatch):
     limits.pause(30, "402 Payment Required: insufficient balance")
     tasks.sweep()
     assert budget()["paused_for"] == 0
+
+
+# -- waiting in place for the budget (the message is held, not sent back) --------------------
+
+
+@pytest.mark.parametrize("max_rps", [None, "50"])
+def test_a_submit_waits_in_place_through_a_short_pause(service, configure, max_rps):
+    if max_rps:
+        configure(MODELLIX_MAX_RPS=max_rps)
+    set_budget(paused_until=time.time() + 2, pause_reason="429 from Modellix")
+    started = time.monotonic()
+    out = handle(request={"prompt": "x"}, job_id="waited")
+    assert out.status is JobStatus.submitted  # one delivery: no retry through the broker
+    assert 1.8 <= time.monotonic() - started < 4
+    assert service.stats()["submits"] == 1
+
+
+def test_a_submit_waits_in_place_for_a_slot_within_the_hold(service, configure):
+    configure(MODELLIX_MAX_RPS="1")
+    set_budget(next_slot=time.time() + 2.5)  # further off than MAX_SLEEP allowed a thread to sleep before
+    started = time.monotonic()
+    assert handle(request={"prompt": "x"}, job_id="waited").status is JobStatus.submitted
+    assert 2.3 <= time.monotonic() - started < 4
+    submits = [r for r in service.requests_log() if r["kind"] == "submit"]
+    assert len(submits) == 1
+
+
+def test_a_submit_waiting_for_budget_is_not_claimed_meanwhile(service, configure):
+    configure(MODELLIX_MAX_RPS="1")
+    set_budget(next_slot=time.time() + 3)
+    waiter = threading.Thread(target=handle, kwargs={"request": {"prompt": "x"}, "job_id": "waiting"})
+    waiter.start()
+    time.sleep(1.5)
+    assert job("waiting") is None  # no row left `submitting` while it waits (the slot comes before the claim)
+    waiter.join(10)
+    assert job("waiting").status == "submitted"
+
+
+@pytest.mark.parametrize("limit", [{"MODELLIX_MAX_RPS": "1"}, {"MODELLIX_MAX_IN_FLIGHT": "1"}, {}])
+def test_submits_waiting_in_place_give_their_messages_back_at_once_when_the_worker_stops(service, configure, limit):
+    configure(**limit)
+    if limit.get("MODELLIX_MAX_IN_FLIGHT"):
+        submitted("running")  # the fleet is full
+    elif limit:
+        set_budget(next_slot=time.time() + 100)  # well within MAX_HOLD: the submits would wait in place
+    else:
+        set_budget(paused_until=time.time() + 100, pause_reason="429 from Modellix")
+    outcomes: list[submission.Outcome] = []
+    threads = [
+        threading.Thread(target=lambda i=i: outcomes.append(handle(request={"prompt": f"{i}"}, job_id=f"w{i}")))
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    assert not outcomes  # all three wait (one at the budget row, two at this process's gate)
+    stopped = time.monotonic()
+    runtime.get().stopping.set()
+    limits.stop_waiting()
+    for t in threads:
+        t.join(5)
+    assert time.monotonic() - stopped < 0.5
+    assert len(outcomes) == 3 and all(o.status is JobStatus.queued and o.retry_in is not None for o in outcomes)
+    assert {job(f"w{i}").status for i in range(3)} == {"queued"}  # recorded, and its message sent back
+    assert service.stats()["submits"] == (1 if limit.get("MODELLIX_MAX_IN_FLIGHT") else 0)

@@ -13,7 +13,7 @@ import pytest
 
 from models import JobStatus
 from tests.support import budget, handle, job, seconds_until, set_budget, submitted
-from worker import cli, runtime, submission
+from worker import cli, limits, runtime, submission
 from worker.dev.sandbox import Step
 from worker.schedule import NextPoll
 
@@ -122,8 +122,9 @@ def test_retry_after_is_honoured(service):
     assert out.retry_in >= 7 and job("limited").error_code == "429"
 
 
-def test_account_errors_keep_jobs_waiting_and_pause_the_fleet(service, caplog):
+def test_account_errors_keep_jobs_waiting_and_pause_the_fleet(service, caplog, monkeypatch):
     caplog.set_level("ERROR")
+    monkeypatch.setattr(limits, "MAX_HOLD", 0.2)  # the later tries give their message back after a short wait
     service.set_faults(no_balance=True)
     for _ in range(5):  # more tries than KLING_MAX_ATTEMPTS: account trouble never fails a job
         out = handle(request={"prompt": "x"}, job_id="broke")

@@ -64,6 +64,13 @@ TASKS_IN_FLIGHT = Gauge(
     ["task"],
 )
 
+TASK_RUNS = Counter(
+    "kling_task_runs",
+    "Celery task executions started in this process, by task name: each one a delivery of a message from the "
+    "broker (a message sent back with a countdown and delivered again counts again)",
+    ["task"],
+)
+
 
 # -- the events ------------------------------------------------------------------
 
@@ -78,10 +85,12 @@ def tasks_known(names: Iterable[str]) -> None:
     """Show these tasks at 0 in flight before any has run (a series that appears late hides its start)."""
     for name in names:
         TASKS_IN_FLIGHT.labels(name)
+        TASK_RUNS.labels(name)
 
 
 def task_started(name: str) -> None:
     TASKS_IN_FLIGHT.labels(name).inc()
+    TASK_RUNS.labels(name).inc()
 
 
 def task_ended(name: str) -> None:

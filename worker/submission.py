@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from contextlib import closing
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -124,12 +123,13 @@ def _submit(
         runtime.get().outage.defer("messages", unknown.cause)
         claimed = Fact(job_id, "claimed", unknown.claimed_at)
         return Outcome(job_id, None, retry_in=outages.backoff(retries), carry=claimed)
-    except limits.OverBudget:
+    except limits.OverBudget as over:
         with runtime.get().statement() as ex:
             lifecycle.create(ex, job_id, JobStatus.queued, stored, meta, utcnow(), **contact)
-        # Back off while the fleet is full, so a long queue does not churn the
-        # broker, but look again at least every BUDGET_RECHECK seconds.
-        retry_in = min(retry_delay(retries + 1, runtime.settings()), BUDGET_RECHECK)
+        # The wait in place ran out (or the worker is stopping): the message goes back. When the
+        # budget's next turn is unknown (a full fleet), back off, but look again at least every
+        # BUDGET_RECHECK seconds.
+        retry_in = over.retry_in or min(retry_delay(retries + 1, runtime.settings()), BUDGET_RECHECK)
         return Outcome(job_id, JobStatus.queued, retry_in=retry_in)
     if attempt is None:
         with runtime.get().transaction() as s:
@@ -154,34 +154,27 @@ def _submit(
 
 @phases.timed("claim")
 def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, contact: dict[str, Any]) -> int | None:
-    """Take the job for this delivery (`submitting`, committed before the POST); its attempt number.
+    """Take the job for this delivery (`submitting`, committed right before the POST); its attempt number.
 
     If this process dies before the answer is recorded, the row says so and the
     sweep resolves it (tracking.resolve_interrupted) instead of silently
-    submitting again. With an in-flight limit, the count and the claim share
-    one transaction, and a few threads wait here for a freed place.
+    submitting again. The fleet's limits (worker.limits.claim_turn) decide when:
+    this thread waits in place, holding its message, until the budget lets it go.
     """
-    res = runtime.get()
-    if res.settings.max_in_flight is None:
-        claimed_at = utcnow()
-        try:
-            with res.statement() as ex:
-                return lifecycle.claim_for_submit(ex, job_id, stored, meta, claimed_at, **contact)
-        except Exception as exc:
-            raise ClaimUnknown.after(exc, claimed_at) from exc
-    full: limits.OverBudget | None = None
-    with closing(limits.place_tries()) as tries:  # closing: a waiter's place is given back at once
-        for _ in tries:
-            claimed_at = utcnow()
-            try:
-                with res.transaction() as s:
-                    limits.check_in_flight(s)
-                    return lifecycle.claim_for_submit(s, job_id, stored, meta, claimed_at, **contact)
-            except limits.OverBudget as exc:
-                full = exc
-            except Exception as exc:
-                raise ClaimUnknown.after(exc, claimed_at) from exc
-    raise full or limits.OverBudget(0.0, "no place in flight")
+    # When the last claim was made: an outage may hide its commit (ClaimUnknown). Before any claim
+    # (the budget being read, the connection being opened) nothing matches it, and releasing it is a no-op.
+    tried = [utcnow()]
+
+    def claim(ex: db.Executor) -> int | None:
+        tried.append(utcnow())
+        return lifecycle.claim_for_submit(ex, job_id, stored, meta, tried[-1], **contact)
+
+    try:
+        return limits.claim_turn(claim)
+    except limits.OverBudget:
+        raise
+    except Exception as exc:
+        raise ClaimUnknown.after(exc, tried[-1]) from exc
 
 
 class ClaimUnknown(Exception):
@@ -201,16 +194,11 @@ class ClaimUnknown(Exception):
 def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
     res = runtime.get()
     try:
+        # The fleet's budget was taken before the claim (limits.claim_turn): send at once.
         with phases.phase("submit"):
-            limits.take_request_slot()
             submitted = res.client.submit(request)
-    except limits.OverBudget as exc:
-        return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=exc.retry_in))
     except modellix.ModellixError as exc:
         return _after_error(job_id, exc, attempt)
-    except Exception as exc:
-        res.put_off(exc, "submits")  # reading the fleet's budget, before anything was sent
-        return _settle(_requeue(job_id, refund=True), Outcome(job_id, JobStatus.queued, retry_in=outages.RETRY_AFTER))
     logs.bind(modellix_task_id=submitted.task_id)
     log.info("job %s submitted as Modellix task %s", job_id, submitted.task_id, extra={"event": "job_submitted"})
     first = schedule.first(res.settings)

@@ -133,6 +133,7 @@ def _task_ended(task: Task, **_: Any) -> None:
 @signals.worker_shutting_down.connect
 def _stopping(**_: Any) -> None:
     runtime.get().stopping.set()
+    limits.stop_waiting()
 
 
 @signals.worker_shutdown.connect
