@@ -597,8 +597,8 @@ class SandboxServer:
             self.reset()
             return 200, {"ok": True}, {}
         if method == "POST" and path in ("/_sandbox/faults", "/_sandbox/config"):
-            # Both accept fault fields, task_seconds (a number, "LOW-HIGH" or [LOW, HIGH]), result_ttl (null: never expire) and balance
-            # (any number, negative too): one call can set up a whole scenario.
+            # Both accept fault fields, task_seconds (a number, "LOW-HIGH" or [LOW, HIGH]), result_ttl
+            # (null: never expire) and balance (any number, negative too): one call can set up a whole scenario.
             try:
                 body = json.loads(raw or b"{}")
                 if not isinstance(body, dict):
