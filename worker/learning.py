@@ -185,9 +185,17 @@ def _learner() -> Learner:
 
 def first_poll(job_id: str, request: dict[str, Any]) -> schedule.NextPoll:
     """The first poll of a job just submitted: learned for its shape, else configured."""
-    if not runtime.settings().poll_learn:
-        return schedule.first(runtime.settings())
-    return _learner().first_poll(job_id, request)
+    cfg = runtime.settings()
+    if not cfg.poll_learn:
+        return schedule.first(cfg)
+    try:
+        return _learner().first_poll(job_id, request)
+    except Exception:
+        # Called once the task exists: a fault here must not keep its id from the job row.
+        log.exception(
+            "job %s: no learned first poll; polling as configured", job_id, extra={"event": "poll_learning_failed"}
+        )
+        return schedule.first(cfg)
 
 
 def learned(job_id: str) -> float | None:
