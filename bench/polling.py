@@ -129,6 +129,15 @@ def run_polling(args: argparse.Namespace, learn: bool, tmp: Path) -> dict:
         sandbox.stop()
     drop()
 
+    if args.dump:
+        with open(args.dump, "a") as out:
+            for r in rows:
+                i = order[r[0]]
+                shape = shapes[i % len(shapes)]
+                lag = float(r[3]) - ends[r[2]]["finishes"] if r[1] == "succeeded" else None
+                seconds = ends[r[2]]["finishes"] - ends[r[2]]["created"] if r[2] in ends else None
+                line = {"learn": learn, "i": i, "shape": shape, "seconds": seconds, "polls": r[4], "lag": lag}
+                out.write(json.dumps(line) + "\n")
     third = args.jobs // 3
     result: dict = {
         "learn": learn,
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "--database", default=os.environ.get("KLING_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     )
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--dump", help="append one JSON line per job (shape, task seconds, polls, lag) to this file")
     args = p.parse_args(argv)
     print(
         f"# {os.cpu_count()} cores, {args.jobs} jobs of {args.shapes} shapes over {args.arrival:g} s, "

@@ -115,15 +115,27 @@ def test_first_polls_count_as_hits_or_misses_for_the_shape(service, configure):
     with runtime.get().statement() as ex:
         poll_shapes.merge(ex, [poll_shapes.Seen(key, math.log(0.3), 1, 0, 0)], schedule.step, -5.0, 5.0, utcnow())
     service.task_seconds = 0.5
-    out = handle(request={"prompt": "x"}, job_id="x")
-    assert out.first_poll is not None and math.isclose(out.first_poll.delay, 0.3)
-    time.sleep(out.first_poll.delay)
-    following = tracking.check("x", 0)  # at 0.3 s of 0.5: a miss; the next gap is the floor
-    assert following is not None and following.delay == 0.2
-    runtime.get().made("learner").sync()
+    for job_id in ("x", "y"):
+        out = handle(request={"prompt": job_id}, job_id=job_id)
+        assert out.first_poll is not None and math.isclose(out.first_poll.delay, 0.3)
+    time.sleep(0.3)
+    for job_id in ("x", "y"):  # at 0.3 s of 0.5: misses; the next gap is the floor
+        following = tracking.check(job_id, 0)
+        assert following is not None and following.delay == 0.2
+    time.sleep(0.4)
+    assert tracking.check("x", 1) is None
+    learner = runtime.get().made("learner")
+    learner.sync()
     row = _shape_row(key)
     assert (row.hits, row.misses) == (0, 1)
     assert math.isclose(row.log_first, math.log(0.3) + schedule.step(0, 1))
+    # Meanwhile other workers' misses raised F past y's end: judged against F as it is now, y is a hit.
+    with runtime.get().statement() as ex:
+        poll_shapes.merge(ex, [poll_shapes.Seen(key, 0.0, 0, 0, 40)], schedule.step, -5.0, 5.0, utcnow())
+    learner.sync()
+    assert tracking.check("y", 1) is None
+    learner.sync()
+    assert (_shape_row(key).hits, _shape_row(key).misses) == (1, 41)
 
 
 def test_without_the_table_or_with_learning_off_the_configured_schedule_is_used(service, configure, caplog):

@@ -46,6 +46,7 @@ class _Track:
     shape: Shape
     learned: float | None  # the learned first poll it was given; None: the configured schedule
     running_until: float = 0.0  # seconds after submission of the last poll that saw it running
+    missed: bool = False  # its first poll, on time, found it running
 
 
 @dataclass
@@ -95,8 +96,16 @@ class Learner:
             counts = self._counts.setdefault(track.shape, _Counts())
             if track.learned is not None:
                 # Only a first poll made on time says something exact about F.
-                if seq == 0 and elapsed <= track.learned + schedule.lowest(cfg):
-                    if finished:
+                on_time = seq == 0 and elapsed <= track.learned + schedule.lowest(cfg)
+                if on_time and not finished:
+                    track.missed = True
+                elif (on_time and finished) or (finished and track.missed):
+                    # A miss is judged at the task's end against F as it is now, not as it was at
+                    # the submit: misses of jobs sent before F rose would push it up again and again
+                    # (a shape's jobs go on being sent while the first ones run), far past its tasks.
+                    now = self._known.get(track.shape)
+                    current = schedule.bounded(math.exp(now), cfg) if now is not None else track.learned
+                    if not track.missed or elapsed <= current:
                         counts.hits += 1
                     else:
                         counts.misses += 1
