@@ -3,6 +3,7 @@
     python bench/run.py                       # both scenarios, 2 workers
     python bench/run.py --latency 0.3 --workers 1,2,4 --jobs 3000
     python bench/run.py --task-seconds 10 --jobs 50 --latency 0  # the polling cost
+    python bench/run.py --polling             # the learned poll schedule: bench/polling.py
 
 For each scenario it starts the sandbox (its own process), N worker processes,
 and a separate producer process that enqueues the jobs with send_task, then
@@ -300,6 +301,10 @@ def report(r: dict, ceiling: float | None, label: str = "") -> str:
 def main() -> int:
     # A stopped benchmark must still stop its workers and sandbox (the finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if "--polling" in sys.argv:  # the polling benchmark has its own options (bench/polling.py)
+        from bench.polling import main as polling
+
+        return polling([a for a in sys.argv[1:] if a != "--polling"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--workers", default="2", help="comma-separated worker counts, e.g. 1,2,4")

@@ -511,3 +511,27 @@ def test_balance_is_settable_and_needs_the_key(server, http):
     assert requests.post(server.url + "/_sandbox/config", json={"balance": "lots"}).status_code == 400
     assert requests.post(server.url + "/_sandbox/config", json={"balance": True}).status_code == 400
     assert server.balance == 0
+
+
+def test_a_task_seconds_range_gives_each_shape_its_base_and_each_task_jitter(server, http):
+    from worker.dev.sandbox import JITTER, base_seconds, parse_task_seconds
+    from worker.schedule import Shape
+
+    assert parse_task_seconds("2.5") == 2.5 and parse_task_seconds("8-40") == (8.0, 40.0)
+    with pytest.raises(ValueError, match="LOW-HIGH"):
+        parse_task_seconds("fast")
+    answer = http.post(server.url + "/_sandbox/config", json={"task_seconds": [8, 40]}, timeout=10)
+    assert answer.json()["task_seconds"] == [8.0, 40.0]
+    images = [{"image": "https://img.example/a.png"}]
+    made = {
+        submit(server, http, body).json()["data"]["task_id"]: body
+        for body in [{"prompt": f"p{i}", "n": 2, "image_list": images} for i in range(5)] + [{"prompt": "q"}]
+    }
+    tasks = http.get(server.url + "/_sandbox/tasks", timeout=10).json()["tasks"]
+    seconds = {task_id: tasks[task_id]["finishes"] - tasks[task_id]["created"] for task_id in made}
+    for task_id, body in made.items():
+        base = base_seconds((8, 40), Shape("1k", body.get("n", 1), len(body.get("image_list", []))))
+        assert 8 <= base <= 40 and abs(seconds[task_id] / base - 1) <= JITTER + 1e-9
+        assert abs(tasks[task_id]["created"] - time.time()) < 5  # epoch seconds
+    shaped = [s for task_id, s in seconds.items() if made[task_id].get("n") == 2]
+    assert len(set(shaped)) == 5  # jitter per task

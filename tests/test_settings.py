@@ -257,6 +257,8 @@ def test_the_defaults_are_the_readme_table(clean):
             assert value == "", name
         elif name == "KLING_ARCHIVE":
             assert value == Path(text.removeprefix("file://")).as_uri(), name
+        elif isinstance(value, bool):
+            assert str(value).lower() == text, name
         elif isinstance(value, int | float):
             assert value == float(text), name
         else:

@@ -109,7 +109,12 @@ def db_upgrade() -> int:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Default: MODELLIX_API_KEY, else 'sandbox-key'.")
-@click.option("--task-seconds", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option(
+    "--task-seconds",
+    default="2",
+    show_default=True,
+    help="Every task's duration, or a range LOW-HIGH: a base per request shape within it, ±15 % per task.",
+)
 @click.option("--latency", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--rate-429", type=click.FloatRange(0, 1), default=0.0, show_default=True)
 @click.option("--rate-500", type=click.FloatRange(0, 1), default=0.0, show_default=True)
@@ -119,7 +124,7 @@ def run_sandbox(
     host: str,
     port: int,
     api_key: str | None,
-    task_seconds: float,
+    task_seconds: str,
     latency: float,
     rate_429: float,
     rate_500: float,
@@ -127,11 +132,15 @@ def run_sandbox(
     fail_rate: float,
 ) -> int:
     """Run the sandbox Modellix API server (for tests and the demo)."""
-    from worker.dev.sandbox import Faults, SandboxServer
+    from worker.dev.sandbox import Faults, SandboxServer, parse_task_seconds
 
+    try:
+        seconds = parse_task_seconds(task_seconds)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--task-seconds") from None
     faults = Faults(latency=latency, rate_429=rate_429, rate_500=rate_500, rate_503=rate_503, fail_rate=fail_rate)
     key = api_key or runtime.settings().api_key or "sandbox-key"
-    server = SandboxServer(host, port, api_key=key, task_seconds=task_seconds, faults=faults)
+    server = SandboxServer(host, port, api_key=key, task_seconds=seconds, faults=faults)
     tables.say(f"sandbox Modellix API on http://{host}:{port}")
     server.serve_forever()
     return 0

@@ -151,12 +151,17 @@ class Settings(BaseSettings):
     # 401/402: the account is blocked; jobs wait this long between tries, without limit.
     account_retry: float = _env("KLING_ACCOUNT_RETRY", 60.0, ge=0)
 
-    # Status polling: first poll after poll_first seconds, each gap poll_factor times
-    # the last, at most poll_max; a task not finished poll_deadline seconds after
+    # Status polling (worker.schedule): first poll after poll_first seconds, each gap poll_factor
+    # times the last, at most poll_max; a task not finished poll_deadline seconds after
     # submission fails as timed out.
     poll_first: float = _env("KLING_POLL_FIRST", 2.0, gt=0)
     poll_factor: float = _env("KLING_POLL_FACTOR", 1.25, ge=1)
     poll_max: float = _env("KLING_POLL_MAX", 30.0, gt=0)
+    # The fleet learns each request shape's first poll from the tasks it saw (worker.schedule):
+    # never sooner than poll_min (nor than poll_first or poll_max if lower), never later than poll_max.
+    # False: the configured schedule only, nothing read or written.
+    poll_learn: bool = _env("KLING_POLL_LEARN", True)
+    poll_min: float = _env("KLING_POLL_MIN", 1.0, gt=0)
     poll_deadline: float = _env("KLING_POLL_DEADLINE", 900.0, gt=0)
     # A job left in `submitting` this long (worker died during the POST) is resolved
     # by the sweeper; see tracking.resolve_interrupted.

@@ -21,7 +21,7 @@ from marshmallow import ValidationError
 
 from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, logs, metrics, modellix, outages, phases, runtime, schedule, webhooks
+from worker import holding, learning, limits, logs, metrics, modellix, outages, phases, runtime, schedule, webhooks
 from worker.api_errors import Action, judge_submit, retry_delay
 from worker.holding import Fact
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
@@ -201,7 +201,7 @@ def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
         return _after_error(job_id, exc, attempt)
     logs.bind(modellix_task_id=submitted.task_id)
     log.info("job %s submitted as Modellix task %s", job_id, submitted.task_id, extra={"event": "job_submitted"})
-    first = schedule.first(res.settings)
+    first = learning.first_poll(job_id, request)
     values = {"task_id": submitted.task_id, "answer": submitted.raw, "first_poll": first.delay}
     fact = Fact(job_id, "submitted", utcnow(), values)
     return _settle(fact, Outcome(job_id, JobStatus.submitted, first_poll=first))

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Task, signals
 from kombu.exceptions import OperationalError
 
-from worker import delivery, holding, limits, metrics, phases, runtime, schedule, submission, tracking
+from worker import delivery, holding, learning, limits, metrics, phases, runtime, schedule, submission, tracking
 from worker.app import app
 
 log = logging.getLogger("kling_worker.tasks")
@@ -146,8 +146,10 @@ def hand_over(**_: Any) -> int:
     """
     poller = runtime.get().made("poller")
     if poller is None:
+        learning.flush()
         return 0
     left = poller.drain(HAND_OVER_WAIT)
+    learning.flush()  # what this process's polls taught about task durations, before it goes
     polls = [(delay, args) for delay, fn, args in left if fn is follow]
     sent = 0
     try:

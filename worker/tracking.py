@@ -1,7 +1,8 @@
 """Following a submitted Modellix task until it ends, and the sweep that repairs what was lost. No Celery here.
 
-`check` makes one poll of a job (the schedule is worker.schedule's) and says
-when the next is due. The submitting worker's own timer (worker.poller) runs
+`check` makes one poll of a job (the schedule is worker.schedule's, learned
+per request shape by worker.learning from what each poll found) and says when
+the next is due. The submitting worker's own timer (worker.poller) runs
 the checks; nothing relies on that process alone: the periodic `sweep`
 re-dispatches any active job whose poll is overdue (worker killed or
 restarted) through the broker, and the poll token in the row
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 
 from models import JobStatus, lifecycle, store
 from models.job import utcnow
-from worker import holding, limits, logs, metrics, modellix, outages, phases, runtime, schedule
+from worker import holding, learning, limits, logs, metrics, modellix, outages, phases, runtime, schedule
 from worker.api_errors import SUBMIT_INTERRUPTED, Action, judge_poll
 from worker.config import Settings
 from worker.holding import Fact
@@ -45,7 +46,10 @@ def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
     this process began to stop: the caller hands it on.
     """
     with logs.bound(job_id=job_id), phases.phase("poll"):
-        return _check(job_id, seq)
+        following = _check(job_id, seq)
+    if not isinstance(following, schedule.NextPoll):
+        learning.forget(job_id)
+    return following
 
 
 def _check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
@@ -62,7 +66,7 @@ def _check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
         task_id, submitted_at = claimed
         logs.bind(modellix_task_id=task_id)
         deadline = schedule.deadline(submitted_at, cfg)
-        gap = schedule.gap(seq + 1, cfg)
+        gap = schedule.gap(seq + 1, cfg, learning.learned(job_id))
         try:
             # The slot is taken right before the request, so the spacing holds at the API.
             limits.take_request_slot()
@@ -72,6 +76,8 @@ def _check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
             return _next(job_id, schedule.NextPoll(seq, exc.retry_in), now, deadline, give_back=True)
         except modellix.ModellixError as exc:
             return _after_error(job_id, exc, schedule.NextPoll(seq + 1, gap), now, deadline)
+        ended = state.phase in (Phase.succeeded, Phase.failed)
+        learning.answered(job_id, seq, (now - submitted_at).total_seconds(), ended)
         return _record(job_id, state, schedule.NextPoll(seq + 1, gap), now, deadline)
     except Exception as exc:
         # Nothing learned is lost here: a finished result is held by _record, not raised.

@@ -17,6 +17,13 @@ index, that expires (403, as an expired signed URL) `result_ttl` seconds after
 its task finished. A download that carries an Authorization header is refused
 with a 400, as S3 refuses a presigned URL sent with a second credential. They
 are not API requests: a script step reaches them only with `on="result"`.
+
+A task takes `task_seconds`: a number (every task alike), or a range
+(lo, hi), "8-40" on the command line, where each request shape (resolution,
+n, input images: worker.schedule.Shape) gets its own base duration, fixed
+within the range by a hash of the shape (`base_seconds`), and each task that
+base ±JITTER (so a task may end up to 15 % outside the range). When each task
+was created and finishes is at `/_sandbox/tasks`, in epoch seconds.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from worker.config import DEFAULT_SUBMIT_PATH
+from worker.schedule import Shape, shape_of
 from worker.schemas import GenerationRequestSchema
 
 # Ours (configurable in the worker) and the newer documented one (modellix-api.md).
@@ -61,6 +69,31 @@ SPECIAL = ("drop", "no_task_id", "wrong_task_id", "no_results", "echo", "html", 
 RESULT_ANSWERS = ("drop", "not_image", "endless")
 # An endless result stops here all the same, so a client that keeps reading cannot fill a disk.
 ENDLESS_CAP = 256 * 1024 * 1024
+# A task of a shape takes its base duration times 1 ± up to this (task_seconds as a range).
+JITTER = 0.15
+
+TaskSeconds = float | tuple[float, float]
+
+
+def parse_task_seconds(text: str) -> TaskSeconds:
+    """ "2.5" (every task) or "8-40" (a range across request shapes)."""
+    lo, sep, hi = text.partition("-")
+    try:
+        if not sep:
+            return _number("task_seconds", float(text))
+        low, high = _number("task_seconds", float(lo)), _number("task_seconds", float(hi))
+    except ValueError:
+        raise ValueError(f"task_seconds must be a number of seconds or a range LOW-HIGH, not {text!r}") from None
+    if low > high:
+        raise ValueError(f"task_seconds range {text!r}: LOW must not exceed HIGH")
+    return (low, high)
+
+
+def base_seconds(span: tuple[float, float], shape: Shape) -> float:
+    """A shape's base duration within `span`: the same in every sandbox, spread by a hash of the shape."""
+    digest = hashlib.blake2b(f"{shape.resolution}/{shape.n}/{shape.images}".encode(), digest_size=8).digest()
+    share = int.from_bytes(digest, "big") / 2**64
+    return span[0] + share * (span[1] - span[0])
 
 
 @dataclass
@@ -174,6 +207,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 @dataclass
 class _Task:
     created: float
+    wall: float  # time.time() at creation: /_sandbox/tasks reports times in epoch seconds
     processing: float  # pending until then
     finishes: float  # fixed at submit, so a later task_seconds change cannot rewrite history
     n: int
@@ -186,7 +220,7 @@ class SandboxServer:
         host: str = "127.0.0.1",
         port: int = 0,
         api_key: str = "sandbox-key",
-        task_seconds: float = 2.0,
+        task_seconds: TaskSeconds = 2.0,
         faults: Faults | None = None,
         seed: int | None = None,
         result_ttl: float | None = None,
@@ -441,12 +475,13 @@ class SandboxServer:
         if self.balance <= 0:  # as Modellix: an account without credit creates no task
             return _error(402, "Payment Required: insufficient balance")
         digest = hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).digest()
-        created = time.monotonic()
+        created, wall = time.monotonic(), time.time()
         with self._lock:
             task_id = f"task-{self._random.getrandbits(64):016x}"
             fails = self._random.random() < self.faults.fail_rate
+            seconds = self._seconds(body)
             self._tasks[task_id] = _Task(
-                created, created + self.task_seconds * 0.25, created + self.task_seconds, body.get("n", 1), fails
+                created, wall, created + seconds * 0.25, created + seconds, body.get("n", 1), fails
             )
             self._counts["submits"] += 1
             if digest in self._bodies:
@@ -466,6 +501,21 @@ class SandboxServer:
             },
             {},
         )
+
+    def _seconds(self, body: dict[str, Any]) -> float:
+        """How long a new task takes (called under the lock: it draws from the shared random)."""
+        span = self.task_seconds
+        if not isinstance(span, tuple):
+            return span
+        return base_seconds(span, shape_of(body)) * (1 + self._random.uniform(-JITTER, JITTER))
+
+    def tasks(self) -> dict[str, dict[str, float]]:
+        """Each task's creation and end, in epoch seconds: {"created": ..., "finishes": ...}."""
+        with self._lock:
+            return {
+                task_id: {"created": t.wall, "finishes": t.wall + (t.finishes - t.created)}
+                for task_id, t in self._tasks.items()
+            }
 
     def _task(self, task_id: str) -> Answer:
         with self._lock:
@@ -531,6 +581,8 @@ class SandboxServer:
             return 200, self.stats(), {}
         if method == "GET" and path == "/_sandbox/requests":
             return 200, {"requests": self.requests_log()}, {}
+        if method == "GET" and path == "/_sandbox/tasks":
+            return 200, {"tasks": self.tasks()}, {}
         if method == "POST" and path == "/_sandbox/script":
             try:
                 body = json.loads(raw or b"{}")
@@ -545,15 +597,17 @@ class SandboxServer:
             self.reset()
             return 200, {"ok": True}, {}
         if method == "POST" and path in ("/_sandbox/faults", "/_sandbox/config"):
-            # Both accept fault fields, task_seconds, result_ttl (null: never expire) and balance
-            # (any number, negative too): one call can set up a whole scenario.
+            # Both accept fault fields, task_seconds (a number, "LOW-HIGH" or [LOW, HIGH]), result_ttl
+            # (null: never expire) and balance (any number, negative too): one call can set up a whole scenario.
             try:
                 body = json.loads(raw or b"{}")
                 if not isinstance(body, dict):
                     raise TypeError("body must be a JSON object")
                 task_seconds = body.pop("task_seconds", None)
+                if isinstance(task_seconds, list) and len(task_seconds) == 2:  # [low, high]
+                    task_seconds = "-".join(str(_number("task_seconds", x)) for x in task_seconds)
                 if task_seconds is not None:
-                    task_seconds = _number("task_seconds", task_seconds)
+                    task_seconds = parse_task_seconds(str(task_seconds))
                 set_ttl = "result_ttl" in body
                 result_ttl = body.pop("result_ttl", None)
                 if result_ttl is not None:

@@ -1,0 +1,197 @@
+"""The learned poll schedule: the rule (pure), the shared table, and real workers polling less."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import uuid
+
+import pytest
+from sqlalchemy import select, text
+
+from models import PollShape, poll_shapes
+from models.job import utcnow
+from tests.support import handle, job, rows, wait_terminal, worker_env
+from worker import learning, runtime, schedule, tracking
+from worker.config import Settings
+from worker.dev.processes import Worker, produce
+from worker.schedule import Shape
+
+# -- the rule -------------------------------------------------------------------
+
+
+def test_without_a_learned_value_the_configured_schedule_is_kept():
+    cfg = Settings()
+    assert [round(schedule.gap(i, cfg), 3) for i in range(3)] == [2.0, 2.5, 3.125]
+    assert schedule.first(cfg) == schedule.first(cfg, None) == schedule.NextPoll(0, 2.0)
+
+
+def test_a_learned_first_poll_sets_the_first_poll_and_scales_the_gaps_within_the_bounds():
+    cfg = Settings(poll_min=1.0, poll_max=30.0, poll_factor=1.25)
+    assert schedule.first(cfg, 20.0) == schedule.NextPoll(0, 20.0)
+    assert [round(schedule.gap(i, cfg, 20.0), 3) for i in range(1, 4)] == [2.0, 2.5, 3.125]  # 10 % of F, x1.25
+    assert schedule.gap(1, cfg, 6.0) == 1.0  # never below KLING_POLL_MIN
+    assert schedule.first(cfg, 0.2).delay == 1.0  # the earliest first poll is KLING_POLL_MIN
+    assert schedule.first(cfg, 90.0).delay == 30.0  # the latest is KLING_POLL_MAX
+    assert schedule.gap(40, cfg, 20.0) == 30.0  # and so is every gap
+    # KLING_POLL_MIN above KLING_POLL_FIRST: the lower one is the floor
+    assert schedule.first(Settings(poll_first=0.3, poll_min=1.0), 0.1).delay == 0.3
+
+
+def test_the_shape_is_resolution_n_and_input_images_with_the_api_defaults():
+    assert schedule.shape_of({"prompt": "x"}) == Shape("1k", 1, 0)
+    request = {"resolution": "2k", "n": 4, "image_list": [{"image": "a"}] * 2, "element_list": [{"element_id": 1}]}
+    assert schedule.shape_of(request) == Shape("2k", 4, 3)
+
+
+def test_updates_add_up_in_any_order_and_move_f_toward_the_quantile():
+    assert math.isclose(schedule.step(3, 1) + schedule.step(2, 5), schedule.step(5, 6))
+    assert schedule.step(1, 0) < 0 < schedule.step(0, 1)  # a hit brings the first poll sooner, a miss later
+    rng = random.Random(7)
+    durations = [10 * rng.uniform(0.85, 1.15) for _ in range(3000)]
+    log_first = math.log(2.0)  # far off: the configured first poll
+    for seconds in durations:
+        hit = seconds <= math.exp(log_first)
+        log_first += schedule.step(int(hit), int(not hit))
+    share = sum(d <= math.exp(log_first) for d in durations) / len(durations)
+    assert abs(share - schedule.QUANTILE) < 0.15, (math.exp(log_first), share)
+
+
+def test_a_seed_is_the_middle_of_the_interval_in_which_the_task_ended():
+    assert math.isclose(math.exp(schedule.seed(7.6, 11.5)), 9.55)
+    assert math.isclose(math.exp(schedule.seed(0.0, 2.0)), 1.0)
+
+
+# -- the shared table -----------------------------------------------------------
+
+
+def _shape_row(key: tuple[str, int, int]) -> PollShape | None:
+    with runtime.get().transaction() as s:
+        return s.scalars(select(PollShape).filter_by(resolution=key[0], n=key[1], images=key[2])).first()
+
+
+def test_merges_seed_a_row_then_move_it_within_the_bounds(service):
+    key = ("2k", 3, 1)
+    low, high = math.log(1.0), math.log(30.0)
+    seen = poll_shapes.Seen(key, math.log(9.0), 2, 0, 0)
+    with runtime.get().statement() as ex:
+        poll_shapes.merge(ex, [seen], schedule.step, low, high, utcnow())
+    assert math.isclose(math.exp(_shape_row(key).log_first), 9.0)
+    # An existing row keeps its value (a later seed is ignored) and moves by the rule.
+    with runtime.get().statement() as ex:
+        poll_shapes.merge(ex, [poll_shapes.Seen(key, math.log(20.0), 1, 4, 1)], schedule.step, low, high, utcnow())
+    row = _shape_row(key)
+    assert math.isclose(row.log_first, math.log(9.0) + schedule.step(4, 1))
+    assert (row.hits, row.misses, row.seeded) == (4, 1, 2)
+    with runtime.get().statement() as ex:
+        poll_shapes.merge(ex, [poll_shapes.Seen(key, 0.0, 0, 0, 500)], schedule.step, low, high, utcnow())
+        assert poll_shapes.read(ex)[key] == high  # held at KLING_POLL_MAX
+
+
+def test_one_workers_observations_reach_another_workers_schedule(service, configure):
+    service.task_seconds = 0.6
+    handle(request={"prompt": "a", "n": 2}, job_id="a")
+    assert tracking.check("a", 0) is not None  # made at once: the task is still running
+    time.sleep(0.8)
+    assert tracking.check("a", 1) is None and job("a").status == "succeeded"
+    teacher = runtime.get().made("learner")
+    teacher.sync()  # what the worker does every few seconds
+    # Another worker (another process: its own, empty copy) reads the row on its first submit.
+    configure()
+    out = handle(request={"prompt": "b", "n": 2}, job_id="b")
+    assert out.first_poll is not None and out.first_poll.delay == 1.0  # learned (held at KLING_POLL_MIN)
+    other_shape = handle(request={"prompt": "c", "n": 3}, job_id="c")
+    assert other_shape.first_poll == schedule.NextPoll(0, 2.0)  # not seen yet: configured
+    row = _shape_row(("1k", 2, 0))
+    # seen running at ~0 s and finished at ~0.8 s: seeded at ~0.4 s, held at KLING_POLL_MIN
+    assert row.seeded == 1 and math.isclose(math.exp(row.log_first), 1.0)
+
+
+def test_first_polls_count_as_hits_or_misses_for_the_shape(service, configure):
+    configure(KLING_POLL_MIN="0.2")
+    key = ("1k", 1, 0)
+    with runtime.get().statement() as ex:
+        poll_shapes.merge(ex, [poll_shapes.Seen(key, math.log(0.3), 1, 0, 0)], schedule.step, -5.0, 5.0, utcnow())
+    service.task_seconds = 0.5
+    for job_id in ("x", "y"):
+        out = handle(request={"prompt": job_id}, job_id=job_id)
+        assert out.first_poll is not None and math.isclose(out.first_poll.delay, 0.3)
+    time.sleep(0.3)
+    for job_id in ("x", "y"):  # at 0.3 s of 0.5: misses; the next gap is the floor
+        following = tracking.check(job_id, 0)
+        assert following is not None and following.delay == 0.2
+    time.sleep(0.4)
+    assert tracking.check("x", 1) is None
+    learner = runtime.get().made("learner")
+    learner.sync()
+    row = _shape_row(key)
+    assert (row.hits, row.misses) == (0, 1)
+    assert math.isclose(row.log_first, math.log(0.3) + schedule.step(0, 1))
+    # Meanwhile other workers' misses raised F past y's end: judged against F as it is now, y is a hit.
+    with runtime.get().statement() as ex:
+        poll_shapes.merge(ex, [poll_shapes.Seen(key, 0.0, 0, 0, 40)], schedule.step, -5.0, 5.0, utcnow())
+    learner.sync()
+    assert tracking.check("y", 1) is None
+    learner.sync()
+    assert (_shape_row(key).hits, _shape_row(key).misses) == (1, 41)
+
+
+def test_without_the_table_or_with_learning_off_the_configured_schedule_is_used(service, configure, caplog):
+    with runtime.get().statement() as ex:
+        ex.execute(text("DROP TABLE poll_shapes"))  # a database older than this worker
+    caplog.set_level(logging.WARNING)
+    out = handle(request={"prompt": "x"}, job_id="x")
+    assert out.first_poll == schedule.NextPoll(0, 2.0)
+    assert "learned poll schedule could not be read" in caplog.text
+    configure(KLING_POLL_LEARN="false")
+    assert handle(request={"prompt": "y"}, job_id="y").first_poll == schedule.NextPoll(0, 2.0)
+    assert runtime.get().made("learner") is None
+
+
+def test_a_stopping_worker_merges_what_it_counted(service):
+    service.task_seconds = 0.1
+    handle(request={"prompt": "x", "resolution": "2k"}, job_id="x")
+    time.sleep(0.3)
+    assert tracking.check("x", 0) is None
+    assert _shape_row(("2k", 1, 0)) is None  # counted in memory only, until the next merge
+    learning.flush()
+    assert _shape_row(("2k", 1, 0)).seeded == 1
+
+
+# -- real workers -------------------------------------------------------------------
+
+
+@pytest.mark.services
+def test_after_a_warm_up_jobs_of_a_shape_need_fewer_polls_than_the_configured_schedule(
+    rabbit_url, pg_url, sandbox, tmp_path
+):
+    sandbox.task_seconds = 6.0
+    # The default schedule (2 s, x1.25): a 6 s task is seen finished by its 3rd poll, at 7.6 s.
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, KLING_POLL_FIRST="2", KLING_POLL_MAX="30")
+    fixed = Settings(poll_first=2, poll_max=30)
+    fixed_polls = next(k for k in range(1, 20) if sum(schedule.gap(i, fixed) for i in range(k)) >= 6.0)
+    assert fixed_polls == 3
+    worker = Worker(env, tmp_path)
+    tag = uuid.uuid4().hex[:6]
+    request = {"prompt": "p", "n": 2, "image_list": [{"image": "https://img.example/a.png"}]}
+    try:
+        worker.wait_ready()
+        warm_up = [{"request": request, "job_id": f"{tag}-warm-{i}"} for i in range(3)]
+        produce(rabbit_url, env["KLING_QUEUE"], warm_up)
+        wait_terminal(pg_url, 3, 60, [worker])
+        time.sleep(learning.SYNC_EVERY)  # the worker's copy may be read again
+        later = []
+        for i in range(8):  # one at a time: each sees what the ones before it taught
+            later.append({"request": request, "job_id": f"{tag}-later-{i}"})
+            produce(rabbit_url, env["KLING_QUEUE"], later[-1:])
+            time.sleep(1.5)
+        found = wait_terminal(pg_url, 11, 60, [worker])
+    finally:
+        worker.stop()
+    assert all(j.status == "succeeded" for j in found.values())
+    assert [found[m["job_id"]].polls for m in warm_up] == [fixed_polls] * 3
+    polls = [found[m["job_id"]].polls for m in later]
+    assert sum(polls) / len(polls) <= 2.0 < fixed_polls, polls
+    assert rows(pg_url)  # the database outlived the worker
