@@ -61,6 +61,7 @@ class State(str, Enum):
 
 
 _PENDING_SQL = text("state = 'pending'")
+_UNSETTLED_SQL = text("state IN ('waiting', 'pending')")
 
 
 class Delivery(Base):
@@ -81,6 +82,8 @@ class Delivery(Base):
         UniqueConstraint("job_id", "channel", name="uq_deliveries_job_channel"),
         Index("ix_deliveries_due", "due_at", postgresql_where=_PENDING_SQL, sqlite_where=_PENDING_SQL),
         Index("ix_deliveries_job", "job_id"),
+        # The backlog (read at every metrics scrape) stays small while the history grows.
+        Index("ix_deliveries_unsettled", "state", postgresql_where=_UNSETTLED_SQL, sqlite_where=_UNSETTLED_SQL),
     )
 
     def to_dict(self) -> dict[str, Any]:
