@@ -16,6 +16,8 @@ import uuid
 import pytest
 from celery.app import trace
 from celery.utils.log import ColorFormatter
+from sqlalchemy import create_engine
+from sqlalchemy import text as sql
 
 from tests.support import valid, wait_for, wait_terminal, worker_env
 from worker import logs
@@ -227,11 +229,19 @@ def test_a_json_worker_logs_one_object_per_line_with_the_job_it_is_about(rabbit_
         produce(rabbit_url, env["KLING_QUEUE"], [good])
         found = wait_terminal(pg_url, 2, 60, [worker])
 
-        def sweep_ran_for_seconds() -> bool:
-            # A kling.deliver task (the archive) is dispatched by the sweep only; and a few sweeps more.
-            return '"task_name": "kling.deliver"' in worker.output(10**7) and time.monotonic() - ready_at > 5
+        engine = create_engine(pg_url)
 
-        wait_for(sweep_ran_for_seconds, 60, "the sweep dispatching the job's archive", [worker])
+        def archived_and_sweeps_ran() -> bool:
+            # The archive is kept by the poll that ended the job; the beat's sweep runs every second meanwhile.
+            with engine.connect() as conn:
+                state = conn.execute(
+                    sql("select state from deliveries where job_id = :id and channel = 'archive'"),
+                    {"id": good["job_id"]},
+                ).scalar()
+            return state == "done" and time.monotonic() - ready_at > 5
+
+        wait_for(archived_and_sweeps_ran, 60, "the job's archive and a few sweeps", [worker])
+        engine.dispose()
     finally:
         worker.stop()
     text = worker.log.read_text()
