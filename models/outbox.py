@@ -170,11 +170,21 @@ def claim_due(s: Session, now: datetime, lease: float, limit: int) -> list[tuple
 
 def settle(ex: Executor, delivery_id: int, now: datetime, state: State, error: str | None = None) -> None:
     """A delivery is done, or failed for good."""
-    ex.execute(
-        update(deliveries)
-        .where(deliveries.c.id == delivery_id)
-        .values(state=state.value, due_at=None, last_error=error, updated_at=now, done_at=now)
+    ex.execute(_SETTLE, {"delivery_id": delivery_id, "state": state.value, "error": error, "now": now})
+
+
+# Built once: settling is on every job's path, and a statement built per call costs its cache key.
+_SETTLE = (
+    update(deliveries)
+    .where(deliveries.c.id == bindparam("delivery_id"))
+    .values(
+        state=bindparam("state"),
+        due_at=None,
+        last_error=bindparam("error"),
+        updated_at=bindparam("now"),
+        done_at=bindparam("now"),
     )
+)
 
 
 def retry_at(ex: Executor, delivery_id: int, now: datetime, due_at: datetime, error: str) -> None:

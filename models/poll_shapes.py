@@ -58,12 +58,15 @@ def read(ex: Executor) -> dict[Key, float]:
     return {(r[0], r[1], r[2]): float(r[3]) for r in rows}
 
 
-def merge(ex: Executor, seen: Iterable[Seen], moved: Any, low: float, high: float, now: datetime) -> None:
+def merge(
+    ex: Executor, seen: Iterable[Seen], moved: Any, max_step: float, low: float, high: float, now: datetime
+) -> None:
     """Add observations to the shared rows, in one statement.
 
     A new shape's row starts at its seed; an existing row keeps its value and
     moves by `moved(hits, misses)` (worker.schedule.step, applied to the
-    columns), held within [low, high] (log seconds, the merging worker's bounds).
+    columns) but by no more than `max_step` either way, held within [low, high]
+    (log seconds, the merging worker's bounds).
     """
     values = [
         {
@@ -82,7 +85,9 @@ def merge(ex: Executor, seen: Iterable[Seen], moved: Any, low: float, high: floa
         return
     dialect = (ex.dialect if isinstance(ex, Connection) else ex.get_bind().dialect).name
     stmt: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_shapes).values(values)
-    target = _shapes.c.log_first + moved(stmt.excluded.hits, stmt.excluded.misses)
+    raw = moved(stmt.excluded.hits, stmt.excluded.misses)
+    most = literal(max_step, Float)
+    target = _shapes.c.log_first + case((raw > most, most), (raw < -most, -most), else_=raw)
     lo, hi = literal(low, Float), literal(high, Float)
     stmt = stmt.on_conflict_do_update(
         index_elements=[_shapes.c.resolution, _shapes.c.n, _shapes.c.images],

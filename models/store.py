@@ -206,7 +206,15 @@ def set_files(ex: Executor, job_id: str, files: list[dict[str, Any]], now: datet
 
     Not a status change: a job that ended keeps its status; its files are what followed the end.
     """
-    ex.execute(update(jobs).where(jobs.c.id == job_id).values(files=files, updated_at=now))
+    ex.execute(_SET_FILES, {"job_id": job_id, "files": files, "now": now})
+
+
+# Built once (every archived job passes here); `files` takes the column's JSON type from the column.
+_SET_FILES = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"))
+    .values(files=bindparam("files", type_=jobs.c.files.type), updated_at=bindparam("now"))
+)
 
 
 def count_by_status(ex: Executor) -> dict[str, int]:

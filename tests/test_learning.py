@@ -77,16 +77,23 @@ def test_merges_seed_a_row_then_move_it_within_the_bounds(service):
     low, high = math.log(1.0), math.log(30.0)
     seen = poll_shapes.Seen(key, math.log(9.0), 2, 0, 0)
     with runtime.get().statement() as ex:
-        poll_shapes.merge(ex, [seen], schedule.step, low, high, utcnow())
+        poll_shapes.merge(ex, [seen], schedule.step, schedule.MAX_STEP, low, high, utcnow())
     assert math.isclose(math.exp(_shape_row(key).log_first), 9.0)
     # An existing row keeps its value (a later seed is ignored) and moves by the rule.
     with runtime.get().statement() as ex:
-        poll_shapes.merge(ex, [poll_shapes.Seen(key, math.log(20.0), 1, 4, 1)], schedule.step, low, high, utcnow())
+        poll_shapes.merge(
+            ex, [poll_shapes.Seen(key, math.log(20.0), 1, 4, 1)], schedule.step, schedule.MAX_STEP, low, high, utcnow()
+        )
     row = _shape_row(key)
     assert math.isclose(row.log_first, math.log(9.0) + schedule.step(4, 1))
     assert (row.hits, row.misses, row.seeded) == (4, 1, 2)
+    # A burst (500 misses in one merge) moves F by MAX_STEP at most; merge after merge, up to KLING_POLL_MAX.
+    burst = [poll_shapes.Seen(key, 0.0, 0, 0, 500)]
     with runtime.get().statement() as ex:
-        poll_shapes.merge(ex, [poll_shapes.Seen(key, 0.0, 0, 0, 500)], schedule.step, low, high, utcnow())
+        poll_shapes.merge(ex, burst, schedule.step, schedule.MAX_STEP, low, high, utcnow())
+        assert math.isclose(poll_shapes.read(ex)[key], row.log_first + schedule.MAX_STEP)
+        for _ in range(4):
+            poll_shapes.merge(ex, burst, schedule.step, schedule.MAX_STEP, low, high, utcnow())
         assert poll_shapes.read(ex)[key] == high  # held at KLING_POLL_MAX
 
 
@@ -113,7 +120,9 @@ def test_first_polls_count_as_hits_or_misses_for_the_shape(service, configure):
     configure(KLING_POLL_MIN="0.2")
     key = ("1k", 1, 0)
     with runtime.get().statement() as ex:
-        poll_shapes.merge(ex, [poll_shapes.Seen(key, math.log(0.3), 1, 0, 0)], schedule.step, -5.0, 5.0, utcnow())
+        poll_shapes.merge(
+            ex, [poll_shapes.Seen(key, math.log(0.3), 1, 0, 0)], schedule.step, schedule.MAX_STEP, -5.0, 5.0, utcnow()
+        )
     service.task_seconds = 0.5
     for job_id in ("x", "y"):
         out = handle(request={"prompt": job_id}, job_id=job_id)
@@ -131,11 +140,14 @@ def test_first_polls_count_as_hits_or_misses_for_the_shape(service, configure):
     assert math.isclose(row.log_first, math.log(0.3) + schedule.step(0, 1))
     # Meanwhile other workers' misses raised F past y's end: judged against F as it is now, y is a hit.
     with runtime.get().statement() as ex:
-        poll_shapes.merge(ex, [poll_shapes.Seen(key, 0.0, 0, 0, 40)], schedule.step, -5.0, 5.0, utcnow())
+        for _ in range(3):  # three merges of other workers' counts (each moves F by MAX_STEP at most)
+            poll_shapes.merge(
+                ex, [poll_shapes.Seen(key, 0.0, 0, 0, 40)], schedule.step, schedule.MAX_STEP, -5.0, 5.0, utcnow()
+            )
     learner.sync()
     assert tracking.check("y", 1) is None
     learner.sync()
-    assert (_shape_row(key).hits, _shape_row(key).misses) == (1, 41)
+    assert (_shape_row(key).hits, _shape_row(key).misses) == (1, 121)
 
 
 def test_without_the_table_or_with_learning_off_the_configured_schedule_is_used(service, configure, caplog):

@@ -43,6 +43,7 @@ are scrubbed of the AWS keys from the environment. This module logs nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -196,7 +197,7 @@ def fetch(url: str, max_bytes: int, timeout: float) -> bytes:
     session = _downloads()
     try:
         response = session.get(
-            url, stream=True, timeout=timeout, proxies=requests.utils.get_environ_proxies(url), allow_redirects=True
+            url, stream=True, timeout=timeout, proxies=_proxies(parts.scheme, parts.netloc), allow_redirects=True
         )
     except requests.TooManyRedirects:
         raise ArchiveError("bad_url", f"{shown}: more than {MAX_REDIRECTS} redirects", retryable=False) from None
@@ -247,6 +248,22 @@ def archive_one(archive: Archive, job_id: str, index: int, url: str, max_bytes: 
     data = fetch(url, max_bytes, timeout)
     content_type, _ = sniff(data)
     return archive.put(job_id, index, data, content_type)
+
+
+# The variables that choose a download's proxy (requests.utils.get_environ_proxies reads them).
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def _proxies(scheme: str, netloc: str) -> dict[str, str]:
+    """The environment's proxies for a host, as requests would choose them for each download;
+    looked up once per host and setting, since requests scans the whole environment each time."""
+    settings = tuple(os.environ.get(v) or os.environ.get(v.upper()) for v in _PROXY_VARIABLES)
+    return dict(_proxies_for(scheme, netloc, settings))  # a copy: the cached one stays as it is
+
+
+@functools.lru_cache(maxsize=256)
+def _proxies_for(scheme: str, netloc: str, _settings: tuple[str | None, ...]) -> dict[str, str]:
+    return dict(requests.utils.get_environ_proxies(f"{scheme}://{netloc}/"))
 
 
 _session: requests.Session | None = None

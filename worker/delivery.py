@@ -188,7 +188,7 @@ def _archive(delivery_id: int, job: JobView, attempts: int) -> tuple[int, ...]:
                 worth_retrying = worth_retrying or exc.retryable
     now = utcnow()
     missing = [f["error"] for f in files if not f["uri"]]
-    with res.transaction() as s:
+    with res.atomic() as s:
         store.set_files(s, job.id, files, now)
         if worth_retrying and attempts < ARCHIVE_TRIES:
             outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=2.0**attempts), "; ".join(missing))

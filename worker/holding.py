@@ -89,7 +89,7 @@ def _write(fact: Fact) -> Exception | None:
     res = runtime.get()
     try:
         # A job's end is written with its outbox rows, in one transaction (models.outbox).
-        with res.transaction() if fact.kind in ENDS else res.statement() as ex:
+        with res.atomic() if fact.kind in ENDS else res.statement() as ex:
             moved = write(ex, fact)
     except Exception as exc:
         if not db.unreachable(exc):

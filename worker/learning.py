@@ -170,7 +170,7 @@ class Learner:
         low, high = math.log(schedule.lowest(cfg)), math.log(cfg.poll_max)
         try:
             with runtime.get().statement() as ex:
-                poll_shapes.merge(ex, seen, schedule.step, low, high, utcnow())
+                poll_shapes.merge(ex, seen, schedule.step, schedule.MAX_STEP, low, high, utcnow())
         except SQLAlchemyError as exc:
             self._failed(exc)
             return False

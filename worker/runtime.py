@@ -106,6 +106,14 @@ class Resources:
         self.outage.ok(began)
 
     @contextmanager
+    def atomic(self) -> Iterator[Connection]:
+        """Core statements in one transaction (no ORM session: see models.db.atomic)."""
+        began = time.monotonic()
+        with db.atomic(self.engine) as conn:
+            yield conn
+        self.outage.ok(began)
+
+    @contextmanager
     def statement(self) -> Iterator[Connection]:
         """One statement that is atomic on its own."""
         began = time.monotonic()

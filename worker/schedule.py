@@ -44,6 +44,11 @@ QUANTILE = 0.7
 # How far one job moves F (in log space): a hit shrinks it by 7 %, a miss grows it by 3 %.
 # Smaller settles slower, larger jitters more (0.05-0.25 give within 0.05 poll per job in simulation).
 RATE = 0.1
+# The most one worker's merge (its counts of a few seconds) moves log F, either way: x1.65.
+# Without it a burst of jobs of one shape, submitted together and all judged against one
+# F, moves F by the sum of hundreds of steps at once (1,000 jobs of 2 s in one burst took
+# F to KLING_POLL_MAX, and the last of them 42 s to end).
+MAX_STEP = 0.5
 # The gaps after a learned first poll, as a share of F: a task that outlasts F
 # by less than this is caught by the second poll.
 GAP_SHARE = 0.1
@@ -106,10 +111,11 @@ def deadline(submitted_at: datetime, settings: Settings) -> datetime:
 
 
 def step(hits: Any, misses: Any) -> Any:
-    """How much `hits` first polls that found their task finished and `misses` that did not move log F.
+    """How much `hits` first polls that found their task finished and `misses` that did not move log F
+    (before the MAX_STEP bound, which the merge applies: models.poll_shapes).
 
     Plain arithmetic, so the same rule applies to numbers here and to columns in
-    the shared row's merge (models.poll_shapes).
+    the shared row's merge.
     """
     return RATE * (QUANTILE * misses - (1 - QUANTILE) * hits)
 
