@@ -26,8 +26,8 @@ from kombu import Connection
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
-from bench.run import Sandbox, free_port, fresh_database
-from worker.dev.processes import Worker, produce
+from bench.run import Sandbox, fresh_database, metered_workers, wait_ready, worker_env
+from worker.dev.processes import produce
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -60,25 +60,11 @@ def measure(
     sandbox = Sandbox(0.0, task_seconds)
     database, drop = fresh_database(admin_database)
     queue = f"bench-deliveries-{uuid.uuid4().hex[:6]}"
-    env = {
-        "CELERY_BROKER_URL": broker,
-        "DATABASE_URL": database,
-        "MODELLIX_BASE_URL": sandbox.url,
-        "MODELLIX_API_KEY": sandbox.key,
-        "MODELLIX_MAX_RPS": str(max_rps),
-        "KLING_QUEUE": queue,
-        "KLING_HOME": str(tmp / "home"),
-        "KLING_CONCURRENCY": str(concurrency),
-    }
-    ports = [free_port() for _ in range(workers)]
-    procs = [
-        Worker({**env, "KLING_METRICS_PORT": str(port)}, tmp, concurrency=concurrency, loglevel="WARNING")
-        for port in ports
-    ]
+    env = worker_env(broker, database, sandbox, queue, tmp, concurrency) | {"MODELLIX_MAX_RPS": str(max_rps)}
+    procs, ports = metered_workers(env, tmp, workers, concurrency, beat=False)
     engine = create_engine(database)
     try:
-        for w in procs:
-            w.wait_ready()
+        wait_ready(procs, ports)
         tag = uuid.uuid4().hex[:6]
         messages = [{"request": {"prompt": f"deliveries {tag} {i}"}, "job_id": f"{tag}-{i}"} for i in range(backlog)]
         started = produce(broker, queue, messages)

@@ -32,7 +32,7 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.run import Sandbox, fresh_database, percentile  # noqa: E402
+from bench.run import Sandbox, fresh_database, percentile, worker_env  # noqa: E402
 from worker.dev.processes import Worker  # noqa: E402
 from worker.dev.sandbox import base_seconds, parse_task_seconds  # noqa: E402
 from worker.schedule import Shape  # noqa: E402
@@ -72,14 +72,7 @@ def run_polling(args: argparse.Namespace, learn: bool, tmp: Path) -> dict:
     sandbox = Sandbox(0.0, args.task_seconds)
     database, drop = fresh_database(args.database)
     queue = f"bench-poll-{uuid.uuid4().hex[:6]}"
-    env = {
-        "CELERY_BROKER_URL": args.broker,
-        "DATABASE_URL": database,
-        "MODELLIX_BASE_URL": sandbox.url,
-        "MODELLIX_API_KEY": sandbox.key,
-        "KLING_QUEUE": queue,
-        "KLING_HOME": str(tmp / "home"),
-        "KLING_CONCURRENCY": str(args.concurrency),
+    env = worker_env(args.broker, database, sandbox, queue, tmp, args.concurrency) | {
         "KLING_POLL_MAX": str(args.poll_max),
         "KLING_POLL_LEARN": "true" if learn else "false",
     }

@@ -164,40 +164,56 @@ def wait_metrics(port: int) -> None:
     raise RuntimeError(f"no metrics on port {port}")
 
 
-def run_scenario(args, latency: float, workers: int, tmp: Path, code: Path = ROOT) -> dict:
-    sandbox = Sandbox(latency, args.task_seconds)
-    database, drop = fresh_database(args.database)
-    queue = f"bench-{uuid.uuid4().hex[:6]}"
-    env = {
-        "CELERY_BROKER_URL": args.broker,
+def worker_env(broker: str, database: str, sandbox: Sandbox, queue: str, tmp: Path, concurrency: int) -> dict:
+    """The environment of a benchmark's workers: this broker, database, sandbox and queue."""
+    return {
+        "CELERY_BROKER_URL": broker,
         "DATABASE_URL": database,
         "MODELLIX_BASE_URL": sandbox.url,
         "MODELLIX_API_KEY": sandbox.key,
         "KLING_QUEUE": queue,
         "KLING_HOME": str(tmp / "home"),
-        "KLING_CONCURRENCY": str(args.concurrency),
+        "KLING_CONCURRENCY": str(concurrency),
     }
-    for name in ("MODELLIX_MAX_RPS", "MODELLIX_MAX_IN_FLIGHT"):
-        if getattr(args, name.lower()):
-            env[name] = str(getattr(args, name.lower()))
-    # The first worker runs the beat, as a deployment does: its sweep hands out the outbox (the
-    # archive of each job's images), which is part of a job's cost.
+
+
+def metered_workers(
+    env: dict, tmp: Path, workers: int, concurrency: int, beat: bool = True, code: Path = ROOT
+) -> tuple[list[Worker], list[int]]:
+    """`workers` processes (not waited for), each serving its metrics on a port of its own; with `beat`,
+    the first runs the beat, as a deployment does (its sweep repairs what a worker left)."""
     ports = [free_port() for _ in range(workers)]
     procs = [
         Worker(
             {**env, "KLING_METRICS_PORT": str(port)},
             tmp,
-            concurrency=args.concurrency,
+            concurrency=concurrency,
             loglevel="WARNING",
-            beat=(i == 0),
+            beat=beat and i == 0,
             root=code,
         )
         for i, port in enumerate(ports)
     ]
+    return procs, ports
+
+
+def wait_ready(procs: list[Worker], ports: list[int]) -> None:
+    for w, port in zip(procs, ports, strict=True):
+        w.wait_ready()
+        wait_metrics(port)
+
+
+def run_scenario(args, latency: float, workers: int, tmp: Path, code: Path = ROOT) -> dict:
+    sandbox = Sandbox(latency, args.task_seconds)
+    database, drop = fresh_database(args.database)
+    queue = f"bench-{uuid.uuid4().hex[:6]}"
+    env = worker_env(args.broker, database, sandbox, queue, tmp, args.concurrency)
+    for name in ("MODELLIX_MAX_RPS", "MODELLIX_MAX_IN_FLIGHT"):
+        if getattr(args, name.lower()):
+            env[name] = str(getattr(args, name.lower()))
+    procs, ports = metered_workers(env, tmp, workers, args.concurrency, code=code)
     try:
-        for w, port in zip(procs, ports, strict=True):
-            w.wait_ready()
-            wait_metrics(port)
+        wait_ready(procs, ports)
         idle = sum(cpu_seconds(w.proc.pid) for w in procs)  # start-up is not the jobs' cost
         phases_idle = [scrape_phases(port) for port in ports]
         tag = uuid.uuid4().hex[:6]

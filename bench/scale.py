@@ -16,6 +16,7 @@ For each size N, in a fresh PostgreSQL database:
 3. N `kling.generate` messages (Celery protocol 2, as send_task writes them, published with kombu)
    wait on a fresh RabbitMQ queue; two workers (128 threads, beat on the first) run against the
    sandbox (latency 0, tasks of 2 s). After a warm-up of window/10 jobs, the next `--window` jobs
+   (at most N/2)
    to end are measured while the rest of the backlog waits: worker CPU per job (user+system of both
    workers over the window / jobs ended in it), jobs/s, peak RSS per worker, and the sweep's
    database work (tracking.sweep's and delivery.due's claims: overdue polls, stale submits, due
@@ -55,11 +56,12 @@ sys.path.insert(0, str(ROOT))
 from bench.run import (  # noqa: E402
     Sandbox,
     cpu_seconds,
-    free_port,
     fresh_database,
+    metered_workers,
     peak_rss_mb,
     queue_depth,
-    wait_metrics,
+    wait_ready,
+    worker_env,
 )
 from models import budget, outbox, store  # noqa: E402
 from models.job import JobStatus, utcnow  # noqa: E402
@@ -266,30 +268,10 @@ def delete_queue(broker: str, queue: str) -> None:
 @contextmanager
 def fleet(args: argparse.Namespace, database: str, sandbox: Sandbox, queue: str, tmp: Path) -> Iterator[list[Worker]]:
     """Two workers (or --workers), beat on the first, as bench/run.py starts them."""
-    env = {
-        "CELERY_BROKER_URL": args.broker,
-        "DATABASE_URL": database,
-        "MODELLIX_BASE_URL": sandbox.url,
-        "MODELLIX_API_KEY": sandbox.key,
-        "KLING_QUEUE": queue,
-        "KLING_HOME": str(tmp / "home"),
-        "KLING_CONCURRENCY": str(args.concurrency),
-    }
-    ports = [free_port() for _ in range(args.workers)]
-    procs = [
-        Worker(
-            {**env, "KLING_METRICS_PORT": str(port)},
-            tmp,
-            concurrency=args.concurrency,
-            loglevel="WARNING",
-            beat=(i == 0),
-        )
-        for i, port in enumerate(ports)
-    ]
+    env = worker_env(args.broker, database, sandbox, queue, tmp, args.concurrency)
+    procs, ports = metered_workers(env, tmp, args.workers, args.concurrency)
     try:
-        for w, port in zip(procs, ports, strict=True):
-            w.wait_ready()
-            wait_metrics(port)
+        wait_ready(procs, ports)
         yield procs
     finally:
         for w in procs:
@@ -319,7 +301,9 @@ def run_size(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
         plans = explain_all(engine)
         publish_s = publish_backlog(args.broker, queue, n, uuid.uuid4().hex[:6])
         since = utcnow()
-        warm = max(1, args.window // 10)
+        # At most half the backlog, so the measured jobs always have a queue behind them.
+        window = min(args.window, n // 2)
+        warm = max(1, window // 10)
         sweeps: list[tuple[float, float]] = []
         with fleet(args, database, sandbox, queue, tmp) as procs:
             deadline = time.time() + args.timeout
@@ -328,7 +312,7 @@ def run_size(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
             t0, cpu0, ended0 = time.time(), sum(cpu_seconds(w.proc.pid) for w in procs), count(engine, ENDED, since)
             last_sweep = 0.0
             ended1 = ended0
-            while ended1 < ended0 + args.window and time.time() < deadline:
+            while ended1 < ended0 + window and time.time() < deadline:
                 if time.time() - last_sweep >= 1.0:
                     last_sweep = time.time()
                     sweeps.append(time_sweep(engine))
@@ -436,7 +420,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000,100000", help="comma-separated table and backlog sizes")
-    p.add_argument("--window", type=int, default=2000, help="jobs measured per size, after a warm-up of window/10")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=2000,
+        help="jobs measured per size (at most half the size), after a warm-up of a tenth of that",
+    )
     p.add_argument("--in-flight", type=int, default=10000, help="jobs to hold in flight at once (0: skip)")
     p.add_argument("--in-flight-seconds", type=float, default=60.0, help="sandbox task time of the in-flight run")
     p.add_argument("--in-flight-timeout", type=float, default=600.0)
