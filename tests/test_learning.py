@@ -150,6 +150,29 @@ def test_first_polls_count_as_hits_or_misses_for_the_shape(service, configure):
     assert (_shape_row(key).hits, _shape_row(key).misses) == (1, 121)
 
 
+def test_a_late_first_poll_counts_only_when_it_finds_the_task_running(service):
+    """On a loaded machine first polls run late: one that still finds the task running proves the
+    task outlasted F (a miss); one that finds it finished proves nothing about F (not counted)."""
+    key = ("1k", 2, 0)
+    with runtime.get().statement() as ex:
+        poll_shapes.merge(
+            ex, [poll_shapes.Seen(key, math.log(2.0), 1, 0, 0)], schedule.step, schedule.MAX_STEP, -5.0, 5.0, utcnow()
+        )
+    learner = runtime.get().once("learner", learning.Learner)
+    learner.sync()
+    request = {"prompt": "p", "n": 2}
+    for job_id in ("running", "finished"):
+        assert learner.first_poll(job_id, request).delay == 2.0
+    # Both first polls ran 2.5 s late (at 4.5 s, past F + KLING_POLL_MIN).
+    learner.answered("running", 0, 4.5, finished=False)
+    learner.answered("finished", 0, 4.5, finished=True)
+    learner.answered("running", 1, 6.0, finished=True)
+    learner.sync()
+    row = _shape_row(key)
+    assert (row.hits, row.misses) == (0, 1)
+    assert math.isclose(row.log_first, math.log(2.0) + schedule.step(0, 1))
+
+
 def test_without_the_table_or_with_learning_off_the_configured_schedule_is_used(service, configure, caplog):
     with runtime.get().statement() as ex:
         ex.execute(text("DROP TABLE poll_shapes"))  # a database older than this worker

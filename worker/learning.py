@@ -95,9 +95,11 @@ class Learner:
         with self._lock:
             counts = self._counts.setdefault(track.shape, _Counts())
             if track.learned is not None:
-                # Only a first poll made on time says something exact about F.
+                # A first poll that finds the task running is a miss however late it ran (the task
+                # outlasted F); one that finds it finished says so about F only if made on time (a
+                # late poll on a loaded machine finds more tasks finished than F would have).
                 on_time = seq == 0 and elapsed <= track.learned + schedule.lowest(cfg)
-                if on_time and not finished:
+                if seq == 0 and not finished:
                     track.missed = True
                 elif (on_time and finished) or (finished and track.missed):
                     # A miss is judged at the task's end against F as it is now, not as it was at
