@@ -2,9 +2,10 @@
 
 A job's end left rows in models.outbox: `archive` (keep the result images
 before their URLs expire), `webhook` (a signed POST of the job's event) and
-`callback` (a Celery task sent with the event). The beat sweep claims the due
-rows (`due`) and a worker carries each out (`deliver`); a callback is only
-built here and sent by the caller, which has Celery. A row claimed by a worker
+`callback` (a Celery task sent with the event). The worker whose poll ended the
+job claims them at once (`claim_ended`) and carries each out (`deliver`); the
+beat sweep claims any due row left behind (`due`) and hands it to a worker. A
+callback is only built here and sent by the caller, which has Celery. A row claimed by a worker
 that dies comes back when its lease runs out, so every row is carried out at
 least once: receivers dedupe by `webhook-id` (the same for every attempt of
 one event) or by job id.
