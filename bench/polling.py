@@ -32,7 +32,7 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.run import Sandbox, fresh_database, percentile, worker_env  # noqa: E402
+from bench.run import Sandbox, fresh_database, jobs_ended, percentile, worker_env  # noqa: E402
 from worker.dev.processes import Worker  # noqa: E402
 from worker.dev.sandbox import base_seconds, parse_task_seconds  # noqa: E402
 from worker.schedule import Shape  # noqa: E402
@@ -103,9 +103,7 @@ def run_polling(args: argparse.Namespace, learn: bool, tmp: Path) -> dict:
         deadline = time.time() + args.timeout
         while time.time() < deadline:
             with engine.connect() as conn:
-                done = conn.execute(
-                    text("select count(*) from jobs where status in ('succeeded','failed','rejected')")
-                ).scalar_one()
+                done = jobs_ended(conn)
             if done >= args.jobs:
                 break
             time.sleep(0.5)

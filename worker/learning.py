@@ -46,7 +46,7 @@ class _Track:
     shape: Shape
     learned: float | None  # the learned first poll it was given; None: the configured schedule
     running_until: float = 0.0  # seconds after submission of the last poll that saw it running
-    missed: bool = False  # its first poll, on time, found it running
+    missed: bool = False  # its first poll (on time or late) found it running
 
 
 @dataclass
@@ -56,6 +56,13 @@ class _Counts:
     seeded: int = 0
     seed_sum: float = 0.0  # of schedule.seed values
     used: float = 0.0  # log of the last learned first poll used (a seed if the row is gone)
+
+    def add(self, other: _Counts) -> None:
+        self.hits += other.hits
+        self.misses += other.misses
+        self.seeded += other.seeded
+        self.seed_sum += other.seed_sum
+        self.used = other.used or self.used
 
 
 class Learner:
@@ -141,12 +148,7 @@ class Learner:
         if counts and not self._merge(counts):
             with self._lock:  # kept for the next merge: per shape, so bounded
                 for shape, c in counts.items():
-                    mine = self._counts.setdefault(shape, _Counts())
-                    mine.hits += c.hits
-                    mine.misses += c.misses
-                    mine.seeded += c.seeded
-                    mine.seed_sum += c.seed_sum
-                    mine.used = c.used or mine.used
+                    self._counts.setdefault(shape, _Counts()).add(c)
         try:
             with runtime.get().statement() as ex:
                 known = poll_shapes.read(ex)

@@ -199,9 +199,7 @@ def claim_turn(claim: Callable[[Executor], T]) -> T:
             if not _on_time(slot):
                 continue
             try:
-                with res.transaction() as s:
-                    check_in_flight(s)
-                    return claim(s)
+                return _claim_counted(res, claim)
             except OverBudget:
                 continue  # another process took the last place since the booking: the slot goes unused
         finally:
@@ -260,11 +258,16 @@ def _claim_in_place(res: runtime.Resources, claim: Callable[[Executor], T], dead
     while True:
         _wait_out_pause(res, deadline)
         try:
-            with res.transaction() as s:
-                check_in_flight(s)
-                return claim(s)
+            return _claim_counted(res, claim)
         except OverBudget:
             _wait(res, random.uniform(*PLACE_RECHECK), _FULL, deadline)
+
+
+def _claim_counted(res: runtime.Resources, claim: Callable[[Executor], T]) -> T:
+    """`claim` in the transaction that counts the places in flight (OverBudget if none is free)."""
+    with res.transaction() as s:
+        check_in_flight(s)
+        return claim(s)
 
 
 def _wait_out_pause(res: runtime.Resources, deadline: float) -> None:
