@@ -7,12 +7,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from celery import Celery
 
 from tests.support import valid, wait_for, wait_terminal, worker_env
 from worker.dev.processes import ROOT, Worker, produce
@@ -69,6 +73,8 @@ def test_flower_shows_the_worker_online_and_the_generate_task(rabbit_url, pg_url
         # Online: Flower has the worker's heartbeats (its events), not only an answer to `inspect`.
         online = wait_for(lambda: (flower.get("/api/workers", status="true") or {}).get(hostname), 60, "worker online")
         assert online is True
+        # Task events start off (worker/app.py); Flower asks every worker to send them.
+        wait_for(lambda: b"enabled by remote" in worker.log.read_bytes(), 30, "Flower turning task events on", [worker])
         message = valid(uuid.uuid4().hex[:6], 0)
         produce(rabbit_url, env["KLING_QUEUE"], [message])
         found = wait_terminal(pg_url, 1, 60, [worker])
@@ -89,3 +95,61 @@ def test_flower_shows_the_worker_online_and_the_generate_task(rabbit_url, pg_url
     assert task["result"] == "'submitted'"  # the task ends at submission; the job ended later, in the poller
     assert task["received"] and task["started"] and task["runtime"] is not None
     assert hostname in workers and workers[hostname]["stats"]["pool"]["max-concurrency"] == 4
+
+
+def task_events_seen(broker: str, hostname: str, run: Callable[[], None], after_run: float = 3.0) -> set[str]:
+    """The types of the events `hostname` published while `run()` ran and `after_run` seconds after."""
+    app = Celery(broker=broker)
+    seen: set[str] = set()
+    ready = threading.Event()
+    with app.connection_for_read() as conn:
+
+        def note(event: dict[str, Any]) -> None:
+            if event.get("hostname") == hostname:
+                seen.add(event["type"])
+
+        receiver = app.events.Receiver(conn, handlers={"*": note})
+
+        def capture() -> None:
+            ready.set()
+            receiver.capture(limit=None, timeout=None, wakeup=False)
+
+        listener = threading.Thread(target=capture, daemon=True)
+        listener.start()
+        ready.wait(10)
+        time.sleep(1)  # the receiver's queue is bound
+        run()
+        time.sleep(after_run)
+        receiver.should_stop = True
+        listener.join(10)
+    return seen
+
+
+@pytest.mark.parametrize("setting", [None, "true"])
+def test_task_events_start_off_unless_set_and_a_monitor_turns_them_on(rabbit_url, pg_url, sandbox, tmp_path, setting):
+    extra = {"KLING_TASK_EVENTS": setting} if setting else {}
+    env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, **extra)
+    worker = Worker(env, tmp_path, concurrency=4)
+    hostname = f"{worker.name}@{socket.gethostname()}"
+    tag = uuid.uuid4().hex[:6]
+    try:
+        worker.wait_ready()
+
+        def one_job(i: int) -> Callable[[], None]:
+            def run() -> None:
+                produce(rabbit_url, env["KLING_QUEUE"], [valid(tag, i)])
+                wait_terminal(pg_url, i + 1, 60, [worker])
+
+            return run
+
+        before = task_events_seen(rabbit_url, hostname, one_job(0))
+        assert "worker-heartbeat" in before  # the worker group is always on
+        if setting:
+            assert {"task-received", "task-started", "task-succeeded"} <= before
+            return
+        assert not {e for e in before if e.startswith("task-")}, before
+        Celery(broker=rabbit_url).control.enable_events()  # what Flower sends every 5 s
+        after = task_events_seen(rabbit_url, hostname, one_job(1))
+        assert {"task-received", "task-started", "task-succeeded"} <= after
+    finally:
+        worker.stop()

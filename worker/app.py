@@ -123,11 +123,14 @@ app.conf.update(
     broker_transport_options=transport_options,
     worker_hijack_root_logger=False,
     # Task events, for Flower (README: "Flower and what it shows"): a worker publishes three small
-    # messages per task it runs (received, started, succeeded) and a heartbeat every 2 s; our own
-    # sends (beat's sweep, the polls and deliveries it dispatches, retries) add task-sent.
+    # messages per task it runs (received, started, succeeded); our own sends (beat's sweep, the
+    # polls and deliveries it dispatches, retries) add task-sent. Publishing them was a sixth of a
+    # worker's CPU (bench/run.py), for nobody unless a monitor runs, so they start off: Flower
+    # turns them on in every worker it sees (`enable_events`, every 5 s), and KLING_TASK_EVENTS
+    # turns them on from the start. Heartbeats (the worker group) are always sent.
     # Not on the embedded broker: its folders keep a fanout binding after a monitor has gone, and
     # the events would pile up as files nobody reads (Flower wants RabbitMQ or Redis anyway).
-    worker_send_task_events=transport is None,
+    worker_send_task_events=cfg.task_events and transport is None,
     task_send_sent_event=transport is None,
     # A monitor's event queue (Flower's, declared from these settings) is deleted 60 s after its
     # monitor goes, and an event it has not read within 5 s is dropped: nothing piles up on RabbitMQ.

@@ -201,6 +201,8 @@ class Settings(BaseSettings):
     # unset: none served; 0: any free port, logged), and how log lines are written.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = _env("KLING_METRICS_PORT", None)
     log_format: Annotated[LogFormat, BeforeValidator(_word)] = _env("KLING_LOG_FORMAT", "text")
+    # Celery's task events from the start (false: from when a monitor such as Flower asks, see app.py).
+    task_events: bool = _env("KLING_TASK_EVENTS", False)
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(type(self).model_fields) - {"webhook_timeout"}

@@ -238,7 +238,8 @@ class ModellixClient:
         # requests re-reads the proxy and CA environment on every call (a scan of
         # os.environ each time, a third of a poll's CPU here): read it once instead.
         self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
-        self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        self._verify: bool | str = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        self.session.verify = self._verify
         self.session.trust_env = False
 
     def __repr__(self) -> str:
@@ -278,9 +279,9 @@ class ModellixClient:
             raise ProtocolError("balance answered without a number", 200)
         return float(value)
 
-    def _call(self, method: str, url: str, submit: bool = False, **kwargs: Any) -> dict[str, Any]:
+    def _call(self, method: str, url: str, submit: bool = False, json: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            response = self._send(method, url, json)
         except requests.ConnectTimeout as exc:
             raise NetworkError(f"connect timeout: {self._scrub(exc)}") from None
         except requests.ConnectionError as exc:
@@ -301,6 +302,15 @@ class ModellixClient:
                 # A 200 that does not fit, or a 4xx outside the safe list: a task may exist.
                 raise AmbiguousSubmit(f"unexpected answer to a submit: {exc.message}", exc.status) from None
             raise
+
+    def _send(self, method: str, url: str, body: dict[str, Any] | None) -> requests.Response:
+        # Straight to the session's adapter: Session.request merges environment settings,
+        # cookies, hooks and redirects we never use, a third of a call's CPU (measured here).
+        # A redirect is answered as it is: the API has none, and a submit must not follow one.
+        request = requests.PreparedRequest()
+        request.prepare(method=method, url=url, headers=self.session.headers, json=body)
+        adapter = self.session.get_adapter(url)
+        return adapter.send(request, timeout=self.timeout, verify=self._verify, proxies=self.session.proxies)
 
     def _parse(self, response: requests.Response) -> dict[str, Any]:
         try:
