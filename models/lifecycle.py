@@ -58,13 +58,15 @@ def move(
     *,
     only_from: Iterable[JobStatus] = (),
     unchanged_since: datetime | None = None,
+    archived: outbox.Archived | None = None,
     **values: Any,
 ) -> bool:
     """Move a job to `to` if the table allows it from the job's current status; True if it moved.
 
     `only_from` narrows the allowed statuses to those the caller expects (a
     submit step fails only a job it is submitting, never one a sweep has moved on);
-    `unchanged_since` moves it only if nothing changed the row since that time.
+    `unchanged_since` moves it only if nothing changed the row since that time;
+    `archived`: a job that succeeded had its images archived already (models.outbox.add_for).
     """
     allowed = SOURCES[to] & frozenset(only_from) if only_from else SOURCES[to]
     if only_from and not frozenset(only_from) <= SOURCES[to]:
@@ -75,7 +77,7 @@ def move(
         values["next_poll_at"] = None
     moved = store.update_if(ex, job_id, allowed, now, {"status": to.value, **values}, unchanged_since)
     if moved and to in TERMINAL:
-        outbox.add_for(ex, job_id, to, now)
+        outbox.add_for(ex, job_id, to, now, archived)
     return moved
 
 
@@ -192,8 +194,21 @@ def observe(
     return store.update_if(ex, job_id, IN_PLACE, now, values)
 
 
-def succeed(ex: Executor, job_id: str, now: datetime, *, result_urls: list[str], answer: dict[str, Any]) -> bool:
-    return move(ex, job_id, S.succeeded, now, only_from=ACTIVE, result_urls=result_urls, last_response=answer)
+def succeed(
+    ex: Executor,
+    job_id: str,
+    now: datetime,
+    *,
+    result_urls: list[str],
+    answer: dict[str, Any],
+    files: list[dict[str, Any]] | None = None,
+    archived: outbox.Archived | None = None,
+) -> bool:
+    """An active job's task succeeded; with `files` and `archived`, its images were archived first."""
+    values: dict[str, Any] = {"result_urls": result_urls, "last_response": answer}
+    if files is not None:
+        values["files"] = files
+    return move(ex, job_id, S.succeeded, now, only_from=ACTIVE, archived=archived, **values)
 
 
 def fail_task(

@@ -11,6 +11,10 @@ wait for the archive, so a receiver can fetch the files at once.
        ▲  │                                                ─▶ failed (given up)
        └──┘ retried later (due_at = the next attempt)
     waiting ─▶ pending   (an event, once the job's archive row is settled)
+
+The worker that ends a job usually archives its images first (worker.delivery):
+the archive row is then written already settled (or pending for a later try),
+with one attempt counted, and the events pending at once (`Archived`).
 """
 
 from __future__ import annotations
@@ -100,13 +104,55 @@ class Delivery(Base):
 deliveries = cast(Table, Delivery.__table__)
 
 
-def add_for(ex: Executor, job_id: str, status: JobStatus, now: datetime) -> None:
+@dataclass(frozen=True)
+class Archived:
+    """A job's images archived by the worker that ended it, before it wrote the end: its archive
+    row is then written as it stands (settled, or pending with `due_at` for the next try) with
+    one attempt made, and the job's events are due at once if it is settled."""
+
+    state: State
+    due_at: datetime | None = None  # the next try, for a pending row
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "due_at": self.due_at.isoformat() if self.due_at else None,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Archived:
+        due = data.get("due_at")
+        return cls(State(data["state"]), datetime.fromisoformat(due) if due else None, data.get("error"))
+
+    @property
+    def settled(self) -> bool:
+        return self.state in (State.done, State.failed)
+
+
+def add_for(ex: Executor, job_id: str, status: JobStatus, now: datetime, archived: Archived | None = None) -> None:
     """Within the transaction that ended the job: one row per channel that must follow its end.
 
     One statement, whatever the job asked for: the job's own row says whether it has a
-    webhook or a callback.
+    webhook or a callback. A job that succeeded gets its archive row as `archived` says,
+    or pending now (some worker archives it next); its events wait until that row is settled.
     """
-    ex.execute(_add_stmt(status is JobStatus.succeeded), {"job_id": job_id, "now": now})
+    if status is not JobStatus.succeeded:
+        ex.execute(_add_stmt(False), {"job_id": job_id, "now": now})
+        return
+    if archived is None:
+        archive = {"archive_state": State.pending.value, "archive_tries": 0, "archive_due": now, "archive_error": None}
+    else:
+        archive = {
+            "archive_state": archived.state.value,
+            "archive_tries": 1,
+            "archive_due": archived.due_at,
+            "archive_error": archived.error,
+        }
+    settled = archived is not None and archived.settled
+    events = {"event_state": (State.pending if settled else State.waiting).value, "event_due": now if settled else None}
+    ex.execute(_add_stmt(True), {"job_id": job_id, "now": now, "done_at": now if settled else None} | archive | events)
 
 
 @lru_cache(maxsize=2)
@@ -114,17 +160,20 @@ def _add_stmt(succeeded: bool) -> Any:
     """INSERT … SELECT of the rows a job's end needs, built once per kind of end (the statement
     is then compiled once and cached by SQLAlchemy, instead of once per job)."""
     now = bindparam("now", type_=UTCDateTime)
-    # A job that succeeded has its images archived first; its events wait for that.
-    event_state = State.waiting if succeeded else State.pending
-    event_due = null() if succeeded else now
+    no_time = null().cast(UTCDateTime)
+    # A job that succeeded has its images archived first; its events wait for that (add_for).
+    event_state = bindparam("event_state", type_=String) if succeeded else literal(State.pending.value)
+    event_due = bindparam("event_due", type_=UTCDateTime) if succeeded else now
     wanted = [(Channel.webhook, jobs.c.webhook.is_not(None)), (Channel.callback, jobs.c.callback.is_not(None))]
     rows = [
         select(
             jobs.c.id,
             literal(channel.value),
-            literal(event_state.value),
+            event_state,
             literal(0),
             event_due,
+            null().cast(Text),
+            no_time,
             now,
             now,
         ).where(jobs.c.id == bindparam("job_id"), condition)
@@ -136,14 +185,16 @@ def _add_stmt(succeeded: bool) -> Any:
             select(
                 jobs.c.id,
                 literal(Channel.archive.value),
-                literal(State.pending.value),
-                literal(0),
-                now,
+                bindparam("archive_state", type_=String),
+                bindparam("archive_tries", type_=Integer),
+                bindparam("archive_due", type_=UTCDateTime),
+                bindparam("archive_error", type_=Text),
+                bindparam("done_at", type_=UTCDateTime),
                 now,
                 now,
             ).where(jobs.c.id == bindparam("job_id")),
         )
-    columns = ["job_id", "channel", "state", "attempts", "due_at", "created_at", "updated_at"]
+    columns = ["job_id", "channel", "state", "attempts", "due_at", "last_error", "done_at", "created_at", "updated_at"]
     return insert(deliveries).from_select(columns, union_all(*rows))
 
 

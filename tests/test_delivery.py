@@ -103,6 +103,16 @@ def test_a_succeeded_job_is_archived_then_its_event_signed_and_sent(delivering, 
     assert delivering.api_key not in repr(sent.headers) + sent.body.decode()
 
 
+def test_the_poll_that_ends_a_job_writes_the_end_with_its_images_already_archived(delivering):
+    run_to_end("inline-1", request={"prompt": "x", "n": 2})
+    # No outbox work is left for anyone: the end was written with the files and a settled archive row.
+    row = job("inline-1")
+    assert row.status == "succeeded" and len(row.files) == 2
+    assert all(Path(f["uri"].removeprefix("file://")).is_file() for f in row.files)
+    assert states("inline-1") == {"archive": ("done", 1)}
+    assert delivery.due() == []
+
+
 def test_a_receiver_that_fails_at_first_gets_the_same_event_again(delivering, receiver):
     receiver.fail_next(1, how="500")
     receiver.fail_next(1, how="drop")

@@ -2,9 +2,12 @@
 
 A job's end left rows in models.outbox: `archive` (keep the result images
 before their URLs expire), `webhook` (a signed POST of the job's event) and
-`callback` (a Celery task sent with the event). The worker whose poll ended the
-job claims them at once (`claim_ended`) and carries each out (`deliver`); the
-beat sweep claims any due row left behind (`due`) and hands it to a worker. A
+`callback` (a Celery task sent with the event). The worker whose poll saw the
+task succeed archives the images before it writes the end (`archive_at_end`),
+so the archive row is written settled with the end; then it claims the job's
+due events at once (`claim_ended`) and carries each out (`deliver`). The beat
+sweep claims any due row left behind (an archive to try again, the rows of a
+worker that died: `due`) and hands it to a worker. A
 callback is only built here and sent by the caller, which has Celery. A row claimed by a worker
 that dies comes back when its lease runs out, so every row is carried out at
 least once: receivers dedupe by `webhook-id` (the same for every attempt of
@@ -26,7 +29,7 @@ from sqlalchemy.engine import Row
 from models import outbox, store
 from models.job import utcnow
 from models.outbox import Channel, State
-from worker import archive, logs, runtime, webhooks
+from worker import archive, logs, phases, runtime, webhooks
 
 log = logging.getLogger("kling_worker.delivery")
 
@@ -163,16 +166,50 @@ def event_id(job_id: str) -> str:
 # -- the channels --------------------------------------------------------------
 
 
+def archive_at_end(job_id: str, urls: list[str]) -> tuple[list[dict[str, Any]], outbox.Archived]:
+    """Archive a job's images before its end is written, by the worker whose poll saw the task finish.
+
+    The end is then written with the files and a settled archive row (models.outbox.add_for):
+    the rows need no claim, read or settle afterwards, and a job is `succeeded` with its
+    files already recorded. An image that could not be kept for a reason that may pass is
+    tried again later by the outbox, like any archive row.
+    """
+    with phases.phase("deliver"):
+        files, worth_retrying, archiving = _keep_images(job_id, urls, [])
+        state, error = _outcome(job_id, files, worth_retrying, 1, archiving)
+        due = utcnow() + timedelta(seconds=2.0) if state is State.pending else None
+        return files, outbox.Archived(state, due, error)
+
+
 def _archive(delivery_id: int, job: JobView, attempts: int) -> tuple[int, ...]:
     """Keep each result image not kept yet; settled once all are kept, or once no retry can help.
 
     Returns the job's events it released, claimed for this worker to send at once (not a sweep later).
     """
     res = runtime.get()
+    files, worth_retrying, archiving = _keep_images(job.id, job.result_urls or [], job.files or [])
+    state, error = _outcome(job.id, files, worth_retrying, attempts, archiving)
+    now = utcnow()
+    with res.atomic() as s:
+        store.set_files(s, job.id, files, now)
+        if state is State.pending:
+            outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=2.0**attempts), error or "")
+            return ()
+        outbox.settle(s, delivery_id, now, state, error)
+        if job.webhook is None and job.callback is None:
+            return ()  # no event waits for this archive
+        outbox.release_events(s, job.id, now)
+        return tuple(outbox.claim_job_due(s, job.id, now, res.settings.delivery_lease))
+
+
+def _keep_images(
+    job_id: str, urls: list[str], earlier: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], bool, bool]:
+    """Each result image kept (or why not), skipping those an earlier attempt kept:
+    (files in the order of the URLs, whether a retry may help, whether the archive is on)."""
+    res = runtime.get()
     cfg = res.settings
     kept_in = res.once("archive", lambda: archive.open_archive(cfg.archive))
-    urls = job.result_urls or []
-    earlier = job.files or []
     files: list[dict[str, Any]] = []
     worth_retrying = False
     for index, url in enumerate(urls):
@@ -182,33 +219,33 @@ def _archive(delivery_id: int, job: JobView, attempts: int) -> tuple[int, ...]:
             files.append(_missing("not archived: KLING_ARCHIVE is off"))
         else:
             try:
-                kept = archive.archive_one(kept_in, job.id, index, url, cfg.archive_max_bytes, cfg.read_timeout)
+                kept = archive.archive_one(kept_in, job_id, index, url, cfg.archive_max_bytes, cfg.read_timeout)
                 files.append(kept.to_json())
             except archive.ArchiveError as exc:
                 files.append(_missing(str(exc)))
                 worth_retrying = worth_retrying or exc.retryable
-    now = utcnow()
+    return files, worth_retrying, kept_in is not None
+
+
+def _outcome(
+    job_id: str, files: list[dict[str, Any]], worth_retrying: bool, attempts: int, archiving: bool
+) -> tuple[State, str | None]:
+    """What an archive attempt leaves its row in: pending (try again), failed or done; and why not done."""
     missing = [f["error"] for f in files if not f["uri"]]
-    with res.atomic() as s:
-        store.set_files(s, job.id, files, now)
-        if worth_retrying and attempts < ARCHIVE_TRIES:
-            outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=2.0**attempts), "; ".join(missing))
-            return ()
-        failed = bool(missing) and kept_in is not None
-        if failed:
-            log.warning(
-                "job %s: %d of %d images not archived: %s",
-                job.id,
-                len(missing),
-                len(urls),
-                missing[0],
-                extra={"event": "archive_failed"},
-            )
-        outbox.settle(s, delivery_id, now, State.failed if failed else State.done, "; ".join(missing) or None)
-        if job.webhook is None and job.callback is None:
-            return ()  # no event waits for this archive
-        outbox.release_events(s, job.id, now)
-        return tuple(outbox.claim_job_due(s, job.id, now, cfg.delivery_lease))
+    error = "; ".join(missing) or None
+    if worth_retrying and attempts < ARCHIVE_TRIES:
+        return State.pending, error
+    if missing and archiving:
+        log.warning(
+            "job %s: %d of %d images not archived: %s",
+            job_id,
+            len(missing),
+            len(files),
+            missing[0],
+            extra={"event": "archive_failed"},
+        )
+        return State.failed, error
+    return State.done, error
 
 
 def _missing(reason: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from models import JobStatus, db, lifecycle
+from models import JobStatus, db, lifecycle, outbox
 from models.job import utcnow
 from worker import logs, metrics, phases, runtime
 
@@ -130,5 +130,14 @@ def write(ex: db.Executor, fact: Fact) -> bool:
     if fact.kind == "submit_failed":
         return lifecycle.fail_submit(ex, fact.job_id, at, v["error_code"], v["error_message"])
     if fact.kind == "succeeded":
-        return lifecycle.succeed(ex, fact.job_id, at, result_urls=v["result_urls"], answer=v["answer"])
+        archived = outbox.Archived.from_json(v["archived"]) if v.get("archived") else None
+        return lifecycle.succeed(
+            ex,
+            fact.job_id,
+            at,
+            result_urls=v["result_urls"],
+            answer=v["answer"],
+            files=v.get("files"),
+            archived=archived,
+        )
     return lifecycle.fail_task(ex, fact.job_id, at, v["error_code"], v["error_message"], v.get("answer"))

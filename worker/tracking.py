@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from models import JobStatus, lifecycle, store
 from models.job import utcnow
-from worker import holding, learning, limits, logs, metrics, modellix, outages, phases, runtime, schedule
+from worker import delivery, holding, learning, limits, logs, metrics, modellix, outages, phases, runtime, schedule
 from worker.api_errors import SUBMIT_INTERRUPTED, Action, judge_poll
 from worker.config import Settings
 from worker.holding import Fact
@@ -91,9 +91,16 @@ def _record(
     phase = state.phase
     if phase is Phase.succeeded:
         if state.result_urls:
-            held = holding.keep(
-                Fact(job_id, "succeeded", utcnow(), {"result_urls": state.result_urls, "answer": state.raw})
-            )
+            at = utcnow()
+            # Its images are kept before the end is written, so the end is one write with its files.
+            files, archived = delivery.archive_at_end(job_id, state.result_urls)
+            values = {
+                "result_urls": state.result_urls,
+                "answer": state.raw,
+                "files": files,
+                "archived": archived.to_json(),
+            }
+            held = holding.keep(Fact(job_id, "succeeded", at, values))
             log.info("job %s succeeded", job_id, extra={"event": "job_succeeded"})
             return held
         log.info("job %s failed: no results", job_id, extra={"event": "job_failed"})
