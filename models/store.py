@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ClauseElement, Connection, Table, bindparam, func, select, update
+from sqlalchemy import ClauseElement, Connection, Table, Text, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -153,12 +153,24 @@ _CLAIM_POLL = (
     update(jobs)
     .where(jobs.c.id == bindparam("job_id"), jobs.c.polls == bindparam("seq"), jobs.c.status.in_(_values(ACTIVE)))
     .values(polls=jobs.c.polls + 1, next_poll_at=bindparam("lease_until"), updated_at=bindparam("now"))
-    .returning(jobs.c.modellix_task_id, jobs.c.submitted_at)
+    .returning(
+        jobs.c.modellix_task_id,
+        jobs.c.submitted_at,
+        # Not `webhook IS NOT NULL OR …`: SQLite 3.40 answers IS NULL wrongly in RETURNING for
+        # columns added by a migration (ALTER TABLE ADD COLUMN) to rows written before it.
+        func.coalesce(jobs.c.webhook, jobs.c.callback.cast(Text)).is_not(None).label("notify"),
+    )
 )
 
 
-def claim_poll(ex: Executor, job_id: str, seq: int, now: datetime, lease: float) -> tuple[str, datetime] | None:
-    """Take the right to make poll number `seq` of a job: (task id, submitted_at) if won.
+class PollClaim(NamedTuple):
+    task_id: str
+    submitted_at: datetime
+    notify: bool  # the job has a webhook or a callback: its end has events to send
+
+
+def claim_poll(ex: Executor, job_id: str, seq: int, now: datetime, lease: float) -> PollClaim | None:
+    """Take the right to make poll number `seq` of a job: its task id, submitted_at and `notify` if won.
 
     `polls` is the token: whoever moves it from seq to seq+1 polls, a stale or
     duplicate message finds it moved and stops. The lease pushes next_poll_at
@@ -166,7 +178,7 @@ def claim_poll(ex: Executor, job_id: str, seq: int, now: datetime, lease: float)
     """
     params = {"job_id": job_id, "seq": seq, "lease_until": now + timedelta(seconds=lease), "now": now}
     row = ex.execute(_CLAIM_POLL, params).first()
-    return (row[0], row[1]) if row else None
+    return PollClaim(row[0], row[1], bool(row[2])) if row else None
 
 
 def claim_overdue_polls(s: Session, now: datetime, lease: float, limit: int) -> list[tuple[str, int]]:

@@ -18,7 +18,7 @@ import requests
 
 from tests.receiver import WebhookReceiver
 from tests.support import handle, job
-from worker import cli, delivery, runtime, tracking, webhooks
+from worker import cli, delivery, runtime, tasks, tracking, webhooks
 from worker.schedule import NextPoll
 
 SECRET = "whsec_" + base64.b64encode(b"kling-worker test secret 32 bytes").decode()
@@ -111,6 +111,24 @@ def test_the_poll_that_ends_a_job_writes_the_end_with_its_images_already_archive
     assert all(Path(f["uri"].removeprefix("file://")).is_file() for f in row.files)
     assert states("inline-1") == {"archive": ("done", 1)}
     assert delivery.due() == []
+
+
+def test_the_ending_poll_says_whether_events_follow_and_they_go_at_once(delivering, receiver):
+    handle(job_id="hooked", request={"prompt": "x"}, webhook=receiver.url())
+    handle(job_id="plain", request={"prompt": "x"})
+    endings = {}
+    for job_id in ("hooked", "plain"):
+        following = tracking.check(job_id, 0)
+        while isinstance(following, NextPoll):
+            time.sleep(0.2)
+            following = tracking.check(job_id, following.seq)
+        endings[job_id] = following
+    # Only the job with a webhook has rows to claim at its end; the other is spared the claim.
+    assert endings == {"hooked": tracking.Ended("hooked"), "plain": None}
+    tasks.carry_out(delivery.claim_ended("hooked"))  # what the poll's thread does next (tasks.follow)
+    (sent,) = receiver.wait_for(1)
+    assert sent.verified and json.loads(sent.body)["files"] == job("hooked").files
+    assert states("hooked") == {"archive": ("done", 1), "webhook": ("done", 1)}
 
 
 def test_a_receiver_that_fails_at_first_gets_the_same_event_again(delivering, receiver):

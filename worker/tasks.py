@@ -107,12 +107,12 @@ def follow(job_id: str, seq: int) -> None:
             extra={"event": "result_handed_on", "job_id": job_id},
         )
         redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq, "fact": following.to_json()})
-    elif following is not None:
+    elif isinstance(following, schedule.NextPoll):
         follow_later(job_id, following)
-    else:
-        # The job needs no more polls: most often this poll ended it. What must follow its end
-        # (the archive, then its events) is done here at once, not after a sweep and a message;
-        # the sweep still hands out any row this process does not take (it died, the row was not due).
+    elif isinstance(following, tracking.Ended):
+        # This poll ended a job that has events: they are sent here at once, not after a sweep
+        # and a message (its images were archived before the end was written). The sweep still
+        # hands out any row this process does not take (it died, the row was not due).
         carry_out(delivery.claim_ended(job_id))
 
 

@@ -14,6 +14,7 @@ outage delays it but cannot make the worker drop it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from models import JobStatus, lifecycle, store
@@ -39,8 +40,16 @@ def _lease(cfg: Settings) -> float:
     return cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
 
 
-def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
-    """Make poll number `seq` of a job: the next poll, or None when the job needs no more.
+@dataclass(frozen=True)
+class Ended:
+    """This poll ended a job that has a webhook or a callback: its events are due, for the caller to send."""
+
+    job_id: str
+
+
+def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | Ended | None:
+    """Make poll number `seq` of a job: the next poll, or None when the job needs no more
+    (Ended when it has events to send now).
 
     A Fact is a finished task's result that the database has not taken before
     this process began to stop: the caller hands it on.
@@ -52,7 +61,7 @@ def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
     return following
 
 
-def _check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
+def _check(job_id: str, seq: int) -> schedule.NextPoll | Fact | Ended | None:
     res = runtime.get()
     cfg = res.settings
     now = utcnow()
@@ -63,7 +72,7 @@ def _check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
         if claimed is None:
             return None  # finished, or another worker holds this poll
         token = seq + 1
-        task_id, submitted_at = claimed
+        task_id, submitted_at, notify = claimed
         logs.bind(modellix_task_id=task_id)
         deadline = schedule.deadline(submitted_at, cfg)
         gap = schedule.gap(seq + 1, cfg, learning.learned(job_id))
@@ -75,14 +84,23 @@ def _check(job_id: str, seq: int) -> schedule.NextPoll | Fact | None:
             # This poll did not happen: give its number back and try again later.
             return _next(job_id, schedule.NextPoll(seq, exc.retry_in), now, deadline, give_back=True)
         except modellix.ModellixError as exc:
-            return _after_error(job_id, exc, schedule.NextPoll(seq + 1, gap), now, deadline)
+            failed = _after_error(job_id, exc, schedule.NextPoll(seq + 1, gap), now, deadline)
+            return _ended(job_id, failed, notify)
         ended = state.phase in (Phase.succeeded, Phase.failed)
         learning.answered(job_id, seq, (now - submitted_at).total_seconds(), ended)
-        return _record(job_id, state, schedule.NextPoll(seq + 1, gap), now, deadline)
+        return _ended(job_id, _record(job_id, state, schedule.NextPoll(seq + 1, gap), now, deadline), notify)
     except Exception as exc:
         # Nothing learned is lost here: a finished result is held by _record, not raised.
         res.put_off(exc, "polls")
         return schedule.NextPoll(token, outages.RETRY_AFTER)
+
+
+def _ended(
+    job_id: str, following: schedule.NextPoll | Fact | None, notify: bool
+) -> schedule.NextPoll | Fact | Ended | None:
+    # Only a job with a webhook or callback has rows for the caller to claim at its end:
+    # the others are spared a statement that would find none.
+    return Ended(job_id) if following is None and notify else following
 
 
 def _record(
