@@ -1,7 +1,7 @@
 """What polling costs: API requests per job and how late results are recorded, learned vs configured schedule.
 
-    python bench/run.py --polling                     # 300 jobs, 6 shapes, tasks 8-40 s, both schedules
-    python bench/polling.py --jobs 600 --learn on --poll-max 30
+    python bench/run.py --polling                     # 600 jobs, 6 shapes, tasks 8-40 s, both schedules
+    python bench/polling.py --jobs 300 --arrival 120 --learn on --poll-max 30
 
 Real workers (RabbitMQ + PostgreSQL) against the sandbox, whose tasks take a
 base duration per request shape within --task-seconds (±15 % per task). Jobs
@@ -169,10 +169,12 @@ def report(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jobs", type=int, default=300)
+    # 100 jobs per shape: a shape's first 15 to 25 jobs (one task time of arrivals) go out before
+    # anything is known about it, and the first third (learning) holds them all.
+    p.add_argument("--jobs", type=int, default=600)
     p.add_argument("--shapes", type=int, default=6)
     p.add_argument("--task-seconds", default="8-40", help="LOW-HIGH: a base per shape within it, ±15 %% per task")
-    p.add_argument("--arrival", type=float, default=120.0, help="seconds over which the jobs arrive")
+    p.add_argument("--arrival", type=float, default=240.0, help="seconds over which the jobs arrive")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=32, help="threads per worker")
     p.add_argument("--poll-max", type=float, default=60.0, help="KLING_POLL_MAX (the learned first poll's ceiling)")

@@ -31,7 +31,7 @@ def test_without_a_learned_value_the_configured_schedule_is_kept():
 def test_a_learned_first_poll_sets_the_first_poll_and_scales_the_gaps_within_the_bounds():
     cfg = Settings(poll_min=1.0, poll_max=30.0, poll_factor=1.25)
     assert schedule.first(cfg, 20.0) == schedule.NextPoll(0, 20.0)
-    assert [round(schedule.gap(i, cfg, 20.0), 3) for i in range(1, 4)] == [2.0, 2.5, 3.125]  # 10 % of F, x1.25
+    assert [round(schedule.gap(i, cfg, 20.0), 3) for i in range(1, 4)] == [3.0, 3.75, 4.688]  # 15 % of F, x1.25
     assert schedule.gap(1, cfg, 6.0) == 1.0  # never below KLING_POLL_MIN
     assert schedule.first(cfg, 0.2).delay == 1.0  # the earliest first poll is KLING_POLL_MIN
     assert schedule.first(cfg, 90.0).delay == 30.0  # the latest is KLING_POLL_MAX
@@ -60,8 +60,8 @@ def test_updates_add_up_in_any_order_and_move_f_toward_the_quantile():
 
 
 def test_a_seed_is_the_middle_of_the_interval_in_which_the_task_ended():
-    assert math.isclose(math.exp(schedule.seed(7.6, 11.5)), 9.55)
-    assert math.isclose(math.exp(schedule.seed(0.0, 2.0)), 1.0)
+    assert math.isclose(math.exp(schedule.seed(7.6, 11.5)), 7.6 + schedule.QUANTILE * 3.9)
+    assert math.isclose(math.exp(schedule.seed(0.0, 2.0)), 2.0 * schedule.QUANTILE)
 
 
 # -- the shared table -----------------------------------------------------------
@@ -112,7 +112,7 @@ def test_one_workers_observations_reach_another_workers_schedule(service, config
     other_shape = handle(request={"prompt": "c", "n": 3}, job_id="c")
     assert other_shape.first_poll == schedule.NextPoll(0, 2.0)  # not seen yet: configured
     row = _shape_row(("1k", 2, 0))
-    # seen running at ~0 s and finished at ~0.8 s: seeded at ~0.4 s, held at KLING_POLL_MIN
+    # seen running at ~0 s and finished at ~0.8 s: seeded at ~0.6 s, held at KLING_POLL_MIN
     assert row.seeded == 1 and math.isclose(math.exp(row.log_first), 1.0)
 
 

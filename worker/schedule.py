@@ -8,8 +8,8 @@ shape has not been learned yet (or KLING_POLL_LEARN is off).
 
 The learned schedule. Tasks of one *shape* (resolution, n, number of input
 images: `Shape`) take about as long as each other, so the fleet learns, per
-shape, a first-poll delay F meant to be the QUANTILE (0.7) of their duration:
-the first poll then finds 7 tasks in 10 finished, and the others are caught by
+shape, a first-poll delay F meant to be the QUANTILE (0.8) of their duration:
+the first poll then finds 8 tasks in 10 finished, and the others are caught by
 gaps of GAP_SHARE x F (at least KLING_POLL_MIN, each KLING_POLL_FACTOR times the
 last, at most KLING_POLL_MAX). A task's duration is never seen exactly (the API
 answers carry no times), only that it lies between the last poll that saw it
@@ -19,8 +19,8 @@ F <- F x exp(-RATE x (finished - QUANTILE)) moves F up on a miss and down on a
 hit and rests where hits are QUANTILE of the jobs (`step`, in log space, where
 the updates add up in any order, so each worker's counts merge into the shared
 row as sums). The first jobs of a shape, polled on the configured schedule,
-seed F with the middle of the interval in which each was seen finishing
-(`seed`). F stays between KLING_POLL_MIN (lowered to KLING_POLL_FIRST or
+seed F with the point QUANTILE of the way through the interval in which
+each was seen finishing (`seed`). F stays between KLING_POLL_MIN (lowered to KLING_POLL_FIRST or
 KLING_POLL_MAX if either is lower) and KLING_POLL_MAX: no running task goes
 unpolled longer than KLING_POLL_MAX, so with the default 30 s a shape whose
 tasks take longer still needs two polls or more. The shared row and each
@@ -39,19 +39,25 @@ from typing import Any, NamedTuple
 
 from worker.config import Settings
 
-# The share of a shape's tasks the learned first poll finds finished.
-QUANTILE = 0.7
-# How far one job moves F (in log space): a hit shrinks it by 7 %, a miss grows it by 3 %.
-# Smaller settles slower, larger jitters more (0.05-0.25 give within 0.05 poll per job in simulation).
-RATE = 0.1
+# The share of a shape's tasks the learned first poll finds finished. 0.7 cost 0.1 to 0.2
+# more polls per job than 0.8 for tasks spread ±15 % (simulated and bench/polling.py), for
+# results recorded about 0.3 s sooner (p50).
+QUANTILE = 0.8
+# How far one job moves F (in log space): a hit shrinks it by 0.6 %, a miss grows it by 2.4 %.
+# A job's answer about F comes F seconds or more after F was used, and a shape's jobs go on
+# being sent meanwhile: with a shape's jobs arriving every 2.4 s and tasks of 40 s, 0.1 made F
+# swing below and above its tasks in turn (runs of 20 first-poll hits, then runs of jobs
+# polled 4 to 6 times: 2.9 requests per job after 200 jobs, bench/polling.py). 0.03 keeps the
+# swing within the gaps (a simulation of that stream: 1.4 polls per job against 1.8).
+RATE = 0.03
 # The most one worker's merge (its counts of a few seconds) moves log F, either way: x1.65.
 # Without it a burst of jobs of one shape, submitted together and all judged against one
 # F, moves F by the sum of hundreds of steps at once (1,000 jobs of 2 s in one burst took
 # F to KLING_POLL_MAX, and the last of them 42 s to end).
 MAX_STEP = 0.5
 # The gaps after a learned first poll, as a share of F: a task that outlasts F
-# by less than this is caught by the second poll.
-GAP_SHARE = 0.1
+# by less than this is caught by the second poll (tasks of one shape spread ±15 % here).
+GAP_SHARE = 0.15
 
 
 class Shape(NamedTuple):
@@ -123,7 +129,9 @@ def step(hits: Any, misses: Any) -> Any:
 def seed(running_until: float, finished_by: float) -> float:
     """log F from one job on the configured schedule: last seen running (0: never), then seen finished.
 
-    The middle of the interval: its duration is somewhere in it, and the
-    learned polls correct what the middle gets wrong.
+    The point QUANTILE of the way through the interval, as F is meant to be the
+    QUANTILE of the durations: the middle started F too low (the first learned
+    jobs of a shape then needed 2 or 3 polls each until F rose), and the learned
+    polls correct what the seed gets wrong.
     """
-    return math.log(max(1e-3, (running_until + finished_by) / 2))
+    return math.log(max(1e-3, running_until + QUANTILE * (finished_by - running_until)))
