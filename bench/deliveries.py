@@ -5,17 +5,21 @@
 
 Real workers (each serving its metrics on a port of its own) take a backlog of N
 messages at MODELLIX_MAX_RPS=R against the sandbox. Once M jobs are submitted it
-reads kling_task_runs_total{task="kling.generate"} from every worker: executions
-of kling.generate per submitted job is how often the broker delivered a message
-per job (1.0: each once; a job sent back to wait in the broker counts again).
-Executions still running at that moment (messages held, waiting for budget) are
-started but not done, so the figure is printed both with and without them. Also
-the most requests the sandbox saw in one second. Then the workers stop and the
-queue, the database and the sandbox go.
+counts how often the broker delivered a kling.generate message per submitted job
+(1.0: each once; a job sent back to wait in the broker counts again): from
+Celery's own "Task kling.generate[…] received" log lines (the workers log at
+INFO), which any version of the code writes, and from
+kling_task_runs_total{task="kling.generate"} where the code has it. Executions
+still running at that moment (messages held, waiting for budget) are started but
+not done, so that figure is printed both with and without them. Also the most
+requests the sandbox saw in one second. Then the workers stop and the queue, the
+database and the sandbox go. With bench/run.py's `--against DIR` the same
+scenario runs first on another checkout.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +31,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from bench.run import Sandbox, fresh_database, metered_workers, wait_ready, worker_env
-from worker.dev.processes import produce
+from worker.dev.processes import ROOT, produce
+
+# What Celery logs at INFO for each kling.generate message a worker takes from the broker.
+RECEIVED = re.compile(r"Task kling\.generate\[[^\]]+\] received")
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -56,12 +63,13 @@ def measure(
     concurrency: int = 32,
     task_seconds: float = 2.0,
     timeout: float = 600,
+    code: Path = ROOT,
 ) -> dict[str, Any]:
     sandbox = Sandbox(0.0, task_seconds)
     database, drop = fresh_database(admin_database)
     queue = f"bench-deliveries-{uuid.uuid4().hex[:6]}"
     env = worker_env(broker, database, sandbox, queue, tmp, concurrency) | {"MODELLIX_MAX_RPS": str(max_rps)}
-    procs, ports = metered_workers(env, tmp, workers, concurrency, beat=False)
+    procs, ports = metered_workers(env, tmp, workers, concurrency, beat=False, code=code, loglevel="INFO")
     engine = create_engine(database)
     try:
         wait_ready(procs, ports)
@@ -77,6 +85,7 @@ def measure(
                 break
             time.sleep(0.2)
         seen = [scrape(port) for port in ports]
+        received = sum(len(RECEIVED.findall(w.log.read_text(errors="replace"))) for w in procs)
         elapsed = time.time() - started
         stats = sandbox.stats()
     finally:
@@ -92,6 +101,7 @@ def measure(
     return {
         "submitted": done,
         "seconds": elapsed,
+        "received_per_job": received / max(done, 1),
         "runs": runs,
         "running": running,
         "per_job": runs / max(done, 1),
@@ -102,30 +112,40 @@ def measure(
 
 
 def main(args: Any) -> int:
-    """For bench/run.py --deliveries N,M,R (its --workers' first count, --concurrency, --task-seconds)."""
+    """For bench/run.py --deliveries N,M,R (its --workers' first count, --concurrency, --task-seconds, --against)."""
     import tempfile
 
     backlog, submitted, max_rps = (float(x) for x in args.deliveries.split(","))
     workers = int(args.workers.split(",")[0])
-    with tempfile.TemporaryDirectory() as tmp:
-        r = measure(
-            args.broker,
-            args.database,
-            Path(tmp),
-            backlog=int(backlog),
-            submitted=int(submitted),
-            max_rps=max_rps,
-            workers=workers,
-            concurrency=args.concurrency,
-            task_seconds=args.task_seconds,
-            timeout=args.timeout,
+    codes = [(Path(args.against), f"[{args.against}] ")] if args.against else []
+    codes.append((ROOT, "[this checkout] " if args.against else ""))
+    for code, label in codes:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = measure(
+                args.broker,
+                args.database,
+                Path(tmp),
+                backlog=int(backlog),
+                submitted=int(submitted),
+                max_rps=max_rps,
+                workers=workers,
+                concurrency=args.concurrency,
+                task_seconds=args.task_seconds,
+                timeout=args.timeout,
+                code=code,
+            )
+        metric = (
+            f"  kling.generate executions per submitted job {r['per_job']:.2f} "
+            f"({r['runs']:.0f} started; {r['finished_per_job']:.2f} without the {r['running']:.0f} still running)\n"
+            if r["runs"]
+            else "  kling.generate executions: not counted by this code (no kling_task_runs_total)\n"
         )
-    print(
-        f"backlog {int(backlog)}, MODELLIX_MAX_RPS={max_rps:g}, {workers} worker(s) x {args.concurrency} threads: "
-        f"{r['submitted']} jobs submitted in {r['seconds']:.0f}s\n"
-        f"  kling.generate executions per submitted job {r['per_job']:.2f} "
-        f"({r['runs']:.0f} started; {r['finished_per_job']:.2f} without the {r['running']:.0f} still running)\n"
-        f"  sandbox saw at most {r['max_rps_seen']} requests/s ({r['requests']} requests)",
-        flush=True,
-    )
+        print(
+            f"{label}backlog {int(backlog)}, MODELLIX_MAX_RPS={max_rps:g}, {workers} worker(s) x "
+            f"{args.concurrency} threads: {r['submitted']} jobs submitted in {r['seconds']:.0f}s\n"
+            f"  broker deliveries per submitted job {r['received_per_job']:.2f} (Celery's 'received' lines)\n"
+            f"{metric}"
+            f"  sandbox saw at most {r['max_rps_seen']} requests/s ({r['requests']} requests)",
+            flush=True,
+        )
     return 0

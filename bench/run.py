@@ -185,7 +185,13 @@ def worker_env(broker: str, database: str, sandbox: Sandbox, queue: str, tmp: Pa
 
 
 def metered_workers(
-    env: dict, tmp: Path, workers: int, concurrency: int, beat: bool = True, code: Path = ROOT
+    env: dict,
+    tmp: Path,
+    workers: int,
+    concurrency: int,
+    beat: bool = True,
+    code: Path = ROOT,
+    loglevel: str = "WARNING",
 ) -> tuple[list[Worker], list[int]]:
     """`workers` processes (not waited for), each serving its metrics on a port of its own; with `beat`,
     the first runs the beat, as a deployment does (its sweep repairs what a worker left)."""
@@ -195,7 +201,7 @@ def metered_workers(
             {**env, "KLING_METRICS_PORT": str(port)},
             tmp,
             concurrency=concurrency,
-            loglevel="WARNING",
+            loglevel=loglevel,
             beat=beat and i == 0,
             root=code,
         )

@@ -16,14 +16,14 @@ For each size N, in a fresh PostgreSQL database:
 3. N `kling.generate` messages (Celery protocol 2, as send_task writes them, published with kombu)
    wait on a fresh RabbitMQ queue; two workers (128 threads, beat on the first) run against the
    sandbox (latency 0, tasks of 2 s). After a warm-up of window/10 jobs, the next `--window` jobs
-   (at most N/2)
-   to end are measured while the rest of the backlog waits: worker CPU per job (user+system of both
+   to end are measured while the queue is topped up to N messages twice a second (a backlog of N
+   throughout, at every size): worker CPU per job (user+system of both
    workers over the window / jobs ended in it), jobs/s, peak RSS per worker, and the sweep's
    database work (tracking.sweep's and delivery.due's claims: overdue polls, stale submits, due
    outbox rows), timed from this process once a second in a transaction that is rolled back, so
    it takes nothing from the workers.
 
-Then "in flight": an empty database, sandbox tasks of `--in-flight-seconds` (60), and `--in-flight`
+Then "in flight": an empty database, sandbox tasks of `--in-flight-seconds` (120), and `--in-flight`
 messages (10,000): the workers submit until that many are in flight at once, or until the first
 job ends (the most this machine reaches is then submits/s x task time), or `--in-flight-timeout`.
 It prints the number reached, the peak RSS per worker and the sweep's time at that point.
@@ -38,6 +38,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -259,6 +260,29 @@ def publish_backlog(broker: str, queue: str, n: int, tag: str) -> float:
     return time.time() - began
 
 
+@contextmanager
+def kept_full(broker: str, queue: str, n: int) -> Iterator[list[int]]:
+    """Keep about N messages waiting on the queue (topped up twice a second) while the block runs:
+    a backlog of N throughout the window, whatever N; yields the count of messages added."""
+    added = [0]
+    stop = threading.Event()
+
+    def top_up() -> None:
+        while not stop.wait(0.5):
+            missing = n - queue_depth(broker, queue)
+            if missing > 0:
+                publish_backlog(broker, queue, missing, uuid.uuid4().hex[:6])
+                added[0] += missing
+
+    thread = threading.Thread(target=top_up, daemon=True)
+    thread.start()
+    try:
+        yield added
+    finally:
+        stop.set()
+        thread.join()
+
+
 def delete_queue(broker: str, queue: str) -> None:
     with Connection(broker) as conn:
         conn.default_channel.queue_delete(queue)
@@ -301,11 +325,11 @@ def run_size(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
         plans = explain_all(engine)
         publish_s = publish_backlog(args.broker, queue, n, uuid.uuid4().hex[:6])
         since = utcnow()
-        # At most half the backlog, so the measured jobs always have a queue behind them.
-        window = min(args.window, n // 2)
+        # The same window at every size: the queue is topped up to N while it runs (kept_full).
+        window = args.window
         warm = max(1, window // 10)
         sweeps: list[tuple[float, float]] = []
-        with fleet(args, database, sandbox, queue, tmp) as procs:
+        with fleet(args, database, sandbox, queue, tmp) as procs, kept_full(args.broker, queue, n) as added:
             deadline = time.time() + args.timeout
             while count(engine, ENDED, since) < warm and time.time() < deadline:
                 time.sleep(0.1)
@@ -336,6 +360,7 @@ def run_size(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
             "sweep_max_ms": max((s[0] for s in sweeps), default=float("nan")),
             "backlog_ms": statistics.median(s[1] for s in sweeps) if sweeps else float("nan"),
             "left_in_queue": left,
+            "topped_up": added[0],
         }
     finally:
         delete_queue(args.broker, queue)
@@ -419,15 +444,20 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1000,10000,100000", help="comma-separated table and backlog sizes")
+    p.add_argument(
+        "--sizes",
+        default="1000,10000,100000",
+        help="comma-separated table and backlog sizes (empty: only the in-flight run)",
+    )
     p.add_argument(
         "--window",
         type=int,
         default=2000,
-        help="jobs measured per size (at most half the size), after a warm-up of a tenth of that",
+        help="jobs measured per size (the queue kept at the size meanwhile), after a warm-up of a tenth of that",
     )
     p.add_argument("--in-flight", type=int, default=10000, help="jobs to hold in flight at once (0: skip)")
-    p.add_argument("--in-flight-seconds", type=float, default=60.0, help="sandbox task time of the in-flight run")
+    # 120 s: at about 100 submits/s (two workers here) 10,000 are in flight before the first ends.
+    p.add_argument("--in-flight-seconds", type=float, default=120.0, help="sandbox task time of the in-flight run")
     p.add_argument("--in-flight-timeout", type=float, default=600.0)
     p.add_argument("--task-seconds", type=float, default=2.0)
     p.add_argument("--workers", type=int, default=2)
@@ -446,19 +476,20 @@ def main() -> int:
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in [int(x) for x in args.sizes.split(",")]:
+        for n in [int(x) for x in args.sizes.split(",") if x]:
             r = run_size(args, n, Path(tmp))
             rows.append(r)
             print(
                 f"size {n:,}: filled in {r['fill_s']:.1f} s, {n:,} messages published in {r['publish_s']:.1f} s "
-                f"({n / r['publish_s']:.0f}/s); measured {r['jobs']} jobs, {r['left_in_queue']:,} still queued "
-                f"after; outbox backlog read {r['backlog_ms']:.1f} ms",
+                f"({n / r['publish_s']:.0f}/s), {r['topped_up']:,} more to keep it full; measured {r['jobs']} jobs, "
+                f"{r['left_in_queue']:,} still queued after; outbox backlog read {r['backlog_ms']:.1f} ms",
                 flush=True,
             )
             if not r["left_in_queue"]:
                 print(f"  size {n:,}: the queue ran dry within the window: not a figure under backlog", flush=True)
-        print()
-        print(table(rows))
+        if rows:
+            print()
+            print(table(rows))
         for r in rows:
             for name, (word, detail) in r["plans"].items():
                 if word == "Seq":
