@@ -124,8 +124,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     # Task events, for Flower (README: "Flower and what it shows"): a worker publishes three small
     # messages per task it runs (received, started, succeeded); our own sends (beat's sweep, the
-    # polls and deliveries it dispatches, retries) add task-sent. Publishing them was a sixth of a
-    # worker's CPU (bench/run.py), for nobody unless a monitor runs, so they start off: Flower
+    # polls and deliveries it dispatches, retries) add task-sent. Publishing them cost 0.5 to 1 ms
+    # of a worker's CPU per job (bench/run.py), for nobody unless a monitor runs, so they start off: Flower
     # turns them on in every worker it sees (`enable_events`, every 5 s), and KLING_TASK_EVENTS
     # turns them on from the start. Heartbeats (the worker group) are always sent.
     # Not on the embedded broker: its folders keep a fanout binding after a monitor has gone, and

@@ -177,7 +177,7 @@ def archive_at_end(job_id: str, urls: list[str]) -> tuple[list[dict[str, Any]], 
     with phases.phase("deliver"):
         files, worth_retrying, archiving = _keep_images(job_id, urls, [])
         state, error = _outcome(job_id, files, worth_retrying, 1, archiving)
-        due = utcnow() + timedelta(seconds=2.0) if state is State.pending else None
+        due = utcnow() + timedelta(seconds=_retry_delay(1)) if state is State.pending else None
         return files, outbox.Archived(state, due, error)
 
 
@@ -193,13 +193,18 @@ def _archive(delivery_id: int, job: JobView, attempts: int) -> tuple[int, ...]:
     with res.atomic() as s:
         store.set_files(s, job.id, files, now)
         if state is State.pending:
-            outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=2.0**attempts), error or "")
+            outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=_retry_delay(attempts)), error or "")
             return ()
         outbox.settle(s, delivery_id, now, state, error)
         if job.webhook is None and job.callback is None:
             return ()  # no event waits for this archive
         outbox.release_events(s, job.id, now)
         return tuple(outbox.claim_job_due(s, job.id, now, res.settings.delivery_lease))
+
+
+def _retry_delay(attempts: int) -> float:
+    # 2, 4, 8 … seconds after attempt 1, 2, 3 …: result URLs live for minutes, not hours.
+    return 2.0**attempts
 
 
 def _keep_images(

@@ -305,7 +305,7 @@ class ModellixClient:
 
     def _send(self, method: str, url: str, body: dict[str, Any] | None) -> requests.Response:
         # Straight to the session's adapter: Session.request merges environment settings,
-        # cookies, hooks and redirects we never use, a third of a call's CPU (measured here).
+        # cookies, hooks and redirects we never use: a quarter of a call's CPU (0.80 -> 0.59 ms here).
         # A redirect is answered as it is: the API has none, and a submit must not follow one.
         request = requests.PreparedRequest()
         request.prepare(method=method, url=url, headers=self.session.headers, json=body)
