@@ -196,9 +196,19 @@ def test_a_kill_of_the_embedded_worker_command_stops_its_celery_worker_too(tmp_p
             os.killpg(parent.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize(("broker", "events"), [("", False), ("amqp://guest:guest@127.0.0.1:1//", True)])
-def test_task_events_are_sent_except_on_the_embedded_broker(tmp_path, broker, events):
-    env = embedded_env(tmp_path, **({"CELERY_BROKER_URL": broker} if broker else {}))
+@pytest.mark.parametrize(
+    ("broker", "setting", "expected"),
+    [
+        ("", None, [False, False]),
+        ("", "true", [False, False]),  # never on the embedded broker
+        ("amqp://guest:guest@127.0.0.1:1//", None, [False, True]),  # task events wait for a monitor to ask
+        ("amqp://guest:guest@127.0.0.1:1//", "true", [True, True]),
+    ],
+)
+def test_task_events_follow_the_setting_except_on_the_embedded_broker(tmp_path, broker, setting, expected):
+    """worker_send_task_events and task_send_sent_event (tests/test_flower.py sees the events themselves)."""
+    extra = ({"CELERY_BROKER_URL": broker} if broker else {}) | ({"KLING_TASK_EVENTS": setting} if setting else {})
+    env = embedded_env(tmp_path, **extra)
     code = "from worker.app import app; print(app.conf.worker_send_task_events, app.conf.task_send_sent_event)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert done.stdout.split() == [str(events)] * 2, done.stderr
+    assert done.stdout.split() == [str(e) for e in expected], done.stderr
