@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -100,25 +100,27 @@ class Resources:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One transaction (locks last until it commits)."""
-        began = time.monotonic()
-        with db.transaction(self.engine) as s:
+        with self._answered(db.transaction(self.engine)) as s:
             yield s
-        self.outage.ok(began)
 
     @contextmanager
     def atomic(self) -> Iterator[Connection]:
         """Core statements in one transaction (no ORM session: see models.db.atomic)."""
-        began = time.monotonic()
-        with db.atomic(self.engine) as conn:
+        with self._answered(db.atomic(self.engine)) as conn:
             yield conn
-        self.outage.ok(began)
 
     @contextmanager
     def statement(self) -> Iterator[Connection]:
         """One statement that is atomic on its own."""
-        began = time.monotonic()
-        with db.statement(self.engine) as conn:
+        with self._answered(db.statement(self.engine)) as conn:
             yield conn
+
+    @contextmanager
+    def _answered(self, opened: AbstractContextManager[T]) -> Iterator[T]:
+        # A block that ran to its end tells the outage tracker the database answered since `began`.
+        began = time.monotonic()
+        with opened as value:
+            yield value
         self.outage.ok(began)
 
     def close(self) -> None:
