@@ -37,9 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.archive import Archive, FileArchive, S3Archive, archive_one  # noqa: E402
 from worker.dev.sandbox import SandboxServer, result_png  # noqa: E402
 from worker.modellix import ModellixClient  # noqa: E402
+from worker.results.archive import Archive, FileArchive, S3Archive, archive_one  # noqa: E402
 
 SIDE = 592  # 592 x 592 RGB, stored: 1 MiB
 

@@ -30,7 +30,7 @@ from kombu import Connection, Consumer, Message, Producer, Queue
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.embedded_broker import REAP_INTERVAL, Transport  # noqa: E402
+from worker.wiring.embedded_broker import REAP_INTERVAL, Transport  # noqa: E402
 
 QUEUE = "bench"
 
@@ -38,7 +38,7 @@ QUEUE = "bench"
 HOLDER = """
 import sys, time, json
 from kombu import Connection, Queue
-from worker.embedded_broker import Transport
+from worker.wiring.embedded_broker import Transport
 options, queue, count = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 channel = Connection("filesystem://", transport=Transport, transport_options=options).channel()
 held = 0
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--held", type=int, default=10, help="messages the killed consumer holds")
     args = parser.parse_args()
-    logging.getLogger("worker.embedded_broker").setLevel(logging.ERROR)  # one WARNING per reap otherwise
+    logging.getLogger("worker.wiring.embedded_broker").setLevel(logging.ERROR)  # one WARNING per reap otherwise
 
     with tempfile.TemporaryDirectory(prefix="kling-bench-broker-") as tmp:
         base = Path(tmp)

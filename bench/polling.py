@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.run import Sandbox, fresh_database, jobs_ended, percentile, worker_env  # noqa: E402
 from worker.dev.processes import Worker  # noqa: E402
 from worker.dev.sandbox import base_seconds, parse_task_seconds  # noqa: E402
-from worker.schedule import Shape  # noqa: E402
+from worker.polling.schedule import Shape  # noqa: E402
 
 # Sends each message at its "at" (seconds after the start): a stream, not a burst.
 PACED_PRODUCER = """

@@ -152,7 +152,7 @@ def bare_celery_rate(args, workers: int, tmp: Path) -> tuple[float, float]:
 
 
 def scrape_phases(port: int) -> dict[str, float]:
-    """CPU seconds by phase (worker.phases) from one worker's /metrics; empty from code that has none."""
+    """CPU seconds by phase (worker.ops.cpu) from one worker's /metrics; empty from code that has none."""
     found = {}
     for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
         if line.startswith('kling_cpu_seconds_total{phase="'):

@@ -1,6 +1,6 @@
 """Database engines, and the two ways to use one: a transaction, or a single statement.
 
-An engine is made by whoever owns the process's resources (worker.runtime),
+An engine is made by whoever owns the process's resources (worker.resources),
 after any fork: a connection pool inherited across a fork shares sockets
 between processes and breaks (measured here: 33 tasks/s and broken connections).
 """
@@ -77,7 +77,7 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         return engine
     # No pre-ping: it costs a round trip per checkout on the hot path. A
     # connection that died with a database restart fails its statement, and
-    # the task is retried (worker.tasks).
+    # the task is retried (worker.wiring.tasks).
     return create_engine(full, pool_size=pool_size, max_overflow=0, pool_recycle=1800)
 
 

@@ -88,7 +88,7 @@ class Job(Base):
     # and/or a Celery task {"task": NAME, "queue": QUEUE}.
     webhook: Mapped[str | None] = mapped_column(Text)
     callback: Mapped[dict[str, Any] | None] = mapped_column(OptionalJSONDoc)
-    # The archived result images, in the order of result_urls (worker.archive).
+    # The archived result images, in the order of result_urls (worker.results.archive).
     files: Mapped[list[dict[str, Any]] | None] = mapped_column(OptionalJSONDoc)
     # The job this one retries (`kling-worker jobs retry`): a new job, with a new id, linked to the failed one.
     retry_of: Mapped[str | None] = mapped_column(String(64))

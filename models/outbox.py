@@ -4,7 +4,7 @@ When a job reaches a terminal status (models.lifecycle.move and create), one
 row per channel is added here: `archive` for a job that succeeded (its result
 images are kept before the URLs expire), and `webhook` and `callback` when the
 job's message asked for them. A worker killed right after a job ended leaves
-the rows behind, and any other worker sends them (worker.delivery). Events
+the rows behind, and any other worker sends them (worker.results.delivery). Events
 wait for the archive, so a receiver can fetch the files at once.
 
     pending ─▶ (claimed: due_at pushed ahead by a lease) ─▶ done
@@ -12,7 +12,7 @@ wait for the archive, so a receiver can fetch the files at once.
        └──┘ retried later (due_at = the next attempt)
     waiting ─▶ pending   (an event, once the job's archive row is settled)
 
-The worker that ends a job usually archives its images first (worker.delivery):
+The worker that ends a job usually archives its images first (worker.results.delivery):
 the archive row is then written already settled (or pending for a later try),
 with one attempt counted, and the events pending at once (`Archived`).
 """

@@ -1,8 +1,8 @@
 """What the fleet learned about how long tasks of each request shape take: one row per shape.
 
 Every worker reads the rows into its own copy every few seconds and merges
-what it observed since into them in one statement (worker.learning). The
-rule that moves F is worker.schedule's; this module only stores and adds.
+what it observed since into them in one statement (worker.polling.learning). The
+rule that moves F is worker.polling.schedule's; this module only stores and adds.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def merge(
     """Add observations to the shared rows, in one statement.
 
     A new shape's row starts at its seed; an existing row keeps its value and
-    moves by `moved(hits, misses)` (worker.schedule.step, applied to the
+    moves by `moved(hits, misses)` (worker.polling.schedule.step, applied to the
     columns) but by no more than `max_step` either way, held within [low, high]
     (log seconds, the merging worker's bounds).
     """

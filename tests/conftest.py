@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 from models.migrate import upgrade
 from tests.services import require
-from worker import runtime
+from worker import resources
 
 PG_ADMIN_URL = os.environ.get("KLING_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 RABBIT_URL = os.environ.get("KLING_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
@@ -33,7 +33,7 @@ def pg_url() -> Iterator[str]:
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     upgrade(url)
     yield url
-    runtime.reset()  # its connections to the database about to be dropped
+    resources.reset()  # its connections to the database about to be dropped
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()
@@ -78,10 +78,10 @@ def configure(monkeypatch):
     def apply(**env: str) -> None:
         for key, value in env.items():
             monkeypatch.setenv(key, str(value))
-        runtime.reset()
+        resources.reset()
 
     yield apply
-    runtime.reset()
+    resources.reset()
 
 
 @pytest.fixture

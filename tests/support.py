@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session
 
 from models import TERMINAL, ApiBudget, JobStatus
 from models.job import Job, utcnow
-from worker import limits, runtime, submission
+from worker import resources, submission
 from worker.dev.processes import Worker
 from worker.dev.sandbox import SandboxServer
+from worker.fleet import limits
 
 
 def worker_env(broker: str, database: str, sandbox: SandboxServer, tmp_path: Path, **extra: Any) -> dict[str, str]:
@@ -105,7 +106,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, workers: S
 
 
 def job(job_id: str) -> Job:
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         return s.get(Job, job_id)
 
 
@@ -121,12 +122,12 @@ def submitted(job_id: str) -> Job:
 
 def set_budget(**values: Any) -> None:
     """Write the shared budget row as another worker (or host) would."""
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.execute(update(ApiBudget).values(**values))
 
 
 def budget() -> dict[str, Any]:
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         return limits.status(s)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from worker import modellix
-from worker.api_errors import BALANCE_RECHECK, Action, for_balance, judge_poll, judge_submit
 from worker.config import Settings
+from worker.modellix.policy import BALANCE_RECHECK, Action, for_balance, judge_poll, judge_submit
 
 CFG = Settings(max_attempts=3, backoff_base=1.0, backoff_max=60.0, account_retry=60.0)
 

@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from worker import archive
-from worker.archive import (
+from worker.config import Settings
+from worker.dev.sandbox import Step, result_png
+from worker.modellix import ModellixClient
+from worker.results import archive
+from worker.results.archive import (
     ArchivedFile,
     ArchiveError,
     ArchiveSpec,
@@ -31,9 +34,6 @@ from worker.archive import (
     open_archive,
     sniff,
 )
-from worker.config import Settings
-from worker.dev.sandbox import Step, result_png
-from worker.modellix import ModellixClient
 
 MiB = 1024 * 1024
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bytes(16)

@@ -129,13 +129,13 @@ def test_a_broker_that_refuses_is_one_line_for_one_job_a_batch_and_a_retry(sqlit
     import socket
 
     from models.job import Job
-    from worker import runtime
+    from worker import resources
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     configure(DATABASE_URL=sqlite_url)
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.add(Job(id="f1", status="failed", request={"prompt": "p"}, error_code="429"))
     env = cli_env(CELERY_BROKER_URL=f"amqp://guest:secret-pw@127.0.0.1:{port}//", DATABASE_URL=sqlite_url)
     one = run_cli(["enqueue", "a cat"], env)

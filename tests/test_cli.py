@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from models.job import Job
-from worker import cli, runtime
-from worker.cli_params import when
+from worker import cli, resources
+from worker.cli import enqueue
+from worker.cli.params import when
 from worker.dev.sandbox import png
 
 
@@ -18,7 +19,7 @@ from worker.dev.sandbox import png
 def table(sqlite_url, configure):
     configure(DATABASE_URL=sqlite_url, MODELLIX_MAX_RPS="5", MODELLIX_MAX_IN_FLIGHT="7")
     now = datetime.now(UTC)
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         for i, (status, age) in enumerate([("succeeded", 3), ("failed", 2), ("queued", 1), ("submitted", 0)]):
             when = now - timedelta(hours=age)
             s.add(
@@ -102,7 +103,7 @@ def test_enqueue_refuses_an_invalid_request_before_sending(table, capsys):
 def test_local_images_become_data_uris_and_urls_pass(tmp_path):
     image = tmp_path / "in.png"
     image.write_bytes(png(2, 2))
-    request = cli.build_request(
+    request = enqueue.build_request(
         "x <<<image_1>>>", [str(image), "https://a/b.png"], [9], n=2, resolution="2k", aspect_ratio="1:1"
     )
     first = request["image_list"][0]["image"]
@@ -116,7 +117,7 @@ def test_local_images_become_data_uris_and_urls_pass(tmp_path):
         "resolution": "2k",
         "aspect_ratio": "1:1",
     }
-    assert cli.build_request("y") == {"prompt": "y"}
+    assert enqueue.build_request("y") == {"prompt": "y"}
 
 
 @pytest.mark.parametrize("value, ago", [("30s", 30), ("15m", 900), ("2h", 7200), ("1d", 86400)])
@@ -131,7 +132,7 @@ def test_iso_times_without_a_zone_are_utc():
 def test_list_shows_fifty_by_default_with_since_inclusive_and_until_exclusive(sqlite_url, configure, capsys):
     configure(DATABASE_URL=sqlite_url)
     base = datetime(2026, 1, 1, tzinfo=UTC)
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         for i in range(55):
             when = base + timedelta(minutes=i)
             s.add(Job(id=f"m{i:02d}", status="queued", request={}, created_at=when, updated_at=when))
@@ -144,7 +145,7 @@ def test_list_shows_fifty_by_default_with_since_inclusive_and_until_exclusive(sq
 def test_watch_prints_each_job_once_per_status_and_returns_when_all_ended(table, capsys):
     from io import StringIO
 
-    from worker.watch import watch
+    from worker.cli.watch import watch
 
     out = StringIO()
     rows = watch(["j0", "j1"], 10, out)
@@ -157,7 +158,7 @@ def test_watch_gives_up_after_its_timeout_on_a_job_nobody_takes(table):
     import time
     from io import StringIO
 
-    from worker.watch import watch
+    from worker.cli.watch import watch
 
     out = StringIO()
     started = time.monotonic()

@@ -209,6 +209,6 @@ def test_task_events_follow_the_setting_except_on_the_embedded_broker(tmp_path, 
     """worker_send_task_events and task_send_sent_event (tests/test_flower.py sees the events themselves)."""
     extra = ({"CELERY_BROKER_URL": broker} if broker else {}) | ({"KLING_TASK_EVENTS": setting} if setting else {})
     env = embedded_env(tmp_path, **extra)
-    code = "from worker.app import app; print(app.conf.worker_send_task_events, app.conf.task_send_sent_event)"
+    code = "from worker.wiring.app import app; print(app.conf.worker_send_task_events, app.conf.task_send_sent_event)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == [str(e) for e in expected], done.stderr

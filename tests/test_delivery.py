@@ -1,4 +1,4 @@
-"""Results reach the caller (worker.delivery): archive, then a signed webhook and a callback, in process.
+"""Results reach the caller (worker.results.delivery): archive, then a signed webhook and a callback, in process.
 
 Real parts: the sandbox serves the result images (and lets them expire), a
 receiver verifies each webhook with the public `standardwebhooks` package
@@ -18,8 +18,11 @@ import requests
 
 from tests.receiver import WebhookReceiver
 from tests.support import handle, job
-from worker import cli, delivery, runtime, tasks, tracking, webhooks
-from worker.schedule import NextPoll
+from worker import cli, resources
+from worker.polling import tracking
+from worker.polling.schedule import NextPoll
+from worker.results import delivery, webhooks
+from worker.wiring import tasks
 
 SECRET = "whsec_" + base64.b64encode(b"kling-worker test secret 32 bytes").decode()
 
@@ -68,7 +71,7 @@ def run_deliveries(timeout: float = 20.0) -> list[delivery.Callback]:
 
 
 def states(job_id: str) -> dict[str, tuple[str, int]]:
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         from models import outbox
 
         return {d.channel: (d.state, d.attempts) for d in outbox.for_job(s, job_id)}

@@ -11,8 +11,7 @@ import pytest
 from kombu import Connection, Consumer, Queue
 
 from tests.support import set_budget
-from worker import doctor
-from worker.cli import main
+from worker.cli import doctor, main
 from worker.modellix import ModellixClient
 
 

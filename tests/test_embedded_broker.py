@@ -1,4 +1,4 @@
-"""The embedded broker (worker.embedded_broker) with real processes: what a killed consumer held comes back,
+"""The embedded broker (worker.wiring.embedded_broker) with real processes: what a killed consumer held comes back,
 exactly what was acked goes, and an embedded worker killed mid-batch loses no job."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from kombu import Connection, Producer, Queue
 from models.migrate import upgrade
 from tests.support import valid, wait_for, wait_terminal
 from tests.test_cli_and_embedded import embedded_env
-from worker import embedded_broker
 from worker.dev.processes import ROOT, Worker
+from worker.wiring import embedded_broker
 
 QUEUE = "q"
 
@@ -28,7 +28,7 @@ QUEUE = "q"
 CONSUMER = """
 import json, os, sys, time
 from kombu import Connection, Queue
-from worker.embedded_broker import Transport
+from worker.wiring.embedded_broker import Transport
 
 options, queue, count, fork = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["fork"]
 channel = Connection("filesystem://", transport=Transport, transport_options=options).channel()
@@ -51,7 +51,7 @@ time.sleep(120)
 PRODUCER = """
 import json, sys
 from kombu import Connection, Producer
-from worker.embedded_broker import Transport
+from worker.wiring.embedded_broker import Transport
 
 options, queue, kind = json.loads(sys.argv[1]), sys.argv[2], sys.argv[5]
 count, size = int(sys.argv[3]), int(sys.argv[4])
@@ -271,7 +271,7 @@ def test_a_file_that_does_not_parse_is_kept_aside_and_the_next_one_is_delivered(
     empty = queue / f"2_{uuid.uuid4()}.{QUEUE}.msg"
     empty.write_bytes(b"")  # a plain producer between its open() and its write
     publish(opts, {"n": 1})
-    with caplog.at_level("ERROR", logger="worker.embedded_broker"):
+    with caplog.at_level("ERROR", logger="worker.wiring.embedded_broker"):
         assert drain(opts) == [{"n": 1}]
     assert [p.name.split("_")[0] for p in Path(opts["bad_folder"]).iterdir()] == ["1"]
     assert "does not parse" in caplog.text
@@ -292,7 +292,7 @@ def test_plain_filesystem_producers_and_consumers_work_with_it(tmp_path):
 # The embedded default as a user runs it: the worker app publishes (as the CLI and demo do).
 ENQUEUE = """
 import json, sys
-from worker.app import app, prepare_folders
+from worker.wiring.app import app, prepare_folders
 prepare_folders()
 for line in sys.stdin:
     message = json.loads(line)

@@ -1,4 +1,4 @@
-"""Answers held through a database outage (worker.holding) and the claims and polls it interrupts.
+"""Answers held through a database outage (worker.facts) and the claims and polls it interrupts.
 
 The outage is real: this process's database connections go through a TCP
 proxy of the test's own (tests/proxy.py), which the test cuts and restores.
@@ -18,9 +18,11 @@ from models import lifecycle
 from models.job import Job, utcnow
 from tests.proxy import TcpProxy
 from tests.support import handle, job, submitted, wait_for
-from worker import holding, outages, runtime, submission, tracking
-from worker.holding import Fact
-from worker.schedule import NextPoll
+from worker import facts, resources, submission
+from worker.facts import Fact
+from worker.ops import outages
+from worker.polling import tracking
+from worker.polling.schedule import NextPoll
 
 pytestmark = pytest.mark.services
 
@@ -40,14 +42,14 @@ def proxy(pg_url, sandbox, configure):
 
 
 def claimed(job_id: str) -> Job:
-    with runtime.get().statement() as ex:
+    with resources.get().statement() as ex:
         assert lifecycle.claim_for_submit(ex, job_id, {"prompt": "x"}, None, utcnow()) == 1
     return job(job_id)
 
 
 def keep_in_thread(fact: Fact) -> tuple[threading.Thread, list[Fact | None]]:
     result: list[Fact | None] = []
-    thread = threading.Thread(target=lambda: result.append(holding.keep(fact)), daemon=True)
+    thread = threading.Thread(target=lambda: result.append(facts.keep(fact)), daemon=True)
     thread.start()
     return thread, result
 
@@ -61,10 +63,10 @@ def test_an_answer_met_by_an_outage_is_held_until_the_database_returns(proxy):
     proxy.cut()
     thread, result = keep_in_thread(answer("held"))
     time.sleep(1.5)
-    assert thread.is_alive() and runtime.get().outage.down  # held, not dropped, not raised
+    assert thread.is_alive() and resources.get().outage.down  # held, not dropped, not raised
     proxy.restore()
     thread.join(5)
-    assert result == [None] and not runtime.get().outage.down
+    assert result == [None] and not resources.get().outage.down
     row = job("held")
     assert row.status == "submitted" and row.modellix_task_id == "task-1"
     assert row.next_poll_at == row.submitted_at + timedelta(seconds=2)
@@ -76,7 +78,7 @@ def test_a_stopping_process_gives_a_held_answer_back_to_hand_on(proxy):
     fact = answer("stop")
     thread, result = keep_in_thread(fact)
     time.sleep(0.5)
-    runtime.get().stopping.set()
+    resources.get().stopping.set()
     thread.join(3)
     assert result == [fact]
     proxy.restore()
@@ -132,7 +134,7 @@ def test_a_poll_met_by_an_outage_waits_without_raising(proxy):
 
 def test_the_sweep_waits_out_an_outage_and_then_leaves_stale_submits_alone_a_while(proxy, monkeypatch):
     claimed("stale")
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.execute(update(Job).values(updated_at=utcnow() - timedelta(hours=1)))
     proxy.cut()
     assert tracking.sweep() == []  # no traceback, nothing done

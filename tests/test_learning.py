@@ -14,10 +14,11 @@ from sqlalchemy import select, text
 from models import PollShape, poll_shapes
 from models.job import utcnow
 from tests.support import handle, job, rows, wait_terminal, worker_env
-from worker import learning, runtime, schedule, tracking
+from worker import resources
 from worker.config import Settings
 from worker.dev.processes import Worker, produce
-from worker.schedule import Shape
+from worker.polling import learning, schedule, tracking
+from worker.polling.schedule import Shape
 
 # -- the rule -------------------------------------------------------------------
 
@@ -68,7 +69,7 @@ def test_a_seed_is_the_middle_of_the_interval_in_which_the_task_ended():
 
 
 def _shape_row(key: tuple[str, int, int]) -> PollShape | None:
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         return s.scalars(select(PollShape).filter_by(resolution=key[0], n=key[1], images=key[2])).first()
 
 
@@ -76,11 +77,11 @@ def test_merges_seed_a_row_then_move_it_within_the_bounds(service):
     key = ("2k", 3, 1)
     low, high = math.log(1.0), math.log(30.0)
     seen = poll_shapes.Seen(key, math.log(9.0), 2, 0, 0)
-    with runtime.get().statement() as ex:
+    with resources.get().statement() as ex:
         poll_shapes.merge(ex, [seen], schedule.step, schedule.MAX_STEP, low, high, utcnow())
     assert math.isclose(math.exp(_shape_row(key).log_first), 9.0)
     # An existing row keeps its value (a later seed is ignored) and moves by the rule.
-    with runtime.get().statement() as ex:
+    with resources.get().statement() as ex:
         poll_shapes.merge(
             ex, [poll_shapes.Seen(key, math.log(20.0), 1, 4, 1)], schedule.step, schedule.MAX_STEP, low, high, utcnow()
         )
@@ -89,7 +90,7 @@ def test_merges_seed_a_row_then_move_it_within_the_bounds(service):
     assert (row.hits, row.misses, row.seeded) == (4, 1, 2)
     # A burst (500 misses in one merge) moves F by MAX_STEP at most; merge after merge, up to KLING_POLL_MAX.
     burst = [poll_shapes.Seen(key, 0.0, 0, 0, 500)]
-    with runtime.get().statement() as ex:
+    with resources.get().statement() as ex:
         poll_shapes.merge(ex, burst, schedule.step, schedule.MAX_STEP, low, high, utcnow())
         assert math.isclose(poll_shapes.read(ex)[key], row.log_first + schedule.MAX_STEP)
         for _ in range(4):
@@ -103,7 +104,7 @@ def test_one_workers_observations_reach_another_workers_schedule(service, config
     assert tracking.check("a", 0) is not None  # made at once: the task is still running
     time.sleep(0.8)
     assert tracking.check("a", 1) is None and job("a").status == "succeeded"
-    teacher = runtime.get().made("learner")
+    teacher = resources.get().made("learner")
     teacher.sync()  # what the worker does every few seconds
     # Another worker (another process: its own, empty copy) reads the row on its first submit.
     configure()
@@ -119,7 +120,7 @@ def test_one_workers_observations_reach_another_workers_schedule(service, config
 def test_first_polls_count_as_hits_or_misses_for_the_shape(service, configure):
     configure(KLING_POLL_MIN="0.2")
     key = ("1k", 1, 0)
-    with runtime.get().statement() as ex:
+    with resources.get().statement() as ex:
         poll_shapes.merge(
             ex, [poll_shapes.Seen(key, math.log(0.3), 1, 0, 0)], schedule.step, schedule.MAX_STEP, -5.0, 5.0, utcnow()
         )
@@ -133,13 +134,13 @@ def test_first_polls_count_as_hits_or_misses_for_the_shape(service, configure):
         assert following is not None and following.delay == 0.2
     time.sleep(0.4)
     assert tracking.check("x", 1) is None
-    learner = runtime.get().made("learner")
+    learner = resources.get().made("learner")
     learner.sync()
     row = _shape_row(key)
     assert (row.hits, row.misses) == (0, 1)
     assert math.isclose(row.log_first, math.log(0.3) + schedule.step(0, 1))
     # Meanwhile other workers' misses raised F past y's end: judged against F as it is now, y is a hit.
-    with runtime.get().statement() as ex:
+    with resources.get().statement() as ex:
         for _ in range(3):  # three merges of other workers' counts (each moves F by MAX_STEP at most)
             poll_shapes.merge(
                 ex, [poll_shapes.Seen(key, 0.0, 0, 0, 40)], schedule.step, schedule.MAX_STEP, -5.0, 5.0, utcnow()
@@ -154,11 +155,11 @@ def test_a_late_first_poll_counts_only_when_it_finds_the_task_running(service):
     """On a loaded machine first polls run late: one that still finds the task running proves the
     task outlasted F (a miss); one that finds it finished proves nothing about F (not counted)."""
     key = ("1k", 2, 0)
-    with runtime.get().statement() as ex:
+    with resources.get().statement() as ex:
         poll_shapes.merge(
             ex, [poll_shapes.Seen(key, math.log(2.0), 1, 0, 0)], schedule.step, schedule.MAX_STEP, -5.0, 5.0, utcnow()
         )
-    learner = runtime.get().once("learner", learning.Learner)
+    learner = resources.get().once("learner", learning.Learner)
     learner.sync()
     request = {"prompt": "p", "n": 2}
     for job_id in ("running", "finished"):
@@ -174,7 +175,7 @@ def test_a_late_first_poll_counts_only_when_it_finds_the_task_running(service):
 
 
 def test_without_the_table_or_with_learning_off_the_configured_schedule_is_used(service, configure, caplog):
-    with runtime.get().statement() as ex:
+    with resources.get().statement() as ex:
         ex.execute(text("DROP TABLE poll_shapes"))  # a database older than this worker
     caplog.set_level(logging.WARNING)
     out = handle(request={"prompt": "x"}, job_id="x")
@@ -182,7 +183,7 @@ def test_without_the_table_or_with_learning_off_the_configured_schedule_is_used(
     assert "learned poll schedule could not be read" in caplog.text
     configure(KLING_POLL_LEARN="false")
     assert handle(request={"prompt": "y"}, job_id="y").first_poll == schedule.NextPoll(0, 2.0)
-    assert runtime.get().made("learner") is None
+    assert resources.get().made("learner") is None
 
 
 def test_a_stopping_worker_merges_what_it_counted(service):

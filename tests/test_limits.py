@@ -15,8 +15,10 @@ from models.budget import lift_pause
 from models.budget import read as budget_row
 from models.job import utcnow
 from tests.support import budget, handle, job, seconds_until, set_budget, submitted
-from worker import limits, runtime, submission, tracking
+from worker import resources, submission
 from worker.dev.sandbox import Step
+from worker.fleet import limits
+from worker.polling import tracking
 
 
 def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service, monkeypatch):
@@ -99,7 +101,7 @@ def test_requests_leave_evenly_spaced_at_the_rate_limit(service, configure):
     for _ in range(6):
         limits.take_request_slot()
     assert time.monotonic() - started >= 5 * spacing - 0.01
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         row = budget_row(s)
     assert row.next_slot >= wall + 6 * spacing - 0.01  # six slots booked from now on, the next one after them
 
@@ -125,7 +127,7 @@ def test_a_waiting_job_takes_a_freed_place_at_once(service, configure):
     started = time.monotonic()
     waiter.start()
     time.sleep(1.0)
-    with runtime.get().transaction() as ex:  # the running task ends
+    with resources.get().transaction() as ex:  # the running task ends
         lifecycle.succeed(ex, "running", utcnow(), result_urls=["https://r/0.png"], answer={})
     waiter.join(15)
     assert outcome and outcome[0].status is JobStatus.submitted  # it waited in place, not in the broker
@@ -159,7 +161,7 @@ def test_a_pause_for_credit_is_renewed_while_the_balance_is_empty_and_lifted_onc
 
 
 def _paused_until() -> float:
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         return float(budget_row(s).paused_until)
 
 
@@ -177,17 +179,17 @@ def test_the_balance_is_not_asked_during_other_pauses(service, monkeypatch):
 def test_lifting_a_pause_for_credit_leaves_a_pause_set_since_for_another_reason(service):
     limits.pause(30, "402 Payment Required: insufficient balance")
     set_budget(pause_reason="429 from Modellix")  # another worker's 429 took the row since the balance was read
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         assert not lift_pause(s, "402 Payment Required: insufficient balance")
     assert budget()["paused_for"] > 20
     set_budget(pause_reason="402 Payment Required: insufficient balance")
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         assert lift_pause(s, "402 Payment Required: insufficient balance")
     assert budget()["paused_for"] == 0
 
 
 def test_the_sweep_lifts_a_pause_for_credit(service, monkeypatch):
-    from worker import tasks
+    from worker.wiring import tasks
 
     monkeypatch.setattr(limits, "BALANCE_EVERY", 0.0)
     limits.pause(30, "402 Payment Required: insufficient balance")
@@ -250,7 +252,7 @@ def test_submits_waiting_in_place_give_their_messages_back_at_once_when_the_work
     time.sleep(1.0)
     assert not outcomes  # all three wait (one at the budget row, two at this process's gate)
     stopped = time.monotonic()
-    runtime.get().stopping.set()
+    resources.get().stopping.set()
     limits.stop_waiting()
     for t in threads:
         t.join(5)

@@ -1,4 +1,4 @@
-"""Log lines (worker.logs): one JSON object per line with KLING_LOG_FORMAT=json, the job a line is about,
+"""Log lines (worker.ops.logs): one JSON object per line with KLING_LOG_FORMAT=json, the job a line is about,
 an event name on every line, and the per-second sweep kept at DEBUG; then a real worker with its beat."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from sqlalchemy import create_engine
 from sqlalchemy import text as sql
 
 from tests.support import valid, wait_for, wait_terminal, worker_env
-from worker import logs
 from worker.config import ConfigError, Settings
 from worker.dev.processes import ROOT, Worker, produce
 from worker.dev.sandbox import Step
+from worker.ops import logs
 
 
 def record(msg: str, *args: object, level: int = logging.INFO, name: str = "kling_worker.test", **extra: object):

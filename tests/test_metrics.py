@@ -27,10 +27,12 @@ from models import JobStatus, lifecycle, outbox
 from models.job import Job, utcnow
 from tests.proxy import TcpProxy
 from tests.support import job, rows, submitted, valid, wait_for, wait_terminal, worker_env
-from worker import health, metrics, runtime, tracking
+from worker import resources
 from worker.config import ConfigError, Settings
 from worker.dev.processes import Worker, produce
 from worker.dev.sandbox import Step
+from worker.ops import health, metrics
+from worker.polling import tracking
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -118,12 +120,12 @@ def test_jobs_the_deadline_and_the_sweep_end_are_counted_once_each(service, conf
     before = ended("timeout"), ended("submit_interrupted")
     service.task_seconds = 60
     submitted("slow")
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.execute(update(Job).where(Job.id == "slow").values(submitted_at=utcnow() - timedelta(seconds=61)))
     assert tracking.check("slow", 0) is None and job("slow").error_code == "timeout"
     configure(KLING_SUBMIT_GRACE=50)
     past = utcnow() - timedelta(seconds=60)
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.add(Job(id="stuck", status="submitting", request={}, attempts=1, created_at=past, updated_at=past))
     tracking.sweep()
     tracking.sweep()  # nothing left to end: nothing counted again
@@ -136,7 +138,7 @@ def test_jobs_the_deadline_and_the_sweep_end_are_counted_once_each(service, conf
 
 def test_api_calls_are_timed_and_counted_by_endpoint_and_answer(sandbox, configure):
     configure(MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=sandbox.api_key)
-    client = runtime.get().client
+    client = resources.get().client
     before = {
         key: sample("kling_api_responses_total", endpoint=key[0], status=key[1])
         for key in [("submit", "200"), ("submit", "error"), ("poll", "200"), ("poll", "429"), ("other", "200")]
@@ -172,7 +174,7 @@ def ended_jobs_with_deliveries() -> None:
     callback (one due, one retried in an hour)."""
     now = utcnow()
     callback = {"task": "orders.done", "queue": "orders"}
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         lifecycle.claim_for_submit(s, "ok", {}, None, now, webhook="https://hooks.example/x")
         lifecycle.mark_submitted(s, "ok", now, task_id="t-ok", answer={}, next_poll_at=now)
         lifecycle.succeed(s, "ok", now, result_urls=["https://img.example/0.png"], answer={})

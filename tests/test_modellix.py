@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from worker import modellix
+from worker import backoff, modellix
 from worker.dev.sandbox import Step
 from worker.modellix import ModellixClient
 
@@ -215,12 +215,12 @@ def test_status_mapping(status, finished, succeeded):
 
 
 def test_retry_after_parsing():
-    assert modellix.parse_retry_after("3") == 3.0
-    assert modellix.parse_retry_after("0.25") == 0.25
-    assert modellix.parse_retry_after(None) is None
-    assert modellix.parse_retry_after("soon") is None
+    assert backoff.parse_retry_after("3") == 3.0
+    assert backoff.parse_retry_after("0.25") == 0.25
+    assert backoff.parse_retry_after(None) is None
+    assert backoff.parse_retry_after("soon") is None
     future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 <= modellix.parse_retry_after(future) <= 31
+    assert 25 <= backoff.parse_retry_after(future) <= 31
 
 
 def test_an_error_page_instead_of_json_is_a_server_error_with_its_status(client, sandbox):
@@ -240,4 +240,4 @@ def test_without_a_key_error_texts_are_left_as_they_are(sandbox):
 
 def test_a_retry_after_date_in_the_past_means_now():
     past = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() - 30))
-    assert modellix.parse_retry_after(past) == 0.0
+    assert backoff.parse_retry_after(past) == 0.0

@@ -1,4 +1,4 @@
-"""The shape of an outage in the log (worker.outages): one line when it starts, a summary while
+"""The shape of an outage in the log (worker.ops.outages): one line when it starts, a summary while
 it lasts, one line when it ends; the backoff of messages it puts off."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from worker import outages
+from worker.ops import outages
 
 
 def failure(text: str = "connection refused\nIs the server running?") -> OperationalError:

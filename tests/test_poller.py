@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from worker.poller import Poller
+from worker.polling.timer import Poller
 
 
 def test_calls_run_in_due_order_and_can_schedule_the_next():

@@ -11,14 +11,14 @@ from sqlalchemy import select
 
 from models import Delivery
 from models.job import Job
-from worker import cli, runtime
+from worker import cli, resources
 
 NOW = datetime.now(UTC)
 OLD = NOW - timedelta(days=40)
 
 
 def add(job_id: str, status: str, when: datetime, deliveries: tuple[tuple[str, str], ...] = ()) -> None:
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.add(Job(id=job_id, status=status, request={"prompt": job_id}, created_at=when, updated_at=when))
         for channel, state in deliveries:
             s.add(Delivery(job_id=job_id, channel=channel, state=state, created_at=when, updated_at=when))
@@ -26,7 +26,7 @@ def add(job_id: str, status: str, when: datetime, deliveries: tuple[tuple[str, s
 
 def left() -> tuple[set[str], dict[str, set[str]]]:
     """The job ids left, and the channels of the deliveries left by job."""
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         ids = set(s.scalars(select(Job.id)))
         found: dict[str, set[str]] = {}
         for job_id, channel in s.execute(select(Delivery.job_id, Delivery.channel)):

@@ -15,8 +15,8 @@ import pytest
 
 from tests.receiver import WebhookReceiver
 from tests.support import valid, wait_for, wait_terminal, worker_env
-from worker import delivery
 from worker.dev.processes import Worker, produce
+from worker.results import delivery
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

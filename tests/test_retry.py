@@ -12,8 +12,8 @@ import pytest
 from models.job import Job
 from tests.cli_support import cli_env, delete_queue, drain, run_cli
 from tests.support import handle, job
-from worker import cli, runtime
-from worker.retries import retry_id
+from worker import cli, resources
+from worker.cli.retry_plan import retry_id
 from worker.schemas import is_valid_job_id
 
 NOW = datetime.now(UTC)
@@ -23,7 +23,7 @@ def add(job_id: str, status: str = "failed", **values: Any) -> None:
     values.setdefault("request", {"prompt": f"picture {job_id}"})
     values.setdefault("created_at", NOW - timedelta(minutes=5))
     values.setdefault("updated_at", values["created_at"])
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.add(Job(id=job_id, status=status, **values))
 
 
@@ -72,7 +72,7 @@ def test_a_dry_run_says_what_each_failed_job_would_do_and_sends_nothing(table, c
     for reason in (skipped[k] for k in ("unknown", "interrupted", "server", "timed-out")):
         assert reason.endswith("(--force to retry anyway)")
     assert skipped["inline"] == "its inline images were stored as digests only: enqueue it again with the images"
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         assert s.query(Job).count() == 14  # no job was added
 
 

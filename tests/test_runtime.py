@@ -6,13 +6,13 @@ import os
 import threading
 import time
 
-from worker import runtime
+from worker import resources
 
 
 def test_resources_are_made_once_however_many_threads_race_for_them(configure):
     configure(KLING_CONCURRENCY="4")
     made: list[int] = []
-    res = runtime.get()
+    res = resources.get()
 
     def make() -> object:
         made.append(1)
@@ -30,24 +30,24 @@ def test_resources_are_made_once_however_many_threads_race_for_them(configure):
 
 def test_a_forked_process_makes_its_own(configure):
     configure(KLING_CONCURRENCY="4")
-    parent = runtime.get()
+    parent = resources.get()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, then leave without running the parent's cleanup
-        child = runtime.get()
+        child = resources.get()
         os.write(write, b"ok" if child is not parent and child.pid == os.getpid() else b"no")
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 2) == b"ok"
-    assert runtime.get() is parent  # the parent keeps its own
+    assert resources.get() is parent  # the parent keeps its own
 
 
 def test_reset_closes_what_was_made_and_starts_afresh(configure, sqlite_url):
     configure(DATABASE_URL=sqlite_url, KLING_CONCURRENCY="4")
-    first = runtime.get()
+    first = resources.get()
     poller = first.poller
     with first.statement() as ex:
         ex.exec_driver_sql("select 1")
-    runtime.reset()
-    assert runtime.get() is not first
+    resources.reset()
+    assert resources.get() is not first
     assert poller._stopped and first._made == {}

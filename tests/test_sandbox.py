@@ -515,7 +515,7 @@ def test_balance_is_settable_and_needs_the_key(server, http):
 
 def test_a_task_seconds_range_gives_each_shape_its_base_and_each_task_jitter(server, http):
     from worker.dev.sandbox import JITTER, base_seconds, parse_task_seconds
-    from worker.schedule import Shape
+    from worker.polling.schedule import Shape
 
     assert parse_task_seconds("2.5") == 2.5 and parse_task_seconds("8-40") == (8.0, 40.0)
     with pytest.raises(ValueError, match="LOW-HIGH"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from models import JobStatus
 from models.job import Job
 from tests.support import handle, set_budget
-from worker import runtime, tracking
+from worker import resources
 from worker.dev.sandbox import Step
+from worker.polling import tracking
 
 
 def test_the_api_key_reaches_no_log_row_or_error(service, configure, any_db_url, caplog):
@@ -22,9 +23,9 @@ def test_the_api_key_reaches_no_log_row_or_error(service, configure, any_db_url,
     assert handle(request={"prompt": "z"}, job_id="k3").status is JobStatus.submitted
     service.script(Step("echo", on="poll"))
     assert tracking.check("k3", 0) is not None  # a failed poll is logged and made again later
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         dumped = repr([j.to_dict() for j in s.query(Job)])
     assert "401" in dumped and "Bearer ***" in dumped  # the echoes did leave their trace...
     assert caplog.text.count("Bearer ***") == 2
-    for text in (dumped, caplog.text, repr(runtime.settings())):
+    for text in (dumped, caplog.text, repr(resources.settings())):
         assert secret not in text and service.api_key not in text  # ...but never the key itself

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from worker import api_errors, config, runtime, schedule
+from worker import config, resources
 from worker.config import Settings
 from worker.dev.processes import ROOT
+from worker.modellix import policy
+from worker.polling import schedule
 
 
 def test_poll_schedule_is_2s_then_times_1_25_capped_at_30s():
@@ -27,9 +29,9 @@ def test_poll_schedule_is_2s_then_times_1_25_capped_at_30s():
 def test_retry_backoff_doubles_with_jitter_and_honours_retry_after():
     cfg = Settings(backoff_base=1.0, backoff_max=60.0)
     for attempt, ceiling in ((1, 1), (2, 2), (3, 4), (8, 60), (20, 60)):
-        delays = [api_errors.retry_delay(attempt, cfg) for _ in range(50)]
+        delays = [policy.retry_delay(attempt, cfg) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
-    assert api_errors.retry_delay(1, cfg, retry_after=9) == 9
+    assert policy.retry_delay(1, cfg, retry_after=9) == 9
 
 
 def test_the_submit_grace_must_outlast_a_live_submit():
@@ -49,18 +51,18 @@ def test_at_least_one_attempt():
 @pytest.mark.parametrize("concurrency, db_pool, expected", [("128", None, 16), ("16", None, 4), ("32", "7", 7)])
 def test_database_pool_is_an_eighth_of_the_threads_at_least_four(configure, concurrency, db_pool, expected):
     configure(KLING_CONCURRENCY=concurrency, **({"KLING_DB_POOL": db_pool} if db_pool else {}))
-    assert runtime.get().db_pool_size == expected
+    assert resources.get().db_pool_size == expected
 
 
 def test_http_pool_holds_a_connection_per_thread(configure):
     configure(KLING_CONCURRENCY="48", MODELLIX_BASE_URL="http://127.0.0.1:9")
-    adapter = runtime.get().client.session.get_adapter("http://127.0.0.1:9")
+    adapter = resources.get().client.session.get_adapter("http://127.0.0.1:9")
     assert adapter._pool_maxsize >= 48
 
 
 def test_delivery_settings_lose_no_message(configure, tmp_path):
     configure(KLING_HOME=str(tmp_path))
-    from worker.app import app
+    from worker.wiring.app import app
 
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost  # a killed worker's message is requeued
@@ -82,7 +84,7 @@ def test_kling_home_holds_the_embedded_database(monkeypatch, tmp_path):
 def test_celery_finds_the_app_as_worker_celery(configure, tmp_path):
     configure(KLING_HOME=str(tmp_path))
     import worker
-    from worker.app import app
+    from worker.wiring.app import app
 
     assert worker.celery is app  # what `celery -A worker` looks up
     with pytest.raises(AttributeError):

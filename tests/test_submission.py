@@ -13,9 +13,10 @@ import pytest
 
 from models import JobStatus
 from tests.support import budget, handle, job, seconds_until, set_budget, submitted
-from worker import cli, limits, runtime, submission
+from worker import cli, resources, submission
 from worker.dev.sandbox import Step
-from worker.schedule import NextPoll
+from worker.fleet import limits
+from worker.polling.schedule import NextPoll
 
 
 def test_valid_request_is_submitted_once(service):
@@ -138,14 +139,14 @@ def test_account_errors_keep_jobs_waiting_and_pause_the_fleet(service, caplog, m
     assert len(errors) == 1 and "402" in errors[0].getMessage() and "broke" in errors[0].getMessage()
 
     set_budget(paused_until=0)  # as if the pause had run out; the balance is still empty
-    runtime.reset()
+    resources.reset()
     assert handle(request={"prompt": "x"}, job_id="broke").status is JobStatus.queued
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 2 and "402" in errors[1].getMessage()  # each try that reaches the API says so
 
     service.set_faults(no_balance=False)
     set_budget(paused_until=0)
-    runtime.reset()
+    resources.reset()
     assert handle(request={"prompt": "x"}, job_id="broke").status is JobStatus.submitted
 
 

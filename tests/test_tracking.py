@@ -10,10 +10,11 @@ from sqlalchemy import update
 
 from models.job import Job, utcnow
 from tests.support import budget, handle, job, seconds_until, submitted
-from worker import runtime, tracking
-from worker.api_errors import BALANCE_RECHECK
+from worker import resources
 from worker.dev.sandbox import Step
-from worker.schedule import NextPoll
+from worker.modellix.policy import BALANCE_RECHECK
+from worker.polling import tracking
+from worker.polling.schedule import NextPoll
 
 
 def test_polls_until_success_and_records_the_urls(service):
@@ -40,7 +41,7 @@ def test_a_failed_task_fails_the_job_with_its_message(service):
 def test_a_task_still_running_at_the_deadline_times_out(service):
     service.task_seconds = 60
     submitted("slow")
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.execute(update(Job).where(Job.id == "slow").values(submitted_at=utcnow() - timedelta(seconds=61)))
     assert tracking.check("slow", 0) is None
     row = job("slow")
@@ -50,7 +51,7 @@ def test_a_task_still_running_at_the_deadline_times_out(service):
 def test_the_next_poll_never_lands_past_the_deadline(service):
     service.task_seconds = 60
     submitted("p")
-    with runtime.get().transaction() as s:  # half a second of the 60 s deadline left
+    with resources.get().transaction() as s:  # half a second of the 60 s deadline left
         s.execute(update(Job).where(Job.id == "p").values(submitted_at=utcnow() - timedelta(seconds=59.5)))
     following = tracking.check("p", 0)
     assert following is not None and following.delay <= 0.5
@@ -134,7 +135,7 @@ def test_deadline_reached_while_polls_keep_failing(service):
     submitted("p")
     service.set_faults(rate_503=1.0)
     assert tracking.check("p", 0) is not None  # a failed poll before the deadline: try again
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.execute(update(Job).where(Job.id == "p").values(submitted_at=utcnow() - timedelta(seconds=61)))
     assert tracking.check("p", 1) is None
     row = job("p")
@@ -145,7 +146,7 @@ def test_sweep_leaves_polls_that_are_late_by_less_than_the_slack(service):
     submitted("late")
     submitted("lost")
     now = utcnow()
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.execute(update(Job).where(Job.id == "late").values(next_poll_at=now - timedelta(seconds=5)))
         s.execute(update(Job).where(Job.id == "lost").values(next_poll_at=now - timedelta(seconds=12)))
     assert tracking.sweep() == [("lost", 0)]
@@ -154,7 +155,7 @@ def test_sweep_leaves_polls_that_are_late_by_less_than_the_slack(service):
 def test_sweep_waits_for_the_submit_grace(service, configure):
     configure(KLING_SUBMIT_GRACE=60)
     now = utcnow()
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         for job_id, age in (("young", 45), ("old", 75)):
             when = now - timedelta(seconds=age)
             s.add(
@@ -174,7 +175,7 @@ def test_sweep_waits_for_the_submit_grace(service, configure):
 
 def test_sweep_redispatches_an_overdue_poll_once(service):
     submitted("lost-poll")
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.execute(update(Job).where(Job.id == "lost-poll").values(next_poll_at=utcnow() - timedelta(seconds=60)))
     assert tracking.sweep() == [("lost-poll", 0)]
     assert tracking.sweep() == []  # leased: not dispatched twice
@@ -183,7 +184,7 @@ def test_sweep_redispatches_an_overdue_poll_once(service):
 def test_sweep_fails_a_job_left_submitting_as_interrupted(service, configure):
     configure(KLING_SUBMIT_GRACE=50)
     past = utcnow() - timedelta(seconds=60)
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.add(
             Job(id="stuck", status="submitting", request={"prompt": "x"}, attempts=1, created_at=past, updated_at=past)
         )

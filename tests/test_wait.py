@@ -13,8 +13,9 @@ from io import StringIO
 import pytest
 
 from tests.cli_support import CLI, cli_env, delete_queue, run_cli
-from worker import limits, watch
+from worker.cli import watch
 from worker.dev.processes import ROOT
+from worker.fleet import limits
 
 PAUSE_REASON = "402 from submit: insufficient balance"
 
@@ -99,9 +100,9 @@ def test_on_a_terminal_the_wait_is_a_live_table_with_the_reason(embedded):
 
 def test_tables_are_drawn_on_a_terminal_and_plain_in_a_pipe(embedded):
     from models.job import Job
-    from worker import runtime
+    from worker import resources
 
-    with runtime.get().transaction() as s:
+    with resources.get().transaction() as s:
         s.add(Job(id="shown-1", status="failed", request={"prompt": "p"}, error_code="task_failed"))
     code, screen = run_on_terminal(["jobs", "list"], embedded)
     assert code == 0 and "\x1b[" in screen and "shown-1" in screen and "─" in screen
@@ -128,9 +129,9 @@ def test_the_reasons_are_asked_at_most_every_few_seconds(embedded):
 
 def test_a_job_a_worker_is_retrying_is_named_with_its_last_error_not_as_unseen(embedded):
     from models.job import Job
-    from worker import runtime
+    from worker import resources
 
-    with runtime.get().transaction() as s:  # a worker took it, and its submit met a refused connection
+    with resources.get().transaction() as s:  # a worker took it, and its submit met a refused connection
         s.add(
             Job(
                 id="retried-1",

@@ -15,9 +15,9 @@ import requests
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from tests.receiver import WebhookReceiver
-from worker import webhooks
 from worker.config import Settings
-from worker.webhooks import Attempt, WebhookSecret, check_url, give_up, next_attempt_delay, send
+from worker.results import webhooks
+from worker.results.webhooks import Attempt, WebhookSecret, check_url, give_up, next_attempt_delay, send
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()

@@ -13,7 +13,7 @@ def __getattr__(name: str) -> Any:
         from worker.config import ConfigError
 
         try:
-            from worker.app import app
+            from worker.wiring.app import app
         except ConfigError as exc:
             # Only `celery -A worker` asks for the app here, and would print the message at the
             # foot of a traceback of its own loading code: the message is all the operator needs.

@@ -19,12 +19,12 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.archive import DEFAULT_MAX_BYTES, ArchiveSpec
-from worker.webhooks import WebhookSecret
+from worker.results.archive import DEFAULT_MAX_BYTES, ArchiveSpec
+from worker.results.webhooks import WebhookSecret
 
 DEFAULT_BASE_URL = "https://api.modellix.ai"
 DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
-# The longest a worker thread sleeps for the fleet's API budget (worker.limits):
+# The longest a worker thread sleeps for the fleet's API budget (worker.fleet.limits):
 # a claimed job can stay `submitting` this long before its POST even starts.
 MAX_BUDGET_SLEEP = 5.0
 # What a 5xx answer to a submit means (Settings.submit_5xx).
@@ -151,13 +151,13 @@ class Settings(BaseSettings):
     # 401/402: the account is blocked; jobs wait this long between tries, without limit.
     account_retry: float = _env("KLING_ACCOUNT_RETRY", 60.0, ge=0)
 
-    # Status polling (worker.schedule): first poll after poll_first seconds, each gap poll_factor
+    # Status polling (worker.polling.schedule): first poll after poll_first seconds, each gap poll_factor
     # times the last, at most poll_max; a task not finished poll_deadline seconds after
     # submission fails as timed out.
     poll_first: float = _env("KLING_POLL_FIRST", 2.0, gt=0)
     poll_factor: float = _env("KLING_POLL_FACTOR", 1.25, ge=1)
     poll_max: float = _env("KLING_POLL_MAX", 30.0, gt=0)
-    # The fleet learns each request shape's first poll from the tasks it saw (worker.schedule):
+    # The fleet learns each request shape's first poll from the tasks it saw (worker.polling.schedule):
     # never sooner than poll_min (nor than poll_first or poll_max if lower), never later than poll_max.
     # False: the configured schedule only, nothing read or written.
     poll_learn: bool = _env("KLING_POLL_LEARN", True)
@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     # Database connections per worker process (default: an eighth of the threads, at least 4).
     db_pool: Annotated[int, Field(ge=1)] | None = _env("KLING_DB_POOL", None)
 
-    # Webhooks (worker.webhooks): the Standard Webhooks signing secret, `whsec_<base64>`
+    # Webhooks (worker.results.webhooks): the Standard Webhooks signing secret, `whsec_<base64>`
     # (repr=False, like the API key); the hosts a job's webhook may name (unset: any);
     # how long an event is retried after its first attempt; (connect, read) timeouts,
     # read together as `webhook_timeout`.
@@ -192,12 +192,12 @@ class Settings(BaseSettings):
     # How long a worker may take over one delivery (an archive, a webhook) before the sweep
     # gives it to another: longer than archiving a job's images or a webhook's timeouts.
     delivery_lease: float = _env("KLING_DELIVERY_LEASE", 120.0, gt=0)
-    # Result images (worker.archive): where they are kept (file:///dir, s3://bucket/prefix or off),
+    # Result images (worker.results.archive): where they are kept (file:///dir, s3://bucket/prefix or off),
     # and the most bytes one image may have; a larger one is refused, not cut.
     archive: Annotated[str, AfterValidator(_archive)] = _env("KLING_ARCHIVE", _embedded_archive)
     archive_max_bytes: int = _env("KLING_ARCHIVE_MAX_BYTES", DEFAULT_MAX_BYTES, ge=1)
 
-    # Operations: the port of each worker process's metrics and health server (worker.health;
+    # Operations: the port of each worker process's metrics and health server (worker.ops.health;
     # unset: none served; 0: any free port, logged), and how log lines are written.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = _env("KLING_METRICS_PORT", None)
     log_format: Annotated[LogFormat, BeforeValidator(_word)] = _env("KLING_LOG_FORMAT", "text")

@@ -218,7 +218,7 @@ class MessageSchema(Schema):
         validate=validate.Regexp(JOB_ID_PATTERN, error="must be 1-64 characters of [A-Za-z0-9._:-]"),
     )
     metadata = fields.Dict(keys=fields.String(), load_default=None, allow_none=True, validate=_check_metadata)
-    # Told when the job ends (worker.delivery): a signed POST of its event, and/or a Celery task.
+    # Told when the job ends (worker.results.delivery): a signed POST of its event, and/or a Celery task.
     webhook = fields.Url(
         load_default=None,
         allow_none=True,

@@ -5,7 +5,7 @@ the client, the API-error policy). `handle` returns an Outcome saying what the
 Celery task must do next: nothing, retry the message after a delay, start
 polling the submitted task, or hand on an answer the database has not taken.
 Once a job is claimed, everything Modellix answers is written as a Fact
-(worker.holding), which a database outage cannot make the worker drop.
+(worker.facts), which a database outage cannot make the worker drop.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from marshmallow import ValidationError
 
 from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
-from worker import holding, learning, limits, logs, metrics, modellix, outages, phases, runtime, schedule, webhooks
-from worker.api_errors import Action, judge_submit, retry_delay
-from worker.holding import Fact
+from worker import facts, modellix, resources
+from worker.facts import Fact
+from worker.fleet import limits
+from worker.modellix.policy import Action, judge_submit, retry_delay
+from worker.ops import cpu, logs, metrics, outages
+from worker.polling import learning, schedule
+from worker.results import webhooks
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
 
 log = logging.getLogger("kling_worker.submission")
@@ -57,12 +61,12 @@ def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retr
     given = kwargs.get("job_id")
     job_id = given if isinstance(given, str) else delivery_id  # until the message is validated (_reject)
     # What no nested phase claims (the message's and the request's schemas, the webhook check) is `validate`.
-    with logs.bound(job_id=job_id), phases.phase("validate"):
+    with logs.bound(job_id=job_id), cpu.phase("validate"):
         try:
             return _handle(args, kwargs, delivery_id, retries)
         except Exception as exc:
             # Nothing was sent (answers are held, never raised): the message waits on the broker.
-            runtime.get().put_off(exc, "messages")
+            resources.get().put_off(exc, "messages")
             return Outcome(job_id, None, retry_in=outages.backoff(retries))
 
 
@@ -103,7 +107,7 @@ def _webhook_refused(url: str | None) -> str | None:
     """Why this fleet cannot send to the webhook a message asks for (its shape is the schema's job)."""
     if url is None:
         return None
-    cfg = runtime.settings()
+    cfg = resources.settings()
     return webhooks.refused(url, cfg.webhook_secret, cfg.webhook_hosts)
 
 
@@ -120,19 +124,19 @@ def _submit(
         attempt = _claim(job_id, stored, meta, contact)
     except ClaimUnknown as unknown:
         # The claim may have committed unseen: the next delivery releases it if so (nothing was sent).
-        runtime.get().outage.defer("messages", unknown.cause)
+        resources.get().outage.defer("messages", unknown.cause)
         claimed = Fact(job_id, "claimed", unknown.claimed_at)
         return Outcome(job_id, None, retry_in=outages.backoff(retries), carry=claimed)
     except limits.OverBudget as over:
-        with runtime.get().statement() as ex:
+        with resources.get().statement() as ex:
             lifecycle.create(ex, job_id, JobStatus.queued, stored, meta, utcnow(), **contact)
         # The wait in place ran out (or the worker is stopping): the message goes back. When the
         # budget's next turn is unknown (a full fleet), back off, but look again at least every
         # BUDGET_RECHECK seconds.
-        retry_in = over.retry_in or min(retry_delay(retries + 1, runtime.settings()), BUDGET_RECHECK)
+        retry_in = over.retry_in or min(retry_delay(retries + 1, resources.settings()), BUDGET_RECHECK)
         return Outcome(job_id, JobStatus.queued, retry_in=retry_in)
     if attempt is None:
-        with runtime.get().transaction() as s:
+        with resources.get().transaction() as s:
             found = store.get_job(s, job_id)
             status = found.status if found else "gone"
         if status == JobStatus.cancelled.value:
@@ -152,13 +156,13 @@ def _submit(
     return _send(job_id, request, attempt)
 
 
-@phases.timed("claim")
+@cpu.timed("claim")
 def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, contact: dict[str, Any]) -> int | None:
     """Take the job for this delivery (`submitting`, committed right before the POST); its attempt number.
 
     If this process dies before the answer is recorded, the row says so and the
     sweep resolves it (tracking.resolve_interrupted) instead of silently
-    submitting again. The fleet's limits (worker.limits.claim_turn) decide when:
+    submitting again. The fleet's limits (worker.fleet.limits.claim_turn) decide when:
     this thread waits in place, holding its message, until the budget lets it go.
     """
     # When the last claim was made: an outage may hide its commit (ClaimUnknown). Before any claim
@@ -192,10 +196,10 @@ class ClaimUnknown(Exception):
 
 
 def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
-    res = runtime.get()
+    res = resources.get()
     try:
         # The fleet's budget was taken before the claim (limits.claim_turn): send at once.
-        with phases.phase("submit"):
+        with cpu.phase("submit"):
             submitted = res.client.submit(request)
     except modellix.ModellixError as exc:
         return _after_error(job_id, exc, attempt)
@@ -208,7 +212,7 @@ def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
 
 
 def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outcome:
-    verdict = judge_submit(exc, attempt, runtime.settings())
+    verdict = judge_submit(exc, attempt, resources.settings())
     code, message = verdict.error_code or exc.stored_code, exc.message
     if verdict.error_code == modellix.AmbiguousSubmit.code:
         message = f"HTTP {exc.status} {message}: the task may exist, so the job is not submitted again"
@@ -261,7 +265,7 @@ def _requeue(job_id: str, refund: bool, error_code: str | None = None, error_mes
 
 def _settle(fact: Fact, outcome: Outcome) -> Outcome:
     """Write what the API said (holding it through an outage); `outcome` once written."""
-    held = holding.keep(fact)
+    held = facts.keep(fact)
     return outcome if held is None else replace(outcome, carry=held)
 
 
@@ -282,14 +286,14 @@ def _write_carried(fact: Fact) -> Outcome | None:
     return outcome if outcome.carry is not None else None
 
 
-@phases.timed("record")
+@cpu.timed("record")
 def _reject(
     job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any], contact: dict[str, Any] | None = None
 ) -> Outcome:
     logs.bind(job_id=job_id)  # the delivery id when the message's own job id is invalid
     message = json.dumps(errors, ensure_ascii=False)
     log.warning("job %s rejected: %s", job_id, message, extra={"event": "job_rejected"})
-    with runtime.get().transaction() as ex:
+    with resources.get().transaction() as ex:
         created = lifecycle.reject(
             ex,
             job_id,

@@ -1,4 +1,4 @@
-"""What the fleet learned about each request shape's task durations (worker.schedule).
+"""What the fleet learned about each request shape's task durations (worker.polling.schedule).
 
 Revision ID: 0005
 Revises: 0004

@@ -18,10 +18,10 @@ import uuid
 from typing import Any
 
 from models import TERMINAL, store
-from worker import runtime
+from worker import resources
+from worker.cli.watch import watch
 from worker.config import home
 from worker.dev.sandbox import SandboxServer, png
-from worker.watch import watch
 
 
 def example_jobs(run: str, sandbox_url: str) -> list[tuple[str, dict[str, Any]]]:
@@ -54,7 +54,7 @@ def _wait_for_archives(job_ids: list[str], timeout: float) -> dict[str, list[dic
     deadline = time.monotonic() + timeout
     found: dict[str, list[dict[str, Any]]] = {}
     while time.monotonic() < deadline:
-        with runtime.get().transaction() as s:
+        with resources.get().transaction() as s:
             found = {j.id: j.files for j in store.find_jobs(s, job_ids) if j.files}
         if len(found) == len(job_ids):
             break
@@ -66,15 +66,15 @@ def run(timeout: float = 120.0) -> int:
     from models.migrate import upgrade
 
     os.environ.setdefault("KLING_HOME", str(home()))
-    upgrade(runtime.settings().database_url)
+    upgrade(resources.settings().database_url)
     api_key = "demo-" + secrets.token_hex(8)
     sandbox = SandboxServer(api_key=api_key, task_seconds=3.0).start()
     env = dict(
         os.environ, MODELLIX_BASE_URL=sandbox.url, MODELLIX_API_KEY=api_key, KLING_POLL_FIRST="1", KLING_CONCURRENCY="8"
     )
     print(
-        f"sandbox Modellix API at {sandbox.url}; broker {runtime.settings().broker_url}; "
-        f"database {runtime.settings().database_url}"
+        f"sandbox Modellix API at {sandbox.url}; broker {resources.settings().broker_url}; "
+        f"database {resources.settings().database_url}"
     )
     worker = subprocess.Popen(
         [
@@ -93,7 +93,7 @@ def run(timeout: float = 120.0) -> int:
         env=env,
     )
     try:
-        from worker.app import app, prepare_folders
+        from worker.wiring.app import app, prepare_folders
 
         prepare_folders()
 
@@ -123,7 +123,7 @@ def run(timeout: float = 120.0) -> int:
             where = found["uri"] or f"not archived ({found['error']})"
             print(f"{job_id:<22} kept    {where}")
     if archived:
-        print(f"\nthe images stay in {runtime.settings().archive} ('kling-worker results get ID' copies them)")
+        print(f"\nthe images stay in {resources.settings().archive} ('kling-worker results get ID' copies them)")
     finished = all(row["status"] in TERMINAL for row in rows.values()) and len(rows) == len(ids)
     print("\nall jobs reached an end state" if finished else "\nsome jobs did not finish in time")
     return 0 if finished else 1

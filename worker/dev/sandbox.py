@@ -20,7 +20,7 @@ are not API requests: a script step reaches them only with `on="result"`.
 
 A task takes `task_seconds`: a number (every task alike), or a range
 (lo, hi), "8-40" on the command line, where each request shape (resolution,
-n, input images: worker.schedule.Shape) gets its own base duration, fixed
+n, input images: worker.polling.schedule.Shape) gets its own base duration, fixed
 within the range by a hash of the shape (`base_seconds`), and each task that
 base ±JITTER (so a task may end up to 15 % outside the range). When each task
 was created and finishes is at `/_sandbox/tasks`, in epoch seconds.
@@ -44,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from worker.config import DEFAULT_SUBMIT_PATH
-from worker.schedule import Shape, shape_of
+from worker.polling.schedule import Shape, shape_of
 from worker.schemas import GenerationRequestSchema
 
 # Ours (configurable in the worker) and the newer documented one (modellix-api.md).

@@ -1,0 +1,178 @@
+"""Celery tasks: orchestration only. The work lives in submission (a message) and tracking (a poll).
+
+A worker asked to stop (SIGTERM, a warm shutdown) finishes the submits it has
+started; threads holding an answer through a database outage hand it on in a
+message; then its scheduled polls go to the other workers through the broker,
+each due when it would have been here (`hand_over`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, signals
+from kombu.exceptions import OperationalError
+
+from worker import facts, resources, submission
+from worker.fleet import limits
+from worker.ops import cpu, metrics
+from worker.polling import learning, schedule, tracking
+from worker.results import delivery
+from worker.wiring.app import app
+
+log = logging.getLogger("kling_worker.tasks")
+
+# How long a stopping worker waits for its polls in progress before handing the rest over.
+HAND_OVER_WAIT = 10.0
+
+
+@app.task(name="kling.generate", bind=True, max_retries=None)
+def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
+    outcome = submission.handle(args, kwargs, self.request.id, self.request.retries)
+    if outcome.carry is not None:
+        # The database has not taken a fact (an answer, a claim) before this process had to let go.
+        # A claim carried through an outage is routine (one per message); an answer is worth a line.
+        level = logging.DEBUG if outcome.carry.kind == "claimed" else logging.INFO
+        log.log(
+            level,
+            "job %s: its %s fact travels on in the retried message",
+            outcome.job_id,
+            outcome.carry.kind,
+            extra={"event": "fact_carried", "job_id": outcome.job_id},
+        )
+        carried = {**kwargs, submission.CARRIED: outcome.carry.to_json()}
+        raise self.retry(countdown=outcome.retry_in or 0, kwargs=carried)
+    if outcome.retry_in is not None:
+        # A new message with the same id and arguments; this one is acked.
+        raise self.retry(countdown=outcome.retry_in)
+    if outcome.first_poll is not None:
+        follow_later(outcome.job_id, outcome.first_poll)
+    return outcome.status.value if outcome.status else None
+
+
+@app.task(name="kling.poll", bind=True, max_retries=None)
+def redispatched_poll(self: Task, job_id: str, seq: int, fact: dict[str, Any] | None = None) -> None:
+    """A poll whose worker is gone (from the sweep or a stopping worker); this process follows the job now.
+
+    With `fact`, a finished task's result that a stopping worker could not write: write it instead.
+    """
+    if fact is None:
+        follow(job_id, seq)
+    elif facts.keep(facts.Fact.from_json(fact)) is not None:
+        raise self.retry(countdown=0)  # this process is stopping too: the next one writes it
+
+
+@app.task(name="kling.sweep")
+@cpu.timed("sweep")
+def sweep() -> int:
+    overdue = tracking.sweep()
+    for job_id, seq in overdue:
+        redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq})
+    due = delivery.due()
+    for delivery_id in due:
+        deliver.apply_async(kwargs={"delivery_id": delivery_id})
+    limits.watch_balance()
+    return len(overdue) + len(due)
+
+
+@app.task(name="kling.deliver")
+def deliver(delivery_id: int) -> None:
+    """Carry out one row of the outbox: archive a job's images, or send its event (worker.results.delivery)."""
+    carry_out([delivery_id])
+
+
+@cpu.timed("deliver")
+def carry_out(todo: list[int]) -> None:
+    """Carry out claimed outbox rows, then the events an archive released, here and now."""
+    while todo:
+        current = todo.pop(0)
+        done = delivery.deliver(current)
+        todo += done.then
+        if done.callback is None:
+            continue
+        callback = done.callback
+        try:
+            app.send_task(callback.task, kwargs={"event": callback.event}, queue=callback.queue)
+        except (OSError, OperationalError) as exc:
+            delivery.not_sent(current, f"the broker refused the callback: {exc}")
+            continue
+        delivery.sent(current)
+
+
+def follow(job_id: str, seq: int) -> None:
+    """Make poll `seq` of a job, then schedule the next one on this process's poll timer."""
+    following = tracking.check(job_id, seq)
+    if isinstance(following, facts.Fact):
+        log.info(
+            "job %s: its %s result travels on in a message (the database is away)",
+            job_id,
+            following.kind,
+            extra={"event": "result_handed_on", "job_id": job_id},
+        )
+        redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq, "fact": following.to_json()})
+    elif isinstance(following, schedule.NextPoll):
+        follow_later(job_id, following)
+    elif isinstance(following, tracking.Ended):
+        # This poll ended a job that has events: they are sent here at once, not after a sweep
+        # and a message (its images were archived before the end was written). The sweep still
+        # hands out any row this process does not take (it died, the row was not due).
+        carry_out(delivery.claim_ended(job_id))
+
+
+def follow_later(job_id: str, poll: schedule.NextPoll) -> None:
+    resources.get().poller.schedule(poll.delay, follow, job_id, poll.seq)
+
+
+@signals.task_prerun.connect
+def _task_started(task: Task, **_: Any) -> None:
+    metrics.task_started(task.name)
+
+
+@signals.task_postrun.connect
+def _task_ended(task: Task, **_: Any) -> None:
+    metrics.task_ended(task.name)
+
+
+@signals.worker_shutting_down.connect
+def _stopping(**_: Any) -> None:
+    resources.get().stopping.set()
+    limits.stop_waiting()
+
+
+@signals.worker_shutdown.connect
+def hand_over(**_: Any) -> int:
+    """Send the polls this process has scheduled to the other workers; how many were sent.
+
+    Runs after the last task ended, so the submits in flight have scheduled
+    their first polls. Without it, another worker takes a job over only when
+    its poll is OVERDUE_SLACK late (tracking.sweep).
+    """
+    poller = resources.get().made("poller")
+    if poller is None:
+        learning.flush()
+        return 0
+    left = poller.drain(HAND_OVER_WAIT)
+    learning.flush()  # what this process's polls taught about task durations, before it goes
+    polls = [(delay, args) for delay, fn, args in left if fn is follow]
+    sent = 0
+    try:
+        for delay, (job_id, seq) in polls:
+            redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq}, countdown=delay)
+            sent += 1
+    except (OSError, OperationalError) as exc:
+        log.warning(
+            "stopping: the broker took %d of %d scheduled polls (%s); the sweep re-dispatches the rest "
+            "when they are %.0fs overdue",
+            sent,
+            len(polls),
+            exc,
+            tracking.OVERDUE_SLACK,
+            extra={"event": "hand_over_incomplete"},
+        )
+        return sent
+    if polls:
+        log.info(
+            "stopping: handed %d scheduled polls over to the other workers", sent, extra={"event": "polls_handed_over"}
+        )
+    return sent
