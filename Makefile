@@ -1,10 +1,14 @@
 # `make demo`: set up and run the service embedded (SQLite, file broker, sandbox).
-# `make test`: set up and run the whole test suite (needs PostgreSQL, RabbitMQ, Redis).
+# `make test`: set up and run the whole test suite (needs PostgreSQL, RabbitMQ, Redis), in
+#   PYTEST_WORKERS parallel processes (pytest-xdist; `make test PYTEST_WORKERS=0` runs it in one).
 # `make lint`: ruff (lint and format check) and mypy (strict on worker/ and models/).
 # `make mutation`: mutmut over worker/ and models/ with the fast tests (no servers);
 #   prints the score, writes mutants/survivors.txt. See .ci/mutation.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Most tests wait on servers and worker processes rather than compute: 4 processes keep a 2-core
+# machine busy. --dist loadgroup keeps each xdist_group's tests on one process, one after another.
+PYTEST_WORKERS ?= 4
 
 $(PY): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,7 +25,7 @@ demo: $(PY)
 	$(VENV)/bin/kling-worker demo
 
 test: $(PY)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 lint: $(PY)
 	$(VENV)/bin/ruff check .

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from faults import RABBIT, Run  # noqa: E402  (bench/ is on the path as the script's folder)
 
-from tests.receiver import WebhookReceiver  # noqa: E402
-from tests.support import valid  # noqa: E402
+from worker.dev.jobs import valid  # noqa: E402
 from worker.dev.processes import produce  # noqa: E402
+from worker.dev.receiver import WebhookReceiver  # noqa: E402
 
 SECRET = "whsec_" + base64.b64encode(b"kling-worker delivery bench key!").decode()
 

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.migrate import upgrade  # noqa: E402
-from tests.proxy import TcpProxy  # noqa: E402
-from tests.support import audit, valid, worker_env  # noqa: E402
+from worker.dev.jobs import audit, valid, worker_env  # noqa: E402
 from worker.dev.processes import Worker, produce  # noqa: E402
+from worker.dev.proxy import TcpProxy  # noqa: E402
 from worker.dev.sandbox import SandboxServer, Step  # noqa: E402
 
 PG_ADMIN = os.environ.get("KLING_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -76,7 +76,7 @@ class Run:
         self.admin.dispose()
 
     def rows(self) -> dict:
-        from tests.support import rows
+        from worker.dev.jobs import rows
 
         return rows(self.pg_url)
 

@@ -24,7 +24,7 @@ class ApiBudget(Base):
     pause_reason: Mapped[str | None] = mapped_column(Text)
 
 
-# -- its SQL (the rules that use it live in worker.fleet.limits) ---------------------
+# -- its SQL (the rules that use it live in worker.fleet) ---------------------------
 
 NAME = "modellix"
 _budget = cast(Table, ApiBudget.__table__)

@@ -1,4 +1,5 @@
-"""Database engines, and the two ways to use one: a transaction, or a single statement.
+"""Database engines, and the three ways to use one: `transaction` (an ORM session in one transaction),
+`atomic` (Core statements in one transaction) and `statement` (one statement, atomic on its own).
 
 An engine is made by whoever owns the process's resources (worker.resources),
 after any fork: a connection pool inherited across a fork shares sockets

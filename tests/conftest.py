@@ -1,42 +1,53 @@
 """Fixtures for real components: PostgreSQL, RabbitMQ, Redis, the sandbox, worker processes.
 
 A service that is down is a skip with its reason on a laptop, and a failure
-under CI (any true value), where every service is required (tests/services.py).
+under CI (any true value), where every service is required (tests/support/services.py).
+
+The folder says what a test needs and marks it: tests/unit nothing (unmarked), tests/services
+a server (`services`), tests/e2e real worker processes (`slow`). Marks written on a test stay.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from models.migrate import upgrade
-from tests.services import require
+from tests.support import services
+from tests.support.cli import cli_env
+from tests.support.services import require
 from worker import resources
 
-PG_ADMIN_URL = os.environ.get("KLING_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-RABBIT_URL = os.environ.get("KLING_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_URL = os.environ.get("KLING_TEST_REDIS", "redis://127.0.0.1:6379/0")
+HERE = Path(__file__).parent
+FOLDER_MARKS = {"services": ("services",), "e2e": ("slow",)}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.relative_to(HERE).parts[0] if item.path.is_relative_to(HERE) else ""
+        for name in FOLDER_MARKS.get(folder, ()):
+            if item.get_closest_marker(name) is None:
+                item.add_marker(name)
+
+
+@pytest.fixture(autouse=True)
+def _kling_home(monkeypatch, tmp_path) -> None:
+    """KLING_HOME (the embedded broker's folders, the default archive) in the test's own folder: unset,
+    it is ./.kling in the checkout, which tests running at the same time would share."""
+    monkeypatch.setenv("KLING_HOME", str(tmp_path / "kling-home"))
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database, migrated, dropped afterwards."""
     require("127.0.0.1", 5432, "PostgreSQL")
-    name = f"kling_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    upgrade(url)
+    url = services.create_database()
     yield url
     resources.reset()  # its connections to the database about to be dropped
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
+    services.drop_database(url)
 
 
 @pytest.fixture
@@ -46,21 +57,36 @@ def sqlite_url(tmp_path) -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
-def any_db_url(request) -> str:
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+@pytest.fixture
+def any_db_url(sqlite_url) -> str:
+    """The database of tests that run on either: SQLite here; tests/services/conftest.py makes it
+    PostgreSQL, where the database tests of tests/unit run again."""
+    return sqlite_url
+
+
+@pytest.fixture(scope="session")
+def _rabbit_url() -> Iterator[str]:
+    worker = services.xdist_worker()
+    if worker is None:
+        yield services.RABBIT_URL
+        return
+    url, vhost = services.rabbit_vhost_url(worker)
+    yield url
+    if vhost is not None:
+        services.delete_rabbit_vhost(vhost)
 
 
 @pytest.fixture
-def rabbit_url() -> str:
+def rabbit_url(request) -> str:
     require("127.0.0.1", 5672, "RabbitMQ")
-    return RABBIT_URL
+    return request.getfixturevalue("_rabbit_url")
 
 
 @pytest.fixture
 def redis_url() -> str:
     require("127.0.0.1", 6379, "Redis")
-    return REDIS_URL
+    worker = services.xdist_worker()
+    return services.REDIS_URL if worker is None else services.redis_db_url(worker)
 
 
 @pytest.fixture
@@ -85,8 +111,16 @@ def configure(monkeypatch):
 
 
 @pytest.fixture
+def embedded(sqlite_url, configure, tmp_path) -> dict[str, str]:
+    """A migrated SQLite job table and the embedded broker; the CLI's environment for them."""
+    configure(DATABASE_URL=sqlite_url)
+    return cli_env(DATABASE_URL=sqlite_url, KLING_HOME=str(tmp_path / "home"))
+
+
+@pytest.fixture
 def service(any_db_url, sandbox, configure):
-    """This process configured as a worker against the sandbox, on SQLite and on PostgreSQL."""
+    """This process configured as a worker against the sandbox, on `any_db_url` (SQLite in tests/unit,
+    PostgreSQL in tests/services)."""
     configure(
         DATABASE_URL=any_db_url,
         MODELLIX_BASE_URL=sandbox.url,

@@ -7,7 +7,9 @@ under ``KLING_HOME`` (``./.kling``).
 Each setting is read from its environment variable, else from a ``.env`` file in
 the current folder, else its default (pydantic-settings). A value the service
 cannot run with fails at construction as one ConfigError, one line per bad
-variable, naming it and what it accepts, and never echoing a secret.
+variable, naming it and what it accepts, and never echoing a secret. KLING_ARCHIVE and
+KLING_WEBHOOK_SECRET are checked with worker.formats, the parsers the archive and the webhooks use
+at work: this module imports none of the service's other modules.
 """
 
 from __future__ import annotations
@@ -19,17 +21,18 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.results.archive import DEFAULT_MAX_BYTES, ArchiveSpec
-from worker.results.webhooks import WebhookSecret
+from worker.formats import ArchiveSpec, webhook_key
 
 DEFAULT_BASE_URL = "https://api.modellix.ai"
 DEFAULT_SUBMIT_PATH = "/api/v1/image-to-image/kling/kling-image-o1/async"
-# The longest a worker thread sleeps for the fleet's API budget (worker.fleet.limits):
+# The longest a worker thread sleeps for the fleet's API budget (worker.fleet.slots):
 # a claimed job can stay `submitting` this long before its POST even starts.
 MAX_BUDGET_SLEEP = 5.0
 # What a 5xx answer to a submit means (Settings.submit_5xx).
 Submit5xx = Literal["unknown", "retry"]
 SUBMIT_5XX: tuple[str, ...] = get_args(Submit5xx)
+# What KLING_ARCHIVE_MAX_BYTES defaults to: a 2k PNG from kling-image-o1 is a few MB.
+DEFAULT_ARCHIVE_MAX_BYTES = 50 * 1024 * 1024
 # How log lines are written (Settings.log_format).
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
@@ -87,7 +90,7 @@ def _hosts(value: object) -> object:
 def _webhook_secret(value: str) -> str:
     if value:
         try:
-            WebhookSecret.parse(value)
+            webhook_key(value)
         except ValueError as exc:  # its message never holds the secret
             raise ValueError(f"KLING_WEBHOOK_SECRET: {exc}") from None
     return value
@@ -195,7 +198,7 @@ class Settings(BaseSettings):
     # Result images (worker.results.archive): where they are kept (file:///dir, s3://bucket/prefix or off),
     # and the most bytes one image may have; a larger one is refused, not cut.
     archive: Annotated[str, AfterValidator(_archive)] = _env("KLING_ARCHIVE", _embedded_archive)
-    archive_max_bytes: int = _env("KLING_ARCHIVE_MAX_BYTES", DEFAULT_MAX_BYTES, ge=1)
+    archive_max_bytes: int = _env("KLING_ARCHIVE_MAX_BYTES", DEFAULT_ARCHIVE_MAX_BYTES, ge=1)
 
     # Operations: the port of each worker process's metrics and health server (worker.ops.health;
     # unset: none served; 0: any free port, logged), and how log lines are written.

@@ -1,9 +1,10 @@
 """One `kling.generate` message: validate → claim → send → record. No Celery here.
 
 Each step calls only downward (the schemas, the lifecycle, the fleet limits,
-the client, the API-error policy). `handle` returns an Outcome saying what the
-Celery task must do next: nothing, retry the message after a delay, start
-polling the submitted task, or hand on an answer the database has not taken.
+the client, the API-error policy). `handle` returns an Outcome: the status the
+message gave its job, and what the Celery task does next (`next_step`, one of Finished,
+Retry, Follow, HandOn): nothing, send the message again after a delay, start
+polling the submitted task, or hand on a fact the database has not taken.
 Once a job is claimed, everything Modellix answers is written as a Fact
 (worker.facts), which a database outage cannot make the worker drop.
 """
@@ -15,18 +16,21 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 from marshmallow import ValidationError
 
 from models import JobStatus, db, lifecycle, store
 from models.job import utcnow
-from worker import facts, modellix, resources
-from worker.facts import Fact
-from worker.fleet import limits
+from worker import facts, modellix
+from worker.facts import Claimed, Fact, Kept, Requeued, SubmitFailed, Submitted
+from worker.fleet import places
+from worker.fleet.pause import pause_fleet
+from worker.fleet.waiting import OverBudget
 from worker.modellix.policy import Action, judge_submit, retry_delay
 from worker.ops import cpu, logs, metrics, outages
 from worker.polling import learning, schedule
+from worker.resources import Resources
 from worker.results import webhooks
 from worker.schemas import GenerationRequestSchema, MessageSchema, redact_request
 
@@ -42,13 +46,47 @@ BUDGET_RECHECK = 10.0
 CARRIED = "_kling_fact"
 
 
+# -- what a message leads to ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Nothing more for this message."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Send the message again after `after` seconds (the job waits `queued`, or the database is away)."""
+
+    after: float
+
+
+@dataclass(frozen=True)
+class Follow:
+    """The job's task was submitted: poll it as `first_poll` says."""
+
+    first_poll: schedule.NextPoll
+
+
+@dataclass(frozen=True)
+class HandOn:
+    """A fact the database has not taken before this process had to let go (an answer, a claim):
+    send the message again after `after` seconds, carrying the fact (CARRIED) for the next delivery to write."""
+
+    fact: Fact
+    after: float
+
+
+NextStep: TypeAlias = Finished | Retry | Follow | HandOn
+
+
 @dataclass(frozen=True)
 class Outcome:
+    """What one delivery of a message did to its job, and what the Celery task does next."""
+
     job_id: str
     status: JobStatus | None  # the status this delivery gave the job; None: it changed nothing
-    retry_in: float | None = None  # send the message again after this many seconds
-    first_poll: schedule.NextPoll | None = None  # the task was submitted: poll it then
-    carry: Fact | None = None  # not yet written (the database is away): the retried message carries it
+    next_step: NextStep = Finished()
 
     @property
     def duplicate(self) -> bool:
@@ -56,58 +94,58 @@ class Outcome:
         return self.status is None
 
 
-def handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retries: int = 0) -> Outcome:
-    """Process one message; `delivery_id` is the Celery task id, `retries` how often it was sent again."""
+def handle(res: Resources, args: tuple[Any, ...], kwargs: dict[str, Any], message_id: str, retries: int = 0) -> Outcome:
+    """Process one message; `message_id` is its Celery task id, `retries` how often it was sent again."""
     given = kwargs.get("job_id")
-    job_id = given if isinstance(given, str) else delivery_id  # until the message is validated (_reject)
+    job_id = given if isinstance(given, str) else message_id  # until the message is validated (_reject)
     # What no nested phase claims (the message's and the request's schemas, the webhook check) is `validate`.
     with logs.bound(job_id=job_id), cpu.phase("validate"):
         try:
-            return _handle(args, kwargs, delivery_id, retries)
+            return _handle(res, args, kwargs, message_id, retries)
         except Exception as exc:
             # Nothing was sent (answers are held, never raised): the message waits on the broker.
-            resources.get().put_off(exc, "messages")
-            return Outcome(job_id, None, retry_in=outages.backoff(retries))
+            res.put_off(exc, "messages")
+            return Outcome(job_id, None, Retry(outages.backoff(retries)))
 
 
-def _handle(args: tuple[Any, ...], kwargs: dict[str, Any], delivery_id: str, retries: int) -> Outcome:
+def _handle(res: Resources, args: tuple[Any, ...], kwargs: dict[str, Any], message_id: str, retries: int) -> Outcome:
     if CARRIED in kwargs:
         kwargs = dict(kwargs)
-        carried = _write_carried(Fact.from_json(kwargs.pop(CARRIED)))
+        carried = _write_carried(res, facts.from_json(kwargs.pop(CARRIED)))
         if carried is not None:
             return carried
     if args:
         errors = {"_message": ["kling.generate takes keyword arguments only: request, job_id, metadata"]}
-        return _reject(delivery_id, kwargs.get("request"), kwargs.get("metadata"), errors)
+        return _reject(res, message_id, kwargs.get("request"), kwargs.get("metadata"), errors)
     try:
         message = _message_schema.load(kwargs)
     except ValidationError as exc:
         errors = _as_dict(exc)
         job_id = kwargs.get("job_id")
-        # A bad job id cannot key a row: record the job under the delivery id instead.
+        # A bad job id cannot key a row: record the job under the message id instead.
         if "job_id" in errors or not isinstance(job_id, str):
-            job_id = delivery_id
+            job_id = message_id
         meta = kwargs.get("metadata") if "metadata" not in errors else None
-        return _reject(job_id, kwargs.get("request"), meta, errors)
+        return _reject(res, job_id, kwargs.get("request"), meta, errors)
 
-    job_id = message["job_id"] or delivery_id
-    refused = _webhook_refused(message["webhook"])
+    job_id = message["job_id"] or message_id
+    refused = _webhook_refused(res, message["webhook"])
     if refused:
         # Without the webhook: a job rejected for it must not try to send its event there.
         link = {"retry_of": message["retry_of"]}
-        return _reject(job_id, message["request"], message["metadata"], {"webhook": [refused]}, link)
+        return _reject(res, job_id, message["request"], message["metadata"], {"webhook": [refused]}, link)
     try:
         request = _request_schema.load(message["request"])
     except ValidationError as exc:
-        return _reject(job_id, message["request"], message["metadata"], _as_dict(exc), _contact(message))
-    return _submit(job_id, request, message["metadata"], _contact(message), retries)
+        return _reject(res, job_id, message["request"], message["metadata"], _as_dict(exc), _contact(message))
+    return _submit(res, job_id, request, message["metadata"], _contact(message), retries)
 
 
-def _webhook_refused(url: str | None) -> str | None:
+def _webhook_refused(res: Resources, url: str | None) -> str | None:
     """Why this fleet cannot send to the webhook a message asks for (its shape is the schema's job)."""
     if url is None:
         return None
-    cfg = resources.settings()
+    cfg = res.settings
     return webhooks.refused(url, cfg.webhook_secret, cfg.webhook_hosts)
 
 
@@ -117,26 +155,30 @@ def _contact(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def _submit(
-    job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, contact: dict[str, Any], retries: int
+    res: Resources,
+    job_id: str,
+    request: dict[str, Any],
+    meta: dict[str, Any] | None,
+    contact: dict[str, Any],
+    retries: int,
 ) -> Outcome:
     stored = redact_request(request)
     try:
-        attempt = _claim(job_id, stored, meta, contact)
+        attempt = _claim(res, job_id, stored, meta, contact)
     except ClaimUnknown as unknown:
         # The claim may have committed unseen: the next delivery releases it if so (nothing was sent).
-        resources.get().outage.defer("messages", unknown.cause)
-        claimed = Fact(job_id, "claimed", unknown.claimed_at)
-        return Outcome(job_id, None, retry_in=outages.backoff(retries), carry=claimed)
-    except limits.OverBudget as over:
-        with resources.get().statement() as ex:
+        res.outage.defer("messages", unknown.cause)
+        return Outcome(job_id, None, HandOn(Claimed(job_id, unknown.claimed_at), outages.backoff(retries)))
+    except OverBudget as over:
+        with res.statement() as ex:
             lifecycle.create(ex, job_id, JobStatus.queued, stored, meta, utcnow(), **contact)
         # The wait in place ran out (or the worker is stopping): the message goes back. When the
         # budget's next turn is unknown (a full fleet), back off, but look again at least every
         # BUDGET_RECHECK seconds.
-        retry_in = over.retry_in or min(retry_delay(retries + 1, resources.settings()), BUDGET_RECHECK)
-        return Outcome(job_id, JobStatus.queued, retry_in=retry_in)
+        retry_in = over.retry_in or min(retry_delay(retries + 1, res.settings), BUDGET_RECHECK)
+        return Outcome(job_id, JobStatus.queued, Retry(retry_in))
     if attempt is None:
-        with resources.get().transaction() as s:
+        with res.transaction() as s:
             found = store.get_job(s, job_id)
             status = found.status if found else "gone"
         if status == JobStatus.cancelled.value:
@@ -153,16 +195,18 @@ def _submit(
                 extra={"event": "duplicate_delivery"},
             )
         return Outcome(job_id, None)
-    return _send(job_id, request, attempt)
+    return _send(res, job_id, request, attempt)
 
 
 @cpu.timed("claim")
-def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, contact: dict[str, Any]) -> int | None:
+def _claim(
+    res: Resources, job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, contact: dict[str, Any]
+) -> int | None:
     """Take the job for this delivery (`submitting`, committed right before the POST); its attempt number.
 
     If this process dies before the answer is recorded, the row says so and the
     sweep resolves it (tracking.resolve_interrupted) instead of silently
-    submitting again. The fleet's limits (worker.fleet.limits.claim_turn) decide when:
+    submitting again. The fleet's limits (worker.fleet.places.claim_turn) decide when:
     this thread waits in place, holding its message, until the budget lets it go.
     """
     # When the last claim was made: an outage may hide its commit (ClaimUnknown). Before any claim
@@ -174,8 +218,8 @@ def _claim(job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, con
         return lifecycle.claim_for_submit(ex, job_id, stored, meta, tried[-1], **contact)
 
     try:
-        return limits.claim_turn(claim)
-    except limits.OverBudget:
+        return places.claim_turn(res, claim)
+    except OverBudget:
         raise
     except Exception as exc:
         raise ClaimUnknown.after(exc, tried[-1]) from exc
@@ -195,24 +239,22 @@ class ClaimUnknown(Exception):
         return cls(exc, claimed_at) if db.unreachable(exc) else exc
 
 
-def _send(job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
-    res = resources.get()
+def _send(res: Resources, job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
     try:
-        # The fleet's budget was taken before the claim (limits.claim_turn): send at once.
+        # The fleet's budget was taken before the claim (places.claim_turn): send at once.
         with cpu.phase("submit"):
             submitted = res.client.submit(request)
     except modellix.ModellixError as exc:
-        return _after_error(job_id, exc, attempt)
+        return _after_error(res, job_id, exc, attempt)
     logs.bind(modellix_task_id=submitted.task_id)
     log.info("job %s submitted as Modellix task %s", job_id, submitted.task_id, extra={"event": "job_submitted"})
-    first = learning.first_poll(job_id, request)
-    values = {"task_id": submitted.task_id, "answer": submitted.raw, "first_poll": first.delay}
-    fact = Fact(job_id, "submitted", utcnow(), values)
-    return _settle(fact, Outcome(job_id, JobStatus.submitted, first_poll=first))
+    first = learning.first_poll(res, job_id, request)
+    fact = Submitted(job_id, utcnow(), submitted.task_id, submitted.raw, first.delay)
+    return _settle(res, fact, Outcome(job_id, JobStatus.submitted, Follow(first)))
 
 
-def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outcome:
-    verdict = judge_submit(exc, attempt, resources.settings())
+def _after_error(res: Resources, job_id: str, exc: modellix.ModellixError, attempt: int) -> Outcome:
+    verdict = judge_submit(exc, attempt, res.settings)
     code, message = verdict.error_code or exc.stored_code, exc.message
     if verdict.error_code == modellix.AmbiguousSubmit.code:
         message = f"HTTP {exc.status} {message}: the task may exist, so the job is not submitted again"
@@ -225,14 +267,13 @@ def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outc
             extra={"event": "submit_resent"},
         )
     if verdict.action is Action.fail:
-        fact = Fact(job_id, "submit_failed", utcnow(), {"error_code": code, "error_message": message})
-        outcome = _settle(fact, Outcome(job_id, JobStatus.failed))
+        outcome = _settle(res, SubmitFailed(job_id, utcnow(), code, message), Outcome(job_id, JobStatus.failed))
         log.warning(
             "job %s failed after %d attempt(s): %s %s", job_id, attempt, code, message, extra={"event": "submit_failed"}
         )
     else:
-        fact = _requeue(job_id, refund=not verdict.counts, error_code=code, error_message=message)
-        outcome = _settle(fact, Outcome(job_id, JobStatus.queued, retry_in=verdict.delay))
+        requeued = Requeued(job_id, utcnow(), refund=not verdict.counts, error_code=code, error_message=message)
+        outcome = _settle(res, requeued, Outcome(job_id, JobStatus.queued, Retry(verdict.delay)))
         if not verdict.account:
             log.info(
                 "job %s: attempt %d failed (%s), retrying in %.1fs",
@@ -252,48 +293,52 @@ def _after_error(job_id: str, exc: modellix.ModellixError, attempt: int) -> Outc
             extra={"event": "fleet_paused"},
         )
     if verdict.pause:
-        limits.pause(verdict.pause, verdict.pause_reason)
+        pause_fleet(res, verdict.pause, verdict.pause_reason)
     return outcome
 
 
-def _requeue(job_id: str, refund: bool, error_code: str | None = None, error_message: str | None = None) -> Fact:
-    values: dict[str, Any] = {"refund": refund}
-    if error_code is not None:
-        values.update(error_code=error_code, error_message=error_message)
-    return Fact(job_id, "requeued", utcnow(), values)
+def _settle(res: Resources, fact: Fact, outcome: Outcome) -> Outcome:
+    """Write what the API said (holding it through an outage): `outcome` once written; if the process
+    had to let go first, the same outcome with the fact handed on (after the retry's delay, if any)."""
+    if facts.keep(res, fact) is Kept.written:
+        return outcome
+    after = outcome.next_step.after if isinstance(outcome.next_step, Retry) else 0.0
+    return replace(outcome, next_step=HandOn(fact, after))
 
 
-def _settle(fact: Fact, outcome: Outcome) -> Outcome:
-    """Write what the API said (holding it through an outage); `outcome` once written."""
-    held = facts.keep(fact)
-    return outcome if held is None else replace(outcome, carry=held)
-
-
-def _write_carried(fact: Fact) -> Outcome | None:
+def _write_carried(res: Resources, fact: Fact) -> Outcome | None:
     """A fact an earlier delivery could not write (it had to let go during an outage): write it,
     then go on as the job's new status says.
 
     None when the job is queued again (a refused or rate-limited try, a claim
     released): this delivery then takes it like any other message.
     """
-    if fact.kind == "submitted":
-        due = fact.at + timedelta(seconds=fact.values["first_poll"])
-        first = schedule.NextPoll(0, max(0.0, (due - utcnow()).total_seconds()))
-        return _settle(fact, Outcome(fact.job_id, JobStatus.submitted, first_poll=first))
-    if fact.kind == "submit_failed":
-        return _settle(fact, Outcome(fact.job_id, JobStatus.failed))
-    outcome = _settle(fact, Outcome(fact.job_id, JobStatus.queued))
-    return outcome if outcome.carry is not None else None
+    match fact:
+        case Submitted():
+            due = fact.at + timedelta(seconds=fact.first_poll)
+            first = schedule.NextPoll(0, max(0.0, (due - utcnow()).total_seconds()))
+            return _settle(res, fact, Outcome(fact.job_id, JobStatus.submitted, Follow(first)))
+        case SubmitFailed():
+            return _settle(res, fact, Outcome(fact.job_id, JobStatus.failed))
+        case _:
+            # Claimed, Requeued (a poll's results are handed on in kling.poll messages, never here).
+            outcome = _settle(res, fact, Outcome(fact.job_id, JobStatus.queued))
+            return outcome if isinstance(outcome.next_step, HandOn) else None
 
 
 @cpu.timed("record")
 def _reject(
-    job_id: str, raw_request: Any, meta: Any, errors: dict[str, Any], contact: dict[str, Any] | None = None
+    res: Resources,
+    job_id: str,
+    raw_request: Any,
+    meta: Any,
+    errors: dict[str, Any],
+    contact: dict[str, Any] | None = None,
 ) -> Outcome:
-    logs.bind(job_id=job_id)  # the delivery id when the message's own job id is invalid
+    logs.bind(job_id=job_id)  # the message id when the message's own job id is invalid
     message = json.dumps(errors, ensure_ascii=False)
     log.warning("job %s rejected: %s", job_id, message, extra={"event": "job_rejected"})
-    with resources.get().transaction() as ex:
+    with res.transaction() as ex:
         created = lifecycle.reject(
             ex,
             job_id,

@@ -102,7 +102,7 @@ def check_queue(cfg: Settings) -> tuple[Check, Check]:
 # -- the database -------------------------------------------------------------
 
 
-def check_database(cfg: Settings) -> Check:
+def check_database(res: resources.Resources) -> Check:
     """Reachable, and at the migrations' head revision."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
@@ -111,7 +111,7 @@ def check_database(cfg: Settings) -> Check:
 
     name = "database"
     head = ScriptDirectory(str(Path(migrations.__file__).parent)).get_current_head()
-    engine = resources.get().engine
+    engine = res.engine
     where = engine.url.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
@@ -125,16 +125,16 @@ def check_database(cfg: Settings) -> Check:
     return Check(name, True, f"{where} reachable, at head ({head})")
 
 
-def check_pause(database: Check) -> Check:
+def check_pause(res: resources.Resources, database: Check) -> Check:
     """Any fleet-wide pause (after a 429, 401 or 402), with its reason and the seconds left."""
-    from worker.fleet import limits
+    from worker.cli import fleet
 
     name = "pause"
     if not database.ok:
         return _skipped(name, "the database is not ready")
     try:
-        with resources.get().transaction() as s:
-            found = limits.status(s)
+        with res.transaction() as s:
+            found = fleet.status(res.settings, s)
     except Exception as exc:
         return Check(name, False, f"could not read the budget row: {_short(exc)}")
     if found["paused_for"]:
@@ -203,11 +203,12 @@ def check_balance(client: ModellixClient, key: Check) -> Check:
 
 def run() -> list[Check]:
     """Every check, in order; none raises."""
-    cfg = resources.settings()
+    res = resources.get()
+    cfg = res.settings
     broker, consumers = check_queue(cfg)
-    database = check_database(cfg)
-    pause = check_pause(database)
-    client = resources.get().client
+    database = check_database(res)
+    pause = check_pause(res, database)
+    client = res.client
     answer = ask_key(client)
     api = check_api(client.base_url, answer)
     key = check_key(cfg, api, answer)

@@ -81,12 +81,13 @@ def show(job_id: str, as_json: bool) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(as_json: bool) -> int:
     """Jobs by status, the fleet's limits, the tasks in flight and any fleet pause."""
-    from worker.fleet import limits
+    from worker.cli import fleet
 
     require_database()
-    with resources.get().transaction() as s:
+    res = resources.get()
+    with res.transaction() as s:
         counts = store.count_by_status(s)
-        budget = limits.status(s)
+        budget = fleet.status(res.settings, s)
     if as_json:
         printing.as_json({"jobs": counts, "budget": budget})
         return 0

@@ -56,8 +56,7 @@ Hints = Callable[[float, list[dict[str, Any]]], list["Hint"]]
 def why_queued(waited: float, rows: list[dict[str, Any]] | None = None) -> list[Hint]:
     """Why a job `waited` seconds in `queued` may be waiting still (nothing found: an empty list).
     `rows`: the queued jobs a worker has seen (a row with a last error is being retried)."""
-    from worker.cli import doctor
-    from worker.fleet import limits
+    from worker.cli import doctor, fleet
 
     cfg = resources.settings()
     found: list[Hint] = []
@@ -83,7 +82,7 @@ def why_queued(waited: float, rows: list[dict[str, Any]] | None = None) -> list[
             )
         )
     with resources.get().transaction() as s:
-        budget = limits.status(s)
+        budget = fleet.status(cfg, s)
     if budget["paused_for"]:
         reason = budget["pause_reason"] or "no reason recorded"
         until = time.monotonic() + budget["paused_for"]

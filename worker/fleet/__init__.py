@@ -1,7 +1,11 @@
-"""The fleet's shared API budget, kept in one SQL row that every worker on every host reads.
+"""The fleet's shared API budget, kept in one SQL row (models.budget) that every worker on every host reads.
 
-Request slots (`MODELLIX_MAX_RPS`), places in flight (`MODELLIX_MAX_IN_FLIGHT`), the fleet pause
-after a 429, 401 or 402, and the per-process gate that queues submit threads at the row.
+- `slots`: request slots (`MODELLIX_MAX_RPS`), `take_request_slot` before each API request;
+- `places`: places in flight (`MODELLIX_MAX_IN_FLIGHT`) and a submit's turn (`claim_turn`), waited for in place;
+- `pause`: the fleet pause after a 429, 401 or 402: written, read, cached per process, waited out, and the
+  balance watched during a pause for credit;
+- `waiting`: what a request does when the budget has no room now (`OverBudget`, the wait in place);
+- `gate`: the per-process queue of submit threads at the budget row.
 """
 
-__all__ = ["gate", "limits"]
+__all__ = ["gate", "pause", "places", "slots", "waiting"]

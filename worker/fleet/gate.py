@@ -1,7 +1,7 @@
 """A first-come first-served gate for the threads of one process, that a waiter leaves on a deadline or
 when the process stops.
 
-worker.fleet.limits lets one submit thread per process at a time contend for the fleet's budget row; the
+worker.fleet.places lets one submit thread per process at a time contend for the fleet's budget row; the
 others wait here, each on an event of its own (so passing the gate on wakes one thread, not all).
 First come first served: with a hundred threads holding messages, none may wait past its deadline
 while later arrivals go ahead.

@@ -24,18 +24,17 @@ resends nothing else, so a job is never billed twice.
 A 429 pauses the whole fleet for its Retry-After, and a 401/402 for
 KLING_ACCOUNT_RETRY: every worker would get the same answer. During a 402
 pause the sweep asks for the balance instead of letting jobs try paid submits
-(worker.fleet.limits.watch_balance), and the held jobs look again every
+(worker.fleet.pause.watch_balance), and the held jobs look again every
 BALANCE_RECHECK seconds, so the fleet resumes soon after a top-up. Exponential
-backoff with full jitter; Retry-After is always a floor.
+backoff with equal jitter (worker.backoff); Retry-After is always a floor.
 """
 
 from __future__ import annotations
 
 import enum
-import random
 from dataclasses import dataclass
 
-from worker import modellix
+from worker import backoff, modellix
 from worker.config import Settings
 
 
@@ -57,10 +56,14 @@ class Verdict:
 
 
 def retry_delay(attempt: int, settings: Settings, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter for attempt 1, 2, ...; Retry-After is a floor."""
-    ceiling = min(settings.backoff_max, settings.backoff_base * 2 ** (attempt - 1))
-    delay = random.uniform(ceiling / 2, ceiling)
-    return max(delay, retry_after or 0.0)
+    """Exponential backoff with equal jitter for attempt 1, 2, ...; Retry-After is a floor."""
+    return backoff.delay(
+        attempt,
+        base=settings.backoff_base,
+        cap=settings.backoff_max,
+        jitter=backoff.Jitter.equal,
+        at_least=retry_after or 0.0,
+    )
 
 
 def judge_submit(exc: modellix.ModellixError, attempt: int, settings: Settings) -> Verdict:
@@ -90,15 +93,12 @@ def judge_poll(exc: modellix.ModellixError, next_gap: float, settings: Settings)
     return Verdict(Action.retry, delay, pause=pause, pause_reason=_RATE_LIMITED)
 
 
+# A pause's reason is "<HTTP status> <message>": operators read it, and worker.fleet.pause.kind_of
+# tells the kind of pause from its status.
 _RATE_LIMITED = "429 from Modellix"
 # While the fleet waits for credit (a 402 pause), a job held back looks again this often: the
 # pause is lifted as soon as the balance is positive, and the jobs should not sleep through it.
 BALANCE_RECHECK = 15.0
-
-
-def for_balance(pause_reason: str | None) -> bool:
-    """Whether a fleet pause is one for the account's balance (a 402; see _account for the reason's shape)."""
-    return bool(pause_reason) and str(pause_reason).startswith("402 ")
 
 
 def _account(exc: modellix.ModellixError, settings: Settings, floor: float = 0.0) -> Verdict:

@@ -12,7 +12,7 @@
 The database reads use an engine of their own, with no pool and short timeouts: a probe never
 waits behind job threads for a pooled connection, and never holds one they need.
 
-Started when the worker is ready and stopped at its shutdown (worker.wiring.app), so a producer or
+Started when the worker is ready and stopped at its shutdown (worker.wiring.signals), so a producer or
 the CLI never opens a port.
 """
 
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
@@ -39,8 +39,10 @@ from sqlalchemy.pool import NullPool
 
 from models import db, outbox
 from models.job import utcnow
-from worker import resources
 from worker.ops import metrics, outages
+
+if TYPE_CHECKING:
+    from worker.resources import Resources
 
 log = logging.getLogger("kling_worker.health")
 
@@ -82,16 +84,15 @@ class Cached(Generic[T]):
 # -- the checks ------------------------------------------------------------------------
 
 
-def consuming(consumer: Any) -> str | None:
+def consuming(res: Resources, consumer: Any) -> str | None:
     """Why this process is not consuming, or None while it is. `consumer` is Celery's (worker_ready's sender)."""
-    res = resources.get()
     if res.stopping.is_set():
         return "the worker is stopping"
     if consumer.blueprint.state != bootsteps.RUN:
         return "Celery's consumer is not running"
     if consumer.connection is None:  # Celery clears it while it reconnects
         return "no connection to the broker: reconnecting"
-    poller = res.made("poller")
+    poller = res.poller_if_started
     if poller is not None and not poller.alive():
         return "the poll timer's thread has stopped"
     return None
@@ -217,10 +218,9 @@ def _json(start_response: StartResponse, ok: bool, body: dict[str, str]) -> list
 _running: HealthServer | None = None
 
 
-def start(consumer: Any) -> HealthServer | None:
+def start(res: Resources, consumer: Any) -> HealthServer | None:
     """Serve this worker process's metrics and health on KLING_METRICS_PORT, if it is set (at worker_ready)."""
     global _running
-    res = resources.get()
     port = res.settings.metrics_port
     if port is None or _running is not None:
         return _running
@@ -237,7 +237,7 @@ def start(consumer: Any) -> HealthServer | None:
     try:
         server = HealthServer(
             port,
-            live=lambda: consuming(consumer),
+            live=lambda: consuming(res, consumer),
             ready=lambda: {"broker": broker.get(), "database": database.get()},
             snapshot=snapshot,
         )
@@ -262,6 +262,6 @@ def read_backlog(engine: Engine) -> list[outbox.Backlog]:
         return outbox.backlog(conn, utcnow())
 
 
-def _poller_backlog(res: resources.Resources) -> int:
-    poller = res.made("poller")
+def _poller_backlog(res: Resources) -> int:
+    poller = res.poller_if_started
     return poller.pending() if poller is not None else 0

@@ -7,9 +7,10 @@ line by its logger) and, while a job is being handled, its `job_id` and `modelli
 once where the job is taken up (`bound`) instead of passed to every call. Both formats carry them
 on the record; the JSON one prints them.
 
-Installed from Celery's own logging signals (`connect`): Celery keeps building its handlers (the
-`--logfile` and `--loglevel` options, worker_hijack_root_logger), and only the handlers it made
-get this module's formatter and filters; handlers someone configured before Celery are left alone.
+Installed from Celery's own logging signals (`installer`'s hooks, connected by worker.wiring.signals):
+Celery keeps building its handlers (the `--logfile` and `--loglevel` options, worker_hijack_root_logger),
+and only the handlers it made get this module's formatter and filters; handlers someone configured
+before Celery are left alone.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
 
-from celery import signals
 from celery._state import get_current_task
 from celery.app import trace
 from celery.utils.log import ColorFormatter
@@ -149,21 +149,13 @@ class JsonLines(JsonFormatter):
         return {key: log_data[key] for key in FIELDS if log_data.get(key) is not None}
 
 
-def connect(log_format: str) -> None:
-    """Hook this module into Celery's logging setup, in a worker (with or without -B) and in beat."""
-    _installer.log_format = log_format
-    signals.after_setup_logger.connect(_installer.after_setup, weak=False)
-    signals.after_setup_task_logger.connect(_installer.after_setup, weak=False)
-    if log_format == "json":
-        signals.celeryd_init.connect(_installer.before_setup, weak=False)
-        signals.celeryd_after_setup.connect(_installer.banner, weak=False)
-        signals.worker_ready.connect(_installer.quiet_shutdown_notice, weak=False)
-        signals.worker_shutting_down.connect(_installer.shutting_down, weak=False)
-
-
 class _Installer:
+    """This module's hooks into Celery's logging setup, in a worker (with or without -B) and in beat:
+    `after_setup` for either format; `before_setup`, `banner`, `quiet_shutdown_notice` and
+    `shutting_down` only for JSON lines."""
+
     def __init__(self) -> None:
-        self.log_format = "text"
+        self.log_format = "text"  # KLING_LOG_FORMAT, set before the hooks are connected
         self._early: logging.Handler | None = None
 
     def handler_setup(self, handler: logging.Handler, level: int) -> None:
@@ -216,4 +208,4 @@ class _Installer:
         log.info("worker: %s shutdown", how, extra={"event": "worker_shutting_down"})
 
 
-_installer = _Installer()
+installer = _Installer()

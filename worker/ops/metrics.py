@@ -29,13 +29,18 @@ from requests.adapters import BaseAdapter
 
 from models.job import utcnow
 from models.outbox import Backlog, Channel, State
+from worker.fleet.pause import PauseKind, kind_of
 from worker.ops import cpu
 
 # The Modellix API answers in tens of milliseconds to seconds; a read may take up to MODELLIX_READ_TIMEOUT (30 s).
 API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ENDPOINTS = ("submit", "poll", "other")
-# How a fleet pause's reason (worker.modellix.policy) is labelled: by the HTTP status it starts with.
-PAUSE_REASONS = {"429": "rate_limited", "401": "key_refused", "402": "balance"}
+# How a fleet pause is labelled, by its kind (worker.fleet.pause).
+PAUSE_REASONS = {
+    PauseKind.rate_limited: "rate_limited",
+    PauseKind.unauthorized: "key_refused",
+    PauseKind.no_balance: "balance",
+}
 OTHER = "other"
 
 # A `_created` series beside every counter and histogram doubles what is scraped and says little here.
@@ -112,7 +117,8 @@ def error_code_label(code: str | None) -> str:
 
 
 def pause_reason_label(reason: str) -> str:
-    return PAUSE_REASONS.get(reason[:3], OTHER)
+    kind = kind_of(reason)
+    return PAUSE_REASONS[kind] if kind is not None else OTHER
 
 
 # -- API calls: a wrapper around the client session's adapter -----------------------

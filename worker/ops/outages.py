@@ -15,12 +15,13 @@ Errors that are not an outage keep their tracebacks.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import Counter
 
 from sqlalchemy import exc as sa_exc
+
+from worker.backoff import Jitter, delay
 
 log = logging.getLogger("kling_worker.outages")
 
@@ -28,8 +29,8 @@ log = logging.getLogger("kling_worker.outages")
 SUMMARY_EVERY = 30.0
 # The longest a message waits on the broker between tries through an outage.
 BACKOFF_MAX = 30.0
-# A poll, or a job given back before its POST, put off by an outage is tried again after this.
-RETRY_AFTER = 2.0
+# A poll put off by an outage looks at the database again after this many seconds.
+OUTAGE_RECHECK = 2.0
 
 
 class Outage:
@@ -115,8 +116,7 @@ class Outage:
 
 def backoff(retries: int) -> float:
     """Seconds before a message put off by an outage is tried again: doubling from 1 s, jittered."""
-    ceiling = min(BACKOFF_MAX, 2.0**retries)
-    return random.uniform(ceiling / 2, ceiling)
+    return delay(retries + 1, base=1.0, cap=BACKOFF_MAX, jitter=Jitter.equal)
 
 
 def database() -> Outage:

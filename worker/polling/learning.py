@@ -23,15 +23,17 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from models import poll_shapes
 from models.job import utcnow
-from worker import resources
 from worker.polling import schedule
 from worker.polling.schedule import Shape
+
+if TYPE_CHECKING:
+    from worker.resources import Resources
 
 log = logging.getLogger("kling_worker.learning")
 
@@ -67,7 +69,11 @@ class _Counts:
 
 
 class Learner:
-    def __init__(self) -> None:
+    """This process's copy of the shared rows and its counts since the last merge (one per process:
+    Resources.learner)."""
+
+    def __init__(self, res: Resources) -> None:
+        self._res = res
         self._lock = threading.Lock()
         self._syncing = threading.Lock()
         self._known: dict[Shape, float] = {}  # log F per shape, as last read
@@ -79,7 +85,7 @@ class Learner:
 
     # -- the hot path ----------------------------------------------------
     def first_poll(self, job_id: str, request: dict[str, Any]) -> schedule.NextPoll:
-        cfg = resources.settings()
+        cfg = self._res.settings
         self._sync_if_due()
         shape = schedule.shape_of(request)
         log_first = self._known.get(shape)
@@ -99,7 +105,7 @@ class Learner:
             return
         if not finished:
             track.running_until = elapsed
-        cfg = resources.settings()
+        cfg = self._res.settings
         with self._lock:
             counts = self._counts.setdefault(track.shape, _Counts())
             if track.learned is not None:
@@ -151,7 +157,7 @@ class Learner:
                 for shape, c in counts.items():
                     self._counts.setdefault(shape, _Counts()).add(c)
         try:
-            with resources.get().statement() as ex:
+            with self._res.statement() as ex:
                 known = poll_shapes.read(ex)
         except SQLAlchemyError as exc:
             self._failed(exc)
@@ -160,7 +166,7 @@ class Learner:
         self._failing = False
 
     def _merge(self, counts: dict[Shape, _Counts]) -> bool:
-        cfg = resources.settings()
+        cfg = self._res.settings
         seen = [
             poll_shapes.Seen(
                 tuple(shape),  # type: ignore[arg-type]  # a Shape is a (str, int, int)
@@ -174,7 +180,7 @@ class Learner:
         ]
         low, high = math.log(schedule.lowest(cfg)), math.log(cfg.poll_max)
         try:
-            with resources.get().statement() as ex:
+            with self._res.statement() as ex:
                 poll_shapes.merge(ex, seen, schedule.step, schedule.MAX_STEP, low, high, utcnow())
         except SQLAlchemyError as exc:
             self._failed(exc)
@@ -193,17 +199,13 @@ class Learner:
         )
 
 
-def _learner() -> Learner:
-    return resources.get().once("learner", Learner)
-
-
-def first_poll(job_id: str, request: dict[str, Any]) -> schedule.NextPoll:
+def first_poll(res: Resources, job_id: str, request: dict[str, Any]) -> schedule.NextPoll:
     """The first poll of a job just submitted: learned for its shape, else configured."""
-    cfg = resources.settings()
+    cfg = res.settings
     if not cfg.poll_learn:
         return schedule.first(cfg)
     try:
-        return _learner().first_poll(job_id, request)
+        return res.learner.first_poll(job_id, request)
     except Exception:
         # Called once the task exists: a fault here must not keep its id from the job row.
         log.exception(
@@ -212,26 +214,26 @@ def first_poll(job_id: str, request: dict[str, Any]) -> schedule.NextPoll:
         return schedule.first(cfg)
 
 
-def learned(job_id: str) -> float | None:
+def learned(res: Resources, job_id: str) -> float | None:
     """The learned first poll this process gave the job (its later gaps follow from it), if any."""
-    found = resources.get().made("learner")
+    found = res.learner_if_made
     return found.learned(job_id) if found is not None else None
 
 
-def answered(job_id: str, seq: int, elapsed: float, finished: bool) -> None:
-    found = resources.get().made("learner")
+def answered(res: Resources, job_id: str, seq: int, elapsed: float, finished: bool) -> None:
+    found = res.learner_if_made
     if found is not None:
         found.answered(job_id, seq, elapsed, finished)
 
 
-def forget(job_id: str) -> None:
-    found = resources.get().made("learner")
+def forget(res: Resources, job_id: str) -> None:
+    found = res.learner_if_made
     if found is not None:
         found.forget(job_id)
 
 
-def flush() -> None:
+def flush(res: Resources) -> None:
     """Merge what this process counted (a worker that stops)."""
-    found = resources.get().made("learner")
+    found = res.learner_if_made
     if found is not None:
         found.sync()

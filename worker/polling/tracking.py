@@ -1,12 +1,12 @@
 """Following a submitted Modellix task until it ends, and the sweep that repairs what was lost. No Celery here.
 
 `check` makes one poll of a job (the schedule is worker.polling.schedule's, learned
-per request shape by worker.polling.learning from what each poll found) and says when
-the next is due. The submitting worker's own timer (worker.polling.timer) runs
-the checks; nothing relies on that process alone: the periodic `sweep`
-re-dispatches any active job whose poll is overdue (worker killed or
-restarted) through the broker, and the poll token in the row
-(models.store.claim_poll) keeps two workers from polling one job at once.
+per request shape by worker.polling.learning from what each poll found) and says what
+follows (a PollOutcome: poll again then, hand a result on, the job ended, or nothing).
+The submitting worker's own timer (worker.polling.timer) runs the checks; nothing
+relies on that process alone: the periodic `sweep` re-dispatches any active job whose
+poll is overdue (worker killed or restarted) through the broker, and the poll token in
+the row (models.store.claim_poll) keeps two workers from polling one job at once.
 A finished task's result is written as a Fact (worker.facts): a database
 outage delays it but cannot make the worker drop it.
 """
@@ -16,17 +16,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeAlias
 
 from models import JobStatus, lifecycle, store
 from models.job import utcnow
-from worker import facts, modellix, resources
+from worker import facts, modellix
 from worker.config import Settings
-from worker.facts import Fact
-from worker.fleet import limits
+from worker.facts import Fact, Kept, Succeeded, TaskFailed
+from worker.fleet import slots
+from worker.fleet.pause import pause_fleet
+from worker.fleet.waiting import OverBudget
 from worker.modellix import TaskPhase
 from worker.modellix.policy import SUBMIT_INTERRUPTED, Action, judge_poll
 from worker.ops import cpu, logs, metrics, outages
 from worker.polling import learning, schedule
+from worker.resources import Resources
 from worker.results import delivery
 
 log = logging.getLogger("kling_worker.tracking")
@@ -44,93 +48,117 @@ def _lease(cfg: Settings) -> float:
     return cfg.connect_timeout + cfg.read_timeout + OVERDUE_SLACK
 
 
+# -- what a poll leads to -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PollAgain:
+    """The job is still running (or this poll was put off): make poll `poll.seq` in `poll.delay` seconds."""
+
+    poll: schedule.NextPoll
+
+
+@dataclass(frozen=True)
+class HandOn:
+    """A finished task's result the database has not taken before this process began to stop:
+    the caller hands it on in a message, for another worker to write."""
+
+    fact: Fact
+
+
 @dataclass(frozen=True)
 class Ended:
-    """This poll ended a job that has a webhook or a callback: its events are due, for the caller to send."""
+    """The job has ended (this poll ended it, or found it ended); `notify`: it has a webhook or a
+    callback, so its events are due now, for the caller to send."""
 
     job_id: str
+    notify: bool
 
 
-def check(job_id: str, seq: int) -> schedule.NextPoll | Fact | Ended | None:
-    """Make poll number `seq` of a job: the next poll, or None when the job needs no more
-    (Ended when it has events to send now).
+@dataclass(frozen=True)
+class Skipped:
+    """This poll was not this process's to make: the job is no longer active, or its poll number has
+    moved on (a stale or duplicate message, or another worker holds the poll)."""
 
-    A Fact is a finished task's result that the database has not taken before
-    this process began to stop: the caller hands it on.
-    """
+
+PollOutcome: TypeAlias = PollAgain | HandOn | Ended | Skipped
+
+
+# -- one poll -------------------------------------------------------------------
+
+
+def check(res: Resources, job_id: str, seq: int) -> PollOutcome:
+    """Make poll number `seq` of a job and say what follows it."""
     with logs.bound(job_id=job_id), cpu.phase("poll"):
-        following = _check(job_id, seq)
-    if not isinstance(following, schedule.NextPoll):
-        learning.forget(job_id)
-    return following
+        outcome = _check(res, job_id, seq)
+    if not isinstance(outcome, PollAgain):
+        learning.forget(res, job_id)
+    return outcome
 
 
-def _check(job_id: str, seq: int) -> schedule.NextPoll | Fact | Ended | None:
-    res = resources.get()
+def _check(res: Resources, job_id: str, seq: int) -> PollOutcome:
     cfg = res.settings
     now = utcnow()
     token = seq  # the poll number the row expects next
     try:
         with res.statement() as ex:
-            claimed = store.claim_poll(ex, job_id, seq, now, _lease(cfg))
-        if claimed is None:
-            return None  # finished, or another worker holds this poll
+            claim = store.claim_poll(ex, job_id, seq, now, _lease(cfg))
+        if claim is None:
+            return Skipped()
         token = seq + 1
-        task_id, submitted_at, notify = claimed
-        logs.bind(modellix_task_id=task_id)
-        deadline = schedule.deadline(submitted_at, cfg)
-        gap = schedule.gap(seq + 1, cfg, learning.learned(job_id))
+        logs.bind(modellix_task_id=claim.task_id)
+        deadline = schedule.deadline(claim.submitted_at, cfg)
+        next_poll = schedule.NextPoll(seq + 1, schedule.gap(seq + 1, cfg, learning.learned(res, job_id)))
         try:
             # The slot is taken right before the request, so the spacing holds at the API.
-            limits.take_request_slot()
-            state = res.client.get_task(task_id)
-        except limits.OverBudget as exc:
-            # This poll did not happen: give its number back and try again later.
-            return _next(job_id, schedule.NextPoll(seq, exc.retry_in), now, deadline, give_back=True)
+            slots.take_request_slot(res)
+            state = res.client.get_task(claim.task_id)
+        except OverBudget as exc:
+            # This poll did not happen: give its number back and try again later. A job that is past its
+            # deadline ends here, and leaves its events (if any) to the sweep.
+            given_back = _next(res, job_id, schedule.NextPoll(seq, exc.retry_in), now, deadline, give_back=True)
+            return _ended(job_id, given_back, notify=False)
         except modellix.ModellixError as exc:
-            failed = _after_error(job_id, exc, schedule.NextPoll(seq + 1, gap), now, deadline)
-            return _ended(job_id, failed, notify)
-        ended = state.phase in (TaskPhase.succeeded, TaskPhase.failed)
-        learning.answered(job_id, seq, (now - submitted_at).total_seconds(), ended)
-        return _ended(job_id, _record(job_id, state, schedule.NextPoll(seq + 1, gap), now, deadline), notify)
+            return _ended(job_id, _after_error(res, job_id, exc, next_poll, now, deadline), claim.notify)
+        finished = state.phase in (TaskPhase.succeeded, TaskPhase.failed)
+        learning.answered(res, job_id, seq, (now - claim.submitted_at).total_seconds(), finished)
+        return _ended(job_id, _record(res, job_id, state, next_poll, now, deadline), claim.notify)
     except Exception as exc:
         # Nothing learned is lost here: a finished result is held by _record, not raised.
         res.put_off(exc, "polls")
-        return schedule.NextPoll(token, outages.RETRY_AFTER)
+        return PollAgain(schedule.NextPoll(token, outages.OUTAGE_RECHECK))
 
 
-def _ended(
-    job_id: str, following: schedule.NextPoll | Fact | None, notify: bool
-) -> schedule.NextPoll | Fact | Ended | None:
+def _ended(job_id: str, outcome: PollAgain | HandOn | None, notify: bool) -> PollOutcome:
+    """`outcome`, or, where the steps below say None (no more polls: the job has ended), Ended."""
     # Only a job with a webhook or callback has rows for the caller to claim at its end:
     # the others are spared a statement that would find none.
-    return Ended(job_id) if following is None and notify else following
+    return Ended(job_id, notify) if outcome is None else outcome
 
 
 def _record(
-    job_id: str, state: modellix.TaskState, following: schedule.NextPoll, now: datetime, deadline: datetime
-) -> schedule.NextPoll | Fact | None:
+    res: Resources,
+    job_id: str,
+    state: modellix.TaskState,
+    next_poll: schedule.NextPoll,
+    now: datetime,
+    deadline: datetime,
+) -> PollAgain | HandOn | None:
     phase = state.phase
     if phase is TaskPhase.succeeded:
         if state.result_urls:
             at = utcnow()
             # Its images are kept before the end is written, so the end is one write with its files.
-            files, archived = delivery.archive_at_end(job_id, state.result_urls)
-            values = {
-                "result_urls": state.result_urls,
-                "answer": state.raw,
-                "files": files,
-                "archived": archived.to_json(),
-            }
-            held = facts.keep(Fact(job_id, "succeeded", at, values))
+            files, archived = delivery.archive_at_end(res, job_id, state.result_urls)
+            outcome = _keep(res, Succeeded(job_id, at, state.result_urls, state.raw, files, archived))
             log.info("job %s succeeded", job_id, extra={"event": "job_succeeded"})
-            return held
+            return outcome
         log.info("job %s failed: no results", job_id, extra={"event": "job_failed"})
         message = f"task {state.task_id} succeeded without any http(s) result URL"
-        return _fail(job_id, "no_results", message, state.raw)
+        return _fail(res, job_id, "no_results", message, state.raw)
     if phase is TaskPhase.failed:
         log.info("job %s failed: task_failed", job_id, extra={"event": "job_failed"})
-        return _fail(job_id, "task_failed", state.error_message, state.raw)
+        return _fail(res, job_id, "task_failed", state.error_message, state.raw)
     if not state.known_status:
         log.warning(
             "job %s: unknown Modellix status %r, treated as still running",
@@ -138,23 +166,34 @@ def _record(
             state.status,
             extra={"event": "unknown_status"},
         )
-    return _next(job_id, following, now, deadline, running=phase is TaskPhase.running, answer=state.raw)
+    return _next(res, job_id, next_poll, now, deadline, running=phase is TaskPhase.running, answer=state.raw)
 
 
-def _fail(job_id: str, code: str, message: str, answer: dict[str, object] | None = None) -> Fact | None:
-    values = {"error_code": code, "error_message": message, "answer": answer}
-    return facts.keep(Fact(job_id, "task_failed", utcnow(), values))
+def _keep(res: Resources, fact: Fact) -> HandOn | None:
+    """Write a finished task's result: None once the job table has it, else HandOn."""
+    return None if facts.keep(res, fact) is Kept.written else HandOn(fact)
+
+
+def _fail(
+    res: Resources, job_id: str, code: str, message: str, answer: dict[str, object] | None = None
+) -> HandOn | None:
+    return _keep(res, TaskFailed(job_id, utcnow(), code, message, answer))
 
 
 def _after_error(
-    job_id: str, exc: modellix.ModellixError, following: schedule.NextPoll, now: datetime, deadline: datetime
-) -> schedule.NextPoll | Fact | None:
-    verdict = judge_poll(exc, following.delay, resources.settings())
+    res: Resources,
+    job_id: str,
+    exc: modellix.ModellixError,
+    next_poll: schedule.NextPoll,
+    now: datetime,
+    deadline: datetime,
+) -> PollAgain | HandOn | None:
+    verdict = judge_poll(exc, next_poll.delay, res.settings)
     if verdict.pause:
-        limits.pause(verdict.pause, verdict.pause_reason)
+        pause_fleet(res, verdict.pause, verdict.pause_reason)
     if verdict.action is Action.fail:
         log.warning("job %s failed: %s %s", job_id, exc.stored_code, exc.message, extra={"event": "job_failed"})
-        return _fail(job_id, exc.stored_code, exc.message)
+        return _fail(res, job_id, exc.stored_code, exc.message)
     if verdict.account:
         log.error(
             "job %s: Modellix rejects the account while polling (%s); polling slowly",
@@ -170,21 +209,22 @@ def _after_error(
             verdict.delay,
             extra={"event": "poll_failed"},
         )
-    return _next(job_id, schedule.NextPoll(following.seq, verdict.delay), now, deadline)
+    return _next(res, job_id, schedule.NextPoll(next_poll.seq, verdict.delay), now, deadline)
 
 
 def _next(
+    res: Resources,
     job_id: str,
-    following: schedule.NextPoll,
+    next_poll: schedule.NextPoll,
     now: datetime,
     deadline: datetime,
     *,
     running: bool = False,
     answer: dict[str, object] | None = None,
     give_back: bool = False,
-) -> schedule.NextPoll | None:
-    """Record when the next poll is due (never past the deadline); past the deadline, fail the job."""
-    res = resources.get()
+) -> PollAgain | None:
+    """Record when the next poll is due (never past the deadline); past the deadline, fail the job.
+    None when the job has ended (here, or before)."""
     if now >= deadline:
         with res.transaction() as ex:
             ended = lifecycle.fail_task(
@@ -194,7 +234,7 @@ def _next(
             metrics.job_ended(JobStatus.failed.value, "timeout")
             log.info("job %s failed: timeout", job_id, extra={"event": "job_failed"})
         return None
-    delay = min(following.delay, max(0.0, (deadline - now).total_seconds()))
+    delay = min(next_poll.delay, max(0.0, (deadline - now).total_seconds()))
     with res.statement() as ex:
         moved = lifecycle.observe(
             ex,
@@ -203,12 +243,15 @@ def _next(
             running=running,
             next_poll_at=now + timedelta(seconds=delay),
             answer=answer,
-            polls=following.seq if give_back else None,
+            polls=next_poll.seq if give_back else None,
         )
-    return schedule.NextPoll(following.seq, delay) if moved else None
+    return PollAgain(schedule.NextPoll(next_poll.seq, delay)) if moved else None
 
 
-def sweep() -> list[tuple[str, int]]:
+# -- the sweep ------------------------------------------------------------------
+
+
+def sweep(res: Resources) -> list[tuple[str, int]]:
     """Periodic repair; returns the (job id, poll number) of the polls to dispatch again.
 
     - active jobs whose next poll is overdue get it re-dispatched;
@@ -217,7 +260,6 @@ def sweep() -> list[tuple[str, int]]:
       between committing `submitting` and recording the answer) fail with
       `submit_interrupted`, see resolve_interrupted.
     """
-    res = resources.get()
     now = utcnow()
     try:
         with res.transaction() as s:
@@ -231,11 +273,11 @@ def sweep() -> list[tuple[str, int]]:
         log.warning("re-dispatching %d overdue polls", len(overdue), extra={"event": "polls_redispatched"})
     # Right after an outage, a submit's answer may still be on its way from a held fact.
     if res.outage.quiet_for() >= AFTER_OUTAGE:
-        resolve_interrupted(now - timedelta(seconds=res.settings.submit_grace))
+        resolve_interrupted(res, now - timedelta(seconds=res.settings.submit_grace))
     return list(overdue)
 
 
-def resolve_interrupted(before: datetime) -> int:
+def resolve_interrupted(res: Resources, before: datetime) -> int:
     """Fail jobs left in `submitting` since before `before`.
 
     Modellix has no idempotency key and no way to look a task up by anything
@@ -244,7 +286,7 @@ def resolve_interrupted(before: datetime) -> int:
     `submit_interrupted`; the caller re-enqueues under a new job id if it wants
     another try.
     """
-    with resources.get().transaction() as s:
+    with res.transaction() as s:
         ids = store.claim_stale(s, JobStatus.submitting, before, SWEEP_BATCH)
         now = utcnow()
         ended = sum(

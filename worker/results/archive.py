@@ -58,13 +58,12 @@ from urllib.parse import unquote, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from worker.formats import ArchiveSpec
 from worker.schemas import is_valid_job_id
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-# What KLING_ARCHIVE_MAX_BYTES defaults to: a 2k PNG from kling-image-o1 is a few MB.
-DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 # Downloads are read in pieces this large; at most this much is read past max_bytes.
 CHUNK = 64 * 1024
 # A signed URL may redirect once or twice (to a CDN edge); more is a loop.
@@ -79,8 +78,6 @@ S3_READ_TIMEOUT = 60.0
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 _PNG = b"\x89PNG\r\n\x1a\n"
 _JPEG = b"\xff\xd8\xff"
-# An S3 bucket name (the rules every S3-compatible store accepts).
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 # Answers that mean the URL will not serve the image again (an expired signed URL is a 403).
 _GONE = frozenset({403, 404, 410})
 _BUSY = frozenset({408, 425, 429})
@@ -118,44 +115,6 @@ class Archive(Protocol):
     def read(self, uri: str) -> bytes:
         """The bytes stored under a URI this archive gave out."""
         ...
-
-
-@dataclass(frozen=True)
-class ArchiveSpec:
-    """KLING_ARCHIVE, parsed: `kind` is "file", "s3" or "off"."""
-
-    kind: str
-    location: str = ""  # the absolute folder, or the bucket
-    prefix: str = ""  # S3 only: the key prefix, without slashes at either end
-
-    @classmethod
-    def parse(cls, spec: str) -> ArchiveSpec:
-        """Check a KLING_ARCHIVE value; ValueError names what is wrong (never echoing a password)."""
-        text = spec.strip()
-        if text.lower() == "off":
-            return cls("off")
-        parts = urlsplit(text)
-        if "@" in parts.netloc:
-            # Not echoed: the value holds a login. boto3 takes keys from the AWS environment.
-            raise ValueError(
-                "KLING_ARCHIVE must not hold credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
-            )
-        usage = f"KLING_ARCHIVE must be file:///absolute/dir, s3://bucket/prefix or off, not {spec!r}"
-        if parts.query or parts.fragment:
-            raise ValueError(usage)
-        if parts.scheme == "file":
-            path = unquote(parts.path)
-            if parts.netloc not in ("", "localhost") or not path.startswith("/"):
-                raise ValueError(f"{usage}: a file:// archive needs an absolute folder (three slashes)")
-            return cls("file", os.path.normpath(path))
-        if parts.scheme == "s3":
-            if not _BUCKET.match(parts.netloc):
-                raise ValueError(f"{usage}: {parts.netloc!r} is not an S3 bucket name")
-            prefix = parts.path.strip("/")
-            if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
-                raise ValueError(f"{usage}: the prefix has an empty, '.' or '..' part")
-            return cls("s3", parts.netloc, prefix)
-        raise ValueError(usage)
 
 
 def open_archive(spec: str) -> Archive | None:

@@ -21,17 +21,19 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
 from sqlalchemy.engine import Row
 
 from models import outbox, store
 from models.job import utcnow
 from models.outbox import Channel, State
-from worker import resources
+from worker import backoff
 from worker.ops import cpu, logs
 from worker.results import archive, webhooks
+
+if TYPE_CHECKING:
+    from worker.resources import Resources
 
 log = logging.getLogger("kling_worker.delivery")
 
@@ -69,9 +71,8 @@ class Callback:
     event: dict[str, Any]
 
 
-def due() -> list[int]:
+def due(res: Resources) -> list[int]:
     """Claim the rows that are due (for KLING_DELIVERY_LEASE seconds); their ids, for the caller to dispatch."""
-    res = resources.get()
     try:
         with res.transaction() as s:
             return [row[0] for row in outbox.claim_due(s, utcnow(), res.settings.delivery_lease, BATCH)]
@@ -80,10 +81,9 @@ def due() -> list[int]:
         return []
 
 
-def claim_ended(job_id: str) -> list[int]:
+def claim_ended(res: Resources, job_id: str) -> list[int]:
     """Claim the outbox rows of a job that just ended that are due (for KLING_DELIVERY_LEASE seconds):
     its archive, or the events of a job that failed; none if another worker took them."""
-    res = resources.get()
     try:
         with res.statement() as ex:
             return outbox.claim_job_due(ex, job_id, utcnow(), res.settings.delivery_lease)
@@ -92,23 +92,21 @@ def claim_ended(job_id: str) -> list[int]:
         return []
 
 
-def deliver(delivery_id: int) -> Done:
+def deliver(res: Resources, delivery_id: int) -> Done:
     """Carry out one claimed row: archive, or send a webhook; a callback is returned to be sent.
 
     Through a database outage the row is left as claimed: its lease runs out and the sweep
     hands it out again (a webhook already sent goes again: deliveries are at least once).
     """
-    res = resources.get()
     with logs.bound():  # _deliver binds the job once it has read the row
         try:
-            return _deliver(delivery_id)
+            return _deliver(res, delivery_id)
         except Exception as exc:
             res.put_off(exc, "deliveries")
             return Done()
 
 
-def _deliver(delivery_id: int) -> Done:
-    res = resources.get()
+def _deliver(res: Resources, delivery_id: int) -> Done:
     with res.statement() as ex:
         job = outbox.with_job(ex, delivery_id)
     if job is None or job.state != State.pending.value:
@@ -116,25 +114,25 @@ def _deliver(delivery_id: int) -> Done:
     channel, attempts, created_at = Channel(job.channel), job.attempts, job.row_created_at
     logs.bind(job_id=job.id, modellix_task_id=job.modellix_task_id)
     if channel is Channel.archive:
-        return Done(then=_archive(delivery_id, job, attempts))
+        return Done(then=_archive(res, delivery_id, job, attempts))
     event = event_of(job)
     if channel is Channel.webhook:
-        _webhook(delivery_id, job, event, attempts, created_at)
+        _webhook(res, delivery_id, job, event, attempts, created_at)
         return Done()
     callback = job.callback or {}
     return Done(Callback(str(callback["task"]), str(callback["queue"]), event))
 
 
-def sent(delivery_id: int) -> None:
+def sent(res: Resources, delivery_id: int) -> None:
     """The caller sent the callback this row stands for."""
-    with resources.get().transaction() as s:
+    with res.transaction() as s:
         outbox.settle(s, delivery_id, utcnow(), State.done)
 
 
-def not_sent(delivery_id: int, error: str) -> None:
+def not_sent(res: Resources, delivery_id: int, error: str) -> None:
     """The broker refused the callback: try again later, like a webhook."""
     now = utcnow()
-    with resources.get().transaction() as s:
+    with res.transaction() as s:
         row = outbox.get(s, delivery_id)
         delay = webhooks.next_attempt_delay(row.attempts if row else 1)
         outbox.retry_at(s, delivery_id, now, now + timedelta(seconds=delay), error)
@@ -168,7 +166,7 @@ def event_id(job_id: str) -> str:
 # -- the channels --------------------------------------------------------------
 
 
-def archive_at_end(job_id: str, urls: list[str]) -> tuple[list[dict[str, Any]], outbox.Archived]:
+def archive_at_end(res: Resources, job_id: str, urls: list[str]) -> tuple[list[dict[str, Any]], outbox.Archived]:
     """Archive a job's images before its end is written, by the worker whose poll saw the task finish.
 
     The end is then written with the files and a settled archive row (models.outbox.add_for):
@@ -177,19 +175,18 @@ def archive_at_end(job_id: str, urls: list[str]) -> tuple[list[dict[str, Any]], 
     tried again later by the outbox, like any archive row.
     """
     with cpu.phase("deliver"):
-        files, worth_retrying, archiving = _keep_images(job_id, urls, [])
+        files, worth_retrying, archiving = _keep_images(res, job_id, urls, [])
         state, error = _outcome(job_id, files, worth_retrying, 1, archiving)
         due = utcnow() + timedelta(seconds=_retry_delay(1)) if state is State.pending else None
         return files, outbox.Archived(state, due, error)
 
 
-def _archive(delivery_id: int, job: JobView, attempts: int) -> tuple[int, ...]:
+def _archive(res: Resources, delivery_id: int, job: JobView, attempts: int) -> tuple[int, ...]:
     """Keep each result image not kept yet; settled once all are kept, or once no retry can help.
 
     Returns the job's events it released, claimed for this worker to send at once (not a sweep later).
     """
-    res = resources.get()
-    files, worth_retrying, archiving = _keep_images(job.id, job.result_urls or [], job.files or [])
+    files, worth_retrying, archiving = _keep_images(res, job.id, job.result_urls or [], job.files or [])
     state, error = _outcome(job.id, files, worth_retrying, attempts, archiving)
     now = utcnow()
     with res.atomic() as s:
@@ -206,17 +203,16 @@ def _archive(delivery_id: int, job: JobView, attempts: int) -> tuple[int, ...]:
 
 def _retry_delay(attempts: int) -> float:
     # 2, 4, 8 … seconds after attempt 1, 2, 3 …: result URLs live for minutes, not hours.
-    return 2.0**attempts
+    return backoff.delay(attempts, base=2.0)
 
 
 def _keep_images(
-    job_id: str, urls: list[str], earlier: list[dict[str, Any]]
+    res: Resources, job_id: str, urls: list[str], earlier: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], bool, bool]:
     """Each result image kept (or why not), skipping those an earlier attempt kept:
     (files in the order of the URLs, whether a retry may help, whether the archive is on)."""
-    res = resources.get()
     cfg = res.settings
-    kept_in = res.once("archive", lambda: archive.open_archive(cfg.archive))
+    kept_in = res.archive
     files: list[dict[str, Any]] = []
     worth_retrying = False
     for index, url in enumerate(urls):
@@ -259,25 +255,25 @@ def _missing(reason: str) -> dict[str, Any]:
     return {"uri": None, "sha256": None, "bytes": None, "content_type": None, "error": reason}
 
 
-def _webhook(delivery_id: int, job: JobView, event: dict[str, Any], attempts: int, created_at: datetime) -> None:
-    res = resources.get()
+def _webhook(
+    res: Resources, delivery_id: int, job: JobView, event: dict[str, Any], attempts: int, created_at: datetime
+) -> None:
     cfg = res.settings
     url = job.webhook or ""
     refused = webhooks.refused(url, cfg.webhook_secret, cfg.webhook_hosts)
     now = utcnow()
     if refused:
-        _settle(delivery_id, State.failed, refused)
+        _settle(res, delivery_id, State.failed, refused)
         log.warning("job %s: webhook not sent: %s", job.id, refused, extra={"event": "webhook_refused"})
         return
-    secret = res.once("webhook_secret", lambda: webhooks.WebhookSecret.parse(cfg.webhook_secret))
-    session = res.once("webhook_session", _webhook_session)
+    secret, session = res.webhook_secret, res.webhook_session
     attempt = webhooks.send(session, url, event_id(job.id), webhooks.encode(event), secret, cfg.webhook_timeout)
     if attempt.ok:
-        _settle(delivery_id, State.done)
+        _settle(res, delivery_id, State.done)
         return
     error = attempt.error or f"HTTP {attempt.status}"
     if not attempt.retryable or webhooks.give_up(created_at.timestamp(), time.time(), cfg.webhook_retry_for):
-        _settle(delivery_id, State.failed, error)
+        _settle(res, delivery_id, State.failed, error)
         log.warning(
             "job %s: webhook given up after %d attempts: %s",
             job.id,
@@ -299,13 +295,6 @@ def _webhook(delivery_id: int, job: JobView, event: dict[str, Any], attempts: in
     )
 
 
-def _webhook_session() -> requests.Session:
-    # Its own session: never the Modellix client's (the API key), never ~/.netrc or proxy variables.
-    session = requests.Session()
-    session.trust_env = False
-    return session
-
-
-def _settle(delivery_id: int, state: State, error: str | None = None) -> None:
-    with resources.get().transaction() as s:
+def _settle(res: Resources, delivery_id: int, state: State, error: str | None = None) -> None:
+    with res.transaction() as s:
         outbox.settle(s, delivery_id, utcnow(), state, error)

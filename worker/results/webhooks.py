@@ -44,11 +44,9 @@ the session all the same. Credentials in the webhook URL itself
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
-import random
 import re
 import time
 from collections.abc import Mapping
@@ -59,12 +57,9 @@ from urllib.parse import urlsplit
 import requests
 from urllib3.util import parse_url
 
-from worker.backoff import parse_retry_after
+from worker.backoff import Jitter, delay, parse_retry_after
+from worker.formats import checked_key, webhook_key
 
-SECRET_PREFIX = "whsec_"
-# The specification's bounds for a symmetric signing secret: 24 to 64 random bytes.
-SECRET_MIN_BYTES = 24
-SECRET_MAX_BYTES = 64
 # The first retry comes at most this many seconds after a failed first attempt (5-10 s with the jitter).
 FIRST_RETRY = 10.0
 # Retries never wait longer than this: with FIRST_RETRY doubling, reached at the 10th attempt
@@ -84,26 +79,12 @@ class WebhookSecret:
     __slots__ = ("_key",)
 
     def __init__(self, key: bytes):
-        if not SECRET_MIN_BYTES <= len(key) <= SECRET_MAX_BYTES:
-            raise ValueError(
-                f"a webhook secret must decode to {SECRET_MIN_BYTES}-{SECRET_MAX_BYTES} bytes, not {len(key)}"
-            )
-        self._key = key
+        self._key = checked_key(key)
 
     @classmethod
     def parse(cls, text: str) -> WebhookSecret:
-        """Parse `whsec_<base64>`; the error message never contains the text."""
-        if not text.startswith(SECRET_PREFIX):
-            raise ValueError(f"a webhook secret must start with {SECRET_PREFIX!r} followed by base64")
-        encoded = text[len(SECRET_PREFIX) :]
-        try:
-            # Strict standard base64 (padding optional): the verification libraries decode
-            # leniently, dropping characters outside the alphabet (a URL-safe "-" or "_"),
-            # so anything but the plain alphabet would give them a different key from ours.
-            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-        except binascii.Error:
-            raise ValueError(f"a webhook secret must be {SECRET_PREFIX!r} followed by standard base64") from None
-        return cls(key)
+        """Parse `whsec_<base64>` (worker.formats); the error message never contains the text."""
+        return cls(webhook_key(text))
 
     def sign(self, msg_id: str, timestamp: int, body: bytes) -> str:
         """The `webhook-signature` value for this id, timestamp and exact body: `v1,<base64>`."""
@@ -223,9 +204,8 @@ def next_attempt_delay(attempt: int, retry_after: float | None = None) -> float:
     """
     if attempt < 1:
         raise ValueError(f"attempts are numbered from 1, not {attempt}")
-    ceiling = min(MAX_DELAY, FIRST_RETRY * 2.0 ** min(attempt - 1, 32))
-    delay = random.uniform(ceiling / 2, ceiling)
-    return max(delay, min(retry_after or 0.0, MAX_DELAY))
+    floor = min(retry_after or 0.0, MAX_DELAY)
+    return delay(attempt, base=FIRST_RETRY, cap=MAX_DELAY, jitter=Jitter.equal, at_least=floor)
 
 
 def give_up(first_attempt_at: float, now: float, retry_for: float) -> bool:

@@ -1,21 +1,22 @@
-"""The Celery app: JSON only, and delivery settings that lose no job."""
+"""The Celery app: JSON only, and delivery settings that lose no job. Building it connects the signal
+hooks (worker.wiring.signals), so every process that loads the app has them."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 
 from worker.config import home
-from worker.ops import health, logs, outages
+from worker.ops import outages
 from worker.resources import settings
+from worker.wiring import signals
 
 cfg = settings()
 app = Celery("kling_worker", broker=cfg.broker_url, include=["worker.wiring.tasks"])
-logs.connect(cfg.log_format)
+signals.connect(cfg.log_format)
 
 
 def _embedded_folders() -> dict[str, Path]:
@@ -37,35 +38,19 @@ def prepare_folders() -> None:
             path.mkdir(parents=True, exist_ok=True)
 
 
-@signals.celeryd_init.connect
-def _on_start(**_: Any) -> None:
+def prepare_process(beat: bool = False) -> None:
+    """A worker or beat starts (worker.wiring.signals): its folders, and its broker outages' log lines."""
     home().mkdir(parents=True, exist_ok=True)  # beat's schedule file lives there
     prepare_folders()
-    outages.shape_broker_logs()
+    outages.shape_broker_logs(beat=beat)
 
 
-@signals.beat_init.connect
-def _on_beat_start(**_: Any) -> None:
-    _on_start()
-    outages.shape_broker_logs(beat=True)
-
-
-@signals.worker_ready.connect
-def _on_ready(**_: Any) -> None:
+def quiet_reconnection_warnings() -> None:
+    """Once the worker is ready (worker.wiring.signals)."""
     # Celery warns on every reconnection that the default of
     # worker_cancel_long_running_tasks_on_connection_loss will change; ours is set on purpose
     # below. Installed once ready: Celery's logging setup turns these warnings on at start.
     warnings.filterwarnings("ignore", "\nIn Celery 5.1 we introduced", CPendingDeprecationWarning)
-
-
-@signals.worker_ready.connect
-def _serve_health(sender: Any, **_: Any) -> None:
-    health.start(sender)  # the consumer: /healthz asks it whether this process consumes
-
-
-@signals.worker_shutdown.connect
-def _stop_health(**_: Any) -> None:
-    health.stop()
 
 
 transport_options: dict[str, object] = {}

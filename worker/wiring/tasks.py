@@ -9,14 +9,14 @@ each due when it would have been here (`hand_over`).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, assert_never
 
-from celery import Task, signals
+from celery import Task
 from kombu.exceptions import OperationalError
 
 from worker import facts, resources, submission
-from worker.fleet import limits
-from worker.ops import cpu, metrics
+from worker.fleet import pause
+from worker.ops import cpu
 from worker.polling import learning, schedule, tracking
 from worker.results import delivery
 from worker.wiring.app import app
@@ -29,25 +29,32 @@ HAND_OVER_WAIT = 10.0
 
 @app.task(name="kling.generate", bind=True, max_retries=None)
 def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
-    outcome = submission.handle(args, kwargs, self.request.id, self.request.retries)
-    if outcome.carry is not None:
-        # The database has not taken a fact (an answer, a claim) before this process had to let go.
-        # A claim carried through an outage is routine (one per message); an answer is worth a line.
-        level = logging.DEBUG if outcome.carry.kind == "claimed" else logging.INFO
-        log.log(
-            level,
-            "job %s: its %s fact travels on in the retried message",
-            outcome.job_id,
-            outcome.carry.kind,
-            extra={"event": "fact_carried", "job_id": outcome.job_id},
-        )
-        carried = {**kwargs, submission.CARRIED: outcome.carry.to_json()}
-        raise self.retry(countdown=outcome.retry_in or 0, kwargs=carried)
-    if outcome.retry_in is not None:
-        # A new message with the same id and arguments; this one is acked.
-        raise self.retry(countdown=outcome.retry_in)
-    if outcome.first_poll is not None:
-        follow_later(outcome.job_id, outcome.first_poll)
+    res = resources.get()
+    outcome = submission.handle(res, args, kwargs, self.request.id, self.request.retries)
+    next_step = outcome.next_step
+    match next_step:
+        case submission.HandOn(fact, after):
+            # The database has not taken a fact (an answer, a claim) before this process had to let go.
+            # A claim carried through an outage is routine (one per message); an answer is worth a line.
+            level = logging.DEBUG if isinstance(fact, facts.Claimed) else logging.INFO
+            log.log(
+                level,
+                "job %s: its %s fact travels on in the retried message",
+                outcome.job_id,
+                fact.kind,
+                extra={"event": "fact_carried", "job_id": outcome.job_id},
+            )
+            carried = {**kwargs, submission.CARRIED: fact.to_json()}
+            raise self.retry(countdown=after, kwargs=carried)
+        case submission.Retry(after):
+            # A new message with the same id and arguments; this one is acked.
+            raise self.retry(countdown=after)
+        case submission.Follow(first_poll):
+            follow_later(res, outcome.job_id, first_poll)
+        case submission.Finished():
+            pass
+        case _:
+            assert_never(next_step)
     return outcome.status.value if outcome.status else None
 
 
@@ -57,37 +64,39 @@ def redispatched_poll(self: Task, job_id: str, seq: int, fact: dict[str, Any] | 
 
     With `fact`, a finished task's result that a stopping worker could not write: write it instead.
     """
+    res = resources.get()
     if fact is None:
-        follow(job_id, seq)
-    elif facts.keep(facts.Fact.from_json(fact)) is not None:
+        _follow(res, job_id, seq)
+    elif facts.keep(res, facts.from_json(fact)) is facts.Kept.to_hand_on:
         raise self.retry(countdown=0)  # this process is stopping too: the next one writes it
 
 
 @app.task(name="kling.sweep")
 @cpu.timed("sweep")
 def sweep() -> int:
-    overdue = tracking.sweep()
+    res = resources.get()
+    overdue = tracking.sweep(res)
     for job_id, seq in overdue:
         redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq})
-    due = delivery.due()
+    due = delivery.due(res)
     for delivery_id in due:
         deliver.apply_async(kwargs={"delivery_id": delivery_id})
-    limits.watch_balance()
+    pause.watch_balance(res)
     return len(overdue) + len(due)
 
 
 @app.task(name="kling.deliver")
 def deliver(delivery_id: int) -> None:
     """Carry out one row of the outbox: archive a job's images, or send its event (worker.results.delivery)."""
-    carry_out([delivery_id])
+    carry_out(resources.get(), [delivery_id])
 
 
 @cpu.timed("deliver")
-def carry_out(todo: list[int]) -> None:
+def carry_out(res: resources.Resources, todo: list[int]) -> None:
     """Carry out claimed outbox rows, then the events an archive released, here and now."""
     while todo:
         current = todo.pop(0)
-        done = delivery.deliver(current)
+        done = delivery.deliver(res, current)
         todo += done.then
         if done.callback is None:
             continue
@@ -95,65 +104,58 @@ def carry_out(todo: list[int]) -> None:
         try:
             app.send_task(callback.task, kwargs={"event": callback.event}, queue=callback.queue)
         except (OSError, OperationalError) as exc:
-            delivery.not_sent(current, f"the broker refused the callback: {exc}")
+            delivery.not_sent(res, current, f"the broker refused the callback: {exc}")
             continue
-        delivery.sent(current)
+        delivery.sent(res, current)
 
 
 def follow(job_id: str, seq: int) -> None:
-    """Make poll `seq` of a job, then schedule the next one on this process's poll timer."""
-    following = tracking.check(job_id, seq)
-    if isinstance(following, facts.Fact):
-        log.info(
-            "job %s: its %s result travels on in a message (the database is away)",
-            job_id,
-            following.kind,
-            extra={"event": "result_handed_on", "job_id": job_id},
-        )
-        redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq, "fact": following.to_json()})
-    elif isinstance(following, schedule.NextPoll):
-        follow_later(job_id, following)
-    elif isinstance(following, tracking.Ended):
-        # This poll ended a job that has events: they are sent here at once, not after a sweep
-        # and a message (its images were archived before the end was written). The sweep still
-        # hands out any row this process does not take (it died, the row was not due).
-        carry_out(delivery.claim_ended(job_id))
+    """Make poll `seq` of a job, then schedule the next one on this process's poll timer (the
+    timer's entry point: what it runs, and what `hand_over` sends to the other workers)."""
+    _follow(resources.get(), job_id, seq)
 
 
-def follow_later(job_id: str, poll: schedule.NextPoll) -> None:
-    resources.get().poller.schedule(poll.delay, follow, job_id, poll.seq)
+def _follow(res: resources.Resources, job_id: str, seq: int) -> None:
+    outcome = tracking.check(res, job_id, seq)
+    match outcome:
+        case tracking.PollAgain(poll):
+            follow_later(res, job_id, poll)
+        case tracking.HandOn(fact):
+            log.info(
+                "job %s: its %s result travels on in a message (the database is away)",
+                job_id,
+                fact.kind,
+                extra={"event": "result_handed_on", "job_id": job_id},
+            )
+            redispatched_poll.apply_async(kwargs={"job_id": job_id, "seq": seq, "fact": fact.to_json()})
+        case tracking.Ended(notify=True):
+            # This poll ended a job that has events: they are sent here at once, not after a sweep
+            # and a message (its images were archived before the end was written). The sweep still
+            # hands out any row this process does not take (it died, the row was not due).
+            carry_out(res, delivery.claim_ended(res, job_id))
+        case tracking.Ended() | tracking.Skipped():
+            pass  # no more polls, nothing to send
+        case _:
+            assert_never(outcome)
 
 
-@signals.task_prerun.connect
-def _task_started(task: Task, **_: Any) -> None:
-    metrics.task_started(task.name)
+def follow_later(res: resources.Resources, job_id: str, poll: schedule.NextPoll) -> None:
+    res.poller.schedule(poll.delay, follow, job_id, poll.seq)
 
 
-@signals.task_postrun.connect
-def _task_ended(task: Task, **_: Any) -> None:
-    metrics.task_ended(task.name)
-
-
-@signals.worker_shutting_down.connect
-def _stopping(**_: Any) -> None:
-    resources.get().stopping.set()
-    limits.stop_waiting()
-
-
-@signals.worker_shutdown.connect
-def hand_over(**_: Any) -> int:
+def hand_over(res: resources.Resources) -> int:
     """Send the polls this process has scheduled to the other workers; how many were sent.
 
-    Runs after the last task ended, so the submits in flight have scheduled
-    their first polls. Without it, another worker takes a job over only when
+    Runs at worker_shutdown (worker.wiring.signals), after the last task ended, so the submits in
+    flight have scheduled their first polls. Without it, another worker takes a job over only when
     its poll is OVERDUE_SLACK late (tracking.sweep).
     """
-    poller = resources.get().made("poller")
+    poller = res.poller_if_started
     if poller is None:
-        learning.flush()
+        learning.flush(res)
         return 0
     left = poller.drain(HAND_OVER_WAIT)
-    learning.flush()  # what this process's polls taught about task durations, before it goes
+    learning.flush(res)  # what this process's polls taught about task durations, before it goes
     polls = [(delay, args) for delay, fn, args in left if fn is follow]
     sent = 0
     try:

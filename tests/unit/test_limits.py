@@ -1,0 +1,263 @@
+"""The fleet's API budget as one worker sees it: pauses, request slots, places in flight.
+
+The same budget across several worker processes: test_fleet_limits.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from models import JobStatus, lifecycle
+from models.budget import lift_pause
+from models.budget import read as budget_row
+from models.job import utcnow
+from tests.support.jobs import budget, handle, job, retry_in, seconds_until, set_budget, submitted
+from worker import resources, submission
+from worker.dev.sandbox import Step
+from worker.fleet import pause, places, slots
+from worker.polling import tracking
+
+
+def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service, monkeypatch):
+    monkeypatch.setattr(places, "MAX_HOLD", 5.0)  # shorter than the pause: the message goes back at once
+    service.script(Step(429, on="submit", retry_after=8))
+    first = handle(request={"prompt": "x"}, job_id="hit")
+    assert first.status is JobStatus.queued and retry_in(first) >= 8
+    paused = budget()
+    assert 6 < paused["paused_for"] <= 8 and "429" in paused["pause_reason"]
+    other = handle(request={"prompt": "y"}, job_id="held")
+    assert other.status is JobStatus.queued and retry_in(other) > 5
+    assert service.stats()["requests"] == 1  # the second job never reached the API
+    row = job("held")
+    assert row.status == "queued" and row.attempts == 0  # waiting for the pause costs no attempt
+
+
+@pytest.mark.parametrize("max_rps", [None, "50"])
+def test_a_pause_set_by_another_worker_holds_this_one_back(service, configure, monkeypatch, max_rps):
+    monkeypatch.setattr(places, "MAX_HOLD", 5.0)
+    if max_rps:
+        configure(MODELLIX_MAX_RPS=max_rps)
+    set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")  # another worker's write
+    out = handle(request={"prompt": "x"}, job_id="held")
+    assert out.status is JobStatus.queued and retry_in(out) >= 25
+    assert service.stats()["requests"] == 0
+
+
+def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(service, monkeypatch):
+    monkeypatch.setattr(places, "MAX_HOLD", 5.0)
+    submitted("before")  # this process has read the budget row and cached "no pause"
+    set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")
+    time.sleep(pause.PAUSE_REFRESH + 0.1)
+    assert handle(request={"prompt": "y"}, job_id="after").status is JobStatus.queued
+    assert service.stats()["submits"] == 1
+
+
+def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(service, configure, monkeypatch):
+    monkeypatch.setattr(places, "MAX_HOLD", 5.0)  # the slot is further off than a wait in place may last
+    configure(MODELLIX_MAX_RPS="1")
+    set_budget(next_slot=time.time() + 100)  # the fleet has booked the next 100 s of requests
+    out = handle(request={"prompt": "x"}, job_id="later")
+    assert out.status is JobStatus.queued and 95 <= retry_in(out) <= 102
+    row = job("later")
+    assert row.status == "queued" and row.attempts == 0
+    assert service.stats()["requests"] == 0
+
+
+def test_a_full_fleet_sends_the_job_back_within_ten_seconds(service, configure, monkeypatch):
+    monkeypatch.setattr(places, "MAX_HOLD", 0.5)  # then the wait in place runs out
+    configure(MODELLIX_MAX_IN_FLIGHT="1")
+    assert handle(request={"prompt": "r"}, job_id="running", metadata={"m": 1}).status is JobStatus.submitted
+    assert job("running").meta == {"m": 1}
+    # A redelivery that has backed off many times: the backoff would say 60 s, the budget recheck says 10.
+    message = {"request": {"prompt": "x"}, "job_id": "waiting", "metadata": {"m": 2}}
+    out = submission.handle(resources.get(), (), message, "d", retries=10)
+    assert out.status is JobStatus.queued and 5 <= retry_in(out) <= 10
+    row = job("waiting")
+    assert row.status == "queued" and row.attempts == 0 and row.meta == {"m": 2}
+    assert service.stats()["submits"] == 1
+    # A first wait backs off briefly (KLING_BACKOFF_BASE 0.1 s here), so a freed place is soon used.
+    assert 0.05 <= retry_in(submission.handle(resources.get(), (), message, "d", retries=0)) <= 0.1
+
+
+def test_a_poll_over_the_rate_budget_is_given_back_and_rescheduled(service, configure):
+    submitted("p")
+    configure(MODELLIX_MAX_RPS="1")
+    set_budget(next_slot=time.time() + 40)
+    following = tracking.check(resources.get(), "p", 0)
+    assert isinstance(following, tracking.PollAgain)
+    assert following.poll.seq == 0 and 35 <= following.poll.delay <= 42  # the same poll, later
+    row = job("p")
+    assert row.polls == 0 and row.status == "submitted" and 35 <= seconds_until(row.next_poll_at) <= 42
+    assert service.stats()["polls"] == 0
+
+
+def test_requests_leave_evenly_spaced_at_the_rate_limit(service, configure):
+    configure(MODELLIX_MAX_RPS="20")
+    set_budget(next_slot=0.0)  # a slot booked long ago must not let a burst through now
+    spacing = slots.HEADROOM / 20
+    wall, started = time.time(), time.monotonic()
+    for _ in range(6):
+        slots.take_request_slot(resources.get())
+    assert time.monotonic() - started >= 5 * spacing - 0.01
+    with resources.get().transaction() as s:
+        row = budget_row(s)
+    assert row.next_slot >= wall + 6 * spacing - 0.01  # six slots booked from now on, the next one after them
+
+
+def test_a_shorter_pause_never_cuts_a_longer_one(service):
+    pause.pause_fleet(resources.get(), 30, "402 Payment Required")
+    pause.pause_fleet(resources.get(), 5, "429 from Modellix")
+    paused = budget()
+    assert paused["paused_for"] > 25 and paused["pause_reason"] == "402 Payment Required"
+
+
+def test_a_pause_that_ran_out_is_not_reported(service):
+    set_budget(paused_until=time.time() - 1, pause_reason="429 from Modellix")
+    paused = budget()
+    assert paused["paused_for"] == 0 and paused["pause_reason"] is None
+
+
+def test_a_waiting_job_takes_a_freed_place_at_once(service, configure):
+    configure(MODELLIX_MAX_IN_FLIGHT="1")
+    submitted("running")
+    outcome: list[submission.Outcome] = []
+    waiter = threading.Thread(target=lambda: outcome.append(handle(request={"prompt": "y"}, job_id="waiting")))
+    started = time.monotonic()
+    waiter.start()
+    time.sleep(1.0)
+    with resources.get().transaction() as ex:  # the running task ends
+        lifecycle.succeed(ex, "running", utcnow(), result_urls=["https://r/0.png"], answer={})
+    waiter.join(15)
+    assert outcome and outcome[0].status is JobStatus.submitted  # it waited in place, not in the broker
+    assert time.monotonic() - started < slots.MAX_SLEEP
+
+
+def test_a_pause_for_credit_is_renewed_while_the_balance_is_empty_and_lifted_once_topped_up(service, monkeypatch):
+    service.balance = 0
+    out = handle(request={"prompt": "x"}, job_id="broke")
+    # Held back for a recheck, not for the whole KLING_ACCOUNT_RETRY (30 s here).
+    assert out.status is JobStatus.queued and 15 <= retry_in(out) < 20
+    first = budget()
+    assert first["paused_for"] > 20 and first["pause_reason"].startswith("402 ")
+    until = _paused_until()
+    monkeypatch.setattr(places, "MAX_HOLD", 1.0)  # the wait in place for the top-up runs out
+    held = handle(request={"prompt": "y"}, job_id="held")
+    assert held.status is JobStatus.queued and 15 <= retry_in(held) < 17  # the pause has ~30 s left
+    assert service.stats()["submits"] == 0 and service.stats()["requests"] == 1
+
+    time.sleep(1.5)
+    assert pause.watch_balance(resources.get()) == "renewed"  # still no credit: paused KLING_ACCOUNT_RETRY from now
+    assert _paused_until() > until + 1
+    assert pause.watch_balance(resources.get()) is None  # asked a moment ago: not again before BALANCE_EVERY
+    assert service.stats()["requests"] == 2
+
+    service.balance = 12.5
+    monkeypatch.setattr(pause, "BALANCE_EVERY", 0.0)
+    assert pause.watch_balance(resources.get()) == "resumed"
+    assert budget()["paused_for"] == 0
+    assert handle(request={"prompt": "y"}, job_id="held").status is JobStatus.submitted
+
+
+def _paused_until() -> float:
+    with resources.get().transaction() as s:
+        return float(budget_row(s).paused_until)
+
+
+def test_the_balance_is_not_asked_during_other_pauses(service, monkeypatch):
+    monkeypatch.setattr(pause, "BALANCE_EVERY", 0.0)
+    pause.pause_fleet(resources.get(), 30, "429 from Modellix")
+    assert pause.watch_balance(resources.get()) is None
+    pause.pause_fleet(resources.get(), 60, "401 Unauthorized: invalid key")  # topping up cannot fix a key
+    assert pause.watch_balance(resources.get()) is None
+    assert service.stats()["requests"] == 0
+    set_budget(paused_until=0)
+    assert pause.watch_balance(resources.get()) is None  # nor without a pause
+
+
+def test_lifting_a_pause_for_credit_leaves_a_pause_set_since_for_another_reason(service):
+    pause.pause_fleet(resources.get(), 30, "402 Payment Required: insufficient balance")
+    set_budget(pause_reason="429 from Modellix")  # another worker's 429 took the row since the balance was read
+    with resources.get().transaction() as s:
+        assert not lift_pause(s, "402 Payment Required: insufficient balance")
+    assert budget()["paused_for"] > 20
+    set_budget(pause_reason="402 Payment Required: insufficient balance")
+    with resources.get().transaction() as s:
+        assert lift_pause(s, "402 Payment Required: insufficient balance")
+    assert budget()["paused_for"] == 0
+
+
+def test_the_sweep_lifts_a_pause_for_credit(service, monkeypatch):
+    from worker.wiring import tasks
+
+    monkeypatch.setattr(pause, "BALANCE_EVERY", 0.0)
+    pause.pause_fleet(resources.get(), 30, "402 Payment Required: insufficient balance")
+    tasks.sweep()
+    assert budget()["paused_for"] == 0
+
+
+# -- waiting in place for the budget (the message is held, not sent back) --------------------
+
+
+@pytest.mark.parametrize("max_rps", [None, "50"])
+def test_a_submit_waits_in_place_through_a_short_pause(service, configure, max_rps):
+    if max_rps:
+        configure(MODELLIX_MAX_RPS=max_rps)
+    set_budget(paused_until=time.time() + 2, pause_reason="429 from Modellix")
+    started = time.monotonic()
+    out = handle(request={"prompt": "x"}, job_id="waited")
+    assert out.status is JobStatus.submitted  # one delivery: no retry through the broker
+    assert 1.8 <= time.monotonic() - started < 4
+    assert service.stats()["submits"] == 1
+
+
+def test_a_submit_waits_in_place_for_a_slot_within_the_hold(service, configure):
+    configure(MODELLIX_MAX_RPS="1")
+    set_budget(next_slot=time.time() + 2.5)  # further off than MAX_SLEEP allowed a thread to sleep before
+    started = time.monotonic()
+    assert handle(request={"prompt": "x"}, job_id="waited").status is JobStatus.submitted
+    assert 2.3 <= time.monotonic() - started < 4
+    submits = [r for r in service.requests_log() if r["kind"] == "submit"]
+    assert len(submits) == 1
+
+
+def test_a_submit_waiting_for_budget_is_not_claimed_meanwhile(service, configure):
+    configure(MODELLIX_MAX_RPS="1")
+    set_budget(next_slot=time.time() + 3)
+    waiter = threading.Thread(target=handle, kwargs={"request": {"prompt": "x"}, "job_id": "waiting"})
+    waiter.start()
+    time.sleep(1.5)
+    assert job("waiting") is None  # no row left `submitting` while it waits (the slot comes before the claim)
+    waiter.join(10)
+    assert job("waiting").status == "submitted"
+
+
+@pytest.mark.parametrize("limit", [{"MODELLIX_MAX_RPS": "1"}, {"MODELLIX_MAX_IN_FLIGHT": "1"}, {}])
+def test_submits_waiting_in_place_give_their_messages_back_at_once_when_the_worker_stops(service, configure, limit):
+    configure(**limit)
+    if limit.get("MODELLIX_MAX_IN_FLIGHT"):
+        submitted("running")  # the fleet is full
+    elif limit:
+        set_budget(next_slot=time.time() + 100)  # well within MAX_HOLD: the submits would wait in place
+    else:
+        set_budget(paused_until=time.time() + 100, pause_reason="429 from Modellix")
+    outcomes: list[submission.Outcome] = []
+    threads = [
+        threading.Thread(target=lambda i=i: outcomes.append(handle(request={"prompt": f"{i}"}, job_id=f"w{i}")))
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    assert not outcomes  # all three wait (one at the budget row, two at this process's gate)
+    stopped = time.monotonic()
+    resources.get().stopping.set()
+    places.stop_waiting(resources.get())
+    for t in threads:
+        t.join(5)
+    assert time.monotonic() - stopped < 0.5
+    assert len(outcomes) == 3 and all(o.status is JobStatus.queued and retry_in(o) >= 0 for o in outcomes)
+    assert {job(f"w{i}").status for i in range(3)} == {"queued"}  # recorded, and its message sent back
+    assert service.stats()["submits"] == (1 if limit.get("MODELLIX_MAX_IN_FLIGHT") else 0)
