@@ -1,7 +1,7 @@
-"""A TCP proxy of the test's own, to cut a service off from the workers without stopping it.
+"""A TCP proxy of a test's (or benchmark's) own, to cut a service off from the workers without stopping it.
 
-The machine's PostgreSQL and RabbitMQ are shared: a fault test never stops
-them. It points the workers at this proxy instead and cuts the proxy: open
+The machine's PostgreSQL and RabbitMQ are shared: a fault test or bench/faults.py never
+stops them. It points the workers at this proxy instead and cuts the proxy: open
 connections are closed and new ones refused, exactly what a client sees when
 the server goes away; `restore()` lets connections through again.
 """

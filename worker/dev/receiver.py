@@ -1,4 +1,5 @@
-"""A real webhook receiver for tests: verifies with the public `standardwebhooks` package.
+"""A real webhook receiver for tests and bench/delivery.py: verifies with the public `standardwebhooks`
+package (the `test` extra).
 
     with WebhookReceiver("whsec_...") as r:
         r.fail_next(2, how="500")             # the next 2 deliveries, to any path, answer 500
