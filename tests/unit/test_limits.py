@@ -146,16 +146,21 @@ def test_a_pause_for_credit_is_renewed_while_the_balance_is_empty_and_lifted_onc
     monkeypatch.setattr(places, "MAX_HOLD", 1.0)  # the wait in place for the top-up runs out
     held = handle(request={"prompt": "y"}, job_id="held")
     assert held.status is JobStatus.queued and 15 <= retry_in(held) < 17  # the pause has ~30 s left
-    assert service.stats()["submits"] == 0 and service.stats()["requests"] == 1
+    # Waiting in place, the held submit asked for the balance itself (no paid submit to find out):
+    # still no credit, so it renewed the pause, KLING_ACCOUNT_RETRY from then.
+    assert [r["kind"] for r in service.requests_log()] == ["submit", "other"]
+    renewed = _paused_until()
+    assert renewed > until
+    assert pause.watch_balance(resources.get()) is None  # asked a moment ago: not again before BALANCE_EVERY
+    assert service.stats()["submits"] == 0 and service.stats()["requests"] == 2
 
     time.sleep(1.5)
+    monkeypatch.setattr(pause, "BALANCE_EVERY", 0.0)
     assert pause.watch_balance(resources.get()) == "renewed"  # still no credit: paused KLING_ACCOUNT_RETRY from now
-    assert _paused_until() > until + 1
-    assert pause.watch_balance(resources.get()) is None  # asked a moment ago: not again before BALANCE_EVERY
-    assert service.stats()["requests"] == 2
+    assert _paused_until() > renewed + 1
+    assert service.stats()["requests"] == 3
 
     service.balance = 12.5
-    monkeypatch.setattr(pause, "BALANCE_EVERY", 0.0)
     assert pause.watch_balance(resources.get()) == "resumed"
     assert budget()["paused_for"] == 0
     assert handle(request={"prompt": "y"}, job_id="held").status is JobStatus.submitted
@@ -195,6 +200,25 @@ def test_the_sweep_lifts_a_pause_for_credit(service, monkeypatch):
     monkeypatch.setattr(pause, "BALANCE_EVERY", 0.0)
     pause.pause_fleet(resources.get(), 30, "402 Payment Required: insufficient balance")
     tasks.sweep()
+    assert budget()["paused_for"] == 0
+
+
+def test_a_submit_waiting_in_place_for_credit_learns_of_the_top_up_itself(service, monkeypatch):
+    """No sweep runs here, as on a fleet whose every thread holds a submit waiting for credit: the
+    waiting submit asks for the balance itself (at most every BALANCE_EVERY) and goes once it is positive."""
+    monkeypatch.setattr(pause, "BALANCE_EVERY", 0.5)
+    monkeypatch.setattr(places, "MAX_HOLD", 10.0)  # without the question, the wait would run out and send it back
+    service.balance = 0
+    pause.pause_fleet(resources.get(), 60, "402 Payment Required: insufficient balance")
+    top_up = threading.Timer(2.0, setattr, (service, "balance", 20.0))
+    top_up.start()
+    started = time.monotonic()
+    out = handle(request={"prompt": "x"}, job_id="patient")
+    waited = time.monotonic() - started
+    top_up.join()
+    assert out.status is JobStatus.submitted and 1.9 <= waited < 6
+    kinds = [r["kind"] for r in service.requests_log()]
+    assert kinds[-1] == "submit" and set(kinds[:-1]) == {"other"} and len(kinds) >= 3  # asked, then one submit
     assert budget()["paused_for"] == 0
 
 

@@ -8,7 +8,8 @@
   `wait`), anything longer sends the job away (worker.fleet.waiting.OverBudget).
 - Its kind (`PauseKind`) comes from the stored reason in one place (`kind_of`). The reason is the text
   operators see in `jobs stats` and the row; it starts with the HTTP status that caused the pause.
-- A pause for the balance (402) is watched by the sweep (`watch_balance`): lifted once the balance is
+- A pause for the balance (402) is watched (`watch_balance`) by the sweep and by the submits that wait
+  in place for it, at most every BALANCE_EVERY seconds per process: lifted once the balance is
   positive, renewed while it is not, and the jobs held back look again every BALANCE_RECHECK seconds
   instead of sleeping through a top-up.
 """
@@ -130,6 +131,11 @@ def wait(res: Resources, seconds: float, reason: str, deadline: float) -> None:
     for anything else whose end is known (a request slot further off): a pause for the balance may be
     lifted at any moment, anything else ends when it says."""
     balance = kind_of(reason) is PauseKind.no_balance
+    if balance and time.monotonic() - res.balance_asked.at >= BALANCE_EVERY:
+        # The waiting submit asks for the balance itself rather than count on the sweep: when every
+        # thread of every worker waits here, no thread is left to run the sweep, and the fleet would
+        # sleep through a top-up until MAX_HOLD gave the messages back (seen in tests/e2e).
+        watch_balance(res)
     waiting.wait(res, seconds, reason, deadline, may_end_sooner=balance, look_again=look_again(seconds, reason))
 
 
