@@ -8,6 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Most tests wait on servers and worker processes rather than compute: 4 processes keep a 2-core
 # machine busy. --dist loadgroup keeps each xdist_group's tests on one process, one after another.
+# The few tests that measure a rate or a silent window (marked `timing`) run afterwards, alone.
 PYTEST_WORKERS ?= 4
 
 $(PY): pyproject.toml
@@ -25,7 +26,8 @@ demo: $(PY)
 	$(VENV)/bin/kling-worker demo
 
 test: $(PY)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not timing"
+	$(PY) -m pytest -q -p no:xdist -m timing
 
 lint: $(PY)
 	$(VENV)/bin/ruff check .

@@ -15,8 +15,10 @@ from worker.dev.jobs import valid, worker_env
 from worker.dev.processes import Worker, produce
 from worker.dev.sandbox import Step
 
-# Each test runs a fleet of workers and times its rates and pauses: with `make test` (--dist loadgroup) this
-# file's tests run one after another on one xdist worker, never beside each other.
+# Each test runs a fleet of workers: with `make test` (--dist loadgroup) this file's tests run one after
+# another on one xdist worker, never beside each other. Those marked `timing` count requests per second
+# or a window of silence, and `make test` runs them alone after the parallel run: beside three other
+# test processes a loaded machine wakes threads late (once 11 requests in a second at MAX_RPS=10).
 pytestmark = [pytest.mark.services, pytest.mark.xdist_group("fleet-limits")]
 
 
@@ -45,6 +47,7 @@ def run_fleet(rabbit_url, pg_url, sandbox, tmp_path, jobs: int, **limits: str):
     return stats
 
 
+@pytest.mark.timing
 def test_max_rps_holds_across_four_workers(rabbit_url, pg_url, sandbox, tmp_path):
     stats = run_fleet(rabbit_url, pg_url, sandbox, tmp_path, 60, MODELLIX_MAX_RPS=20)
     # 60 submits plus their polls: several seconds at the limit, so the window is really tested.
@@ -58,6 +61,7 @@ def test_max_in_flight_holds_across_four_workers(rabbit_url, pg_url, sandbox, tm
     assert stats["max_unfinished"] == 10, stats  # reached, never exceeded
 
 
+@pytest.mark.timing
 def test_a_429_pauses_every_worker_for_its_retry_after(rabbit_url, pg_url, sandbox, tmp_path):
     """One worker gets the 429; the others must fall silent too (they learn of it from the database)."""
     sandbox.task_seconds = 10.0  # polls keep every worker busy for the whole test
@@ -104,6 +108,7 @@ def test_a_fleet_waiting_for_credit_sends_no_submit_and_resumes_soon_after_a_top
     assert ended - topped_up < 45, f"the fleet took {ended - topped_up:.0f}s to resume (KLING_ACCOUNT_RETRY is 120)"
 
 
+@pytest.mark.timing
 def test_a_backlog_under_max_rps_is_delivered_about_once_per_job(rabbit_url, pg_url, sandbox, tmp_path):
     """64 threads hold messages while MAX_SLEEP (5 s) of slots at 10 rps holds only 41 requests: the
     submits wait in place for their turn instead of going back to the broker to wait there."""

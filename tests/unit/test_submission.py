@@ -133,7 +133,9 @@ def test_account_errors_keep_jobs_waiting_and_pause_the_fleet(service, caplog, m
         assert out.status is JobStatus.queued and retry_in(out) >= 15
     row = job("broke")
     assert row.status == "queued" and row.error_code == "402" and row.attempts == 0
-    assert service.stats()["requests"] == 1  # the pause held back the other four tries
+    # The pause held back the other four tries: no paid submit, only (waiting) a question for the balance.
+    kinds = [r["kind"] for r in service.requests_log()]
+    assert kinds.count("submit") == 1 and set(kinds) <= {"submit", "other"}
     paused = budget()
     assert paused["paused_for"] > 20 and "402" in paused["pause_reason"]
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
