@@ -21,6 +21,10 @@ def cli_env(**settings: Any) -> dict[str, str]:
     """This environment without the service's settings, plus `settings`; PYTHONPATH makes this checkout's
     code the one that runs from any folder."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_", "CELERY_", "DATABASE_", "MODELLIX_"))}
+    # Under `make mutation` a subprocess started in another folder cannot find mutmut's configuration
+    # (it is read from the current folder) and would crash in mutmut's own code: it runs the code unmutated,
+    # and the CLI's mutants are judged by the tests that call it in-process.
+    env.pop("MUTANT_UNDER_TEST", None)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update({k: str(v) for k, v in settings.items()})
     return env
