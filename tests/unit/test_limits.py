@@ -229,8 +229,8 @@ def test_a_submit_waiting_in_place_for_credit_learns_of_the_top_up_itself(servic
 def test_a_submit_waits_in_place_through_a_short_pause(service, configure, max_rps):
     if max_rps:
         configure(MODELLIX_MAX_RPS=max_rps)
+    started = time.monotonic()  # before the pause is set: a slow write must not shorten the wait measured
     set_budget(paused_until=time.time() + 2, pause_reason="429 from Modellix")
-    started = time.monotonic()
     out = handle(request={"prompt": "x"}, job_id="waited")
     assert out.status is JobStatus.submitted  # one delivery: no retry through the broker
     assert 1.8 <= time.monotonic() - started < 4
@@ -239,8 +239,8 @@ def test_a_submit_waits_in_place_through_a_short_pause(service, configure, max_r
 
 def test_a_submit_waits_in_place_for_a_slot_within_the_hold(service, configure):
     configure(MODELLIX_MAX_RPS="1")
+    started = time.monotonic()  # before the slot is set: a slow write must not shorten the wait measured
     set_budget(next_slot=time.time() + 2.5)  # further off than MAX_SLEEP allowed a thread to sleep before
-    started = time.monotonic()
     assert handle(request={"prompt": "x"}, job_id="waited").status is JobStatus.submitted
     assert 2.3 <= time.monotonic() - started < 4
     submits = [r for r in service.requests_log() if r["kind"] == "submit"]
