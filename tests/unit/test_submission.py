@@ -12,10 +12,12 @@ import logging
 
 import pytest
 
-from models import JobStatus
+from models import JobStatus, lifecycle
+from models.job import utcnow
 from tests.support.jobs import budget, handle, job, retry_in, seconds_until, set_budget, submitted
 from worker import cli, resources, submission
 from worker.dev.sandbox import Step, png
+from worker.facts import Claimed, SubmitFailed, Submitted
 from worker.fleet import places
 from worker.polling.schedule import NextPoll
 
@@ -254,3 +256,41 @@ def test_a_valid_jobs_inline_image_is_stored_as_its_digest_not_its_bytes(service
         "image_list": [{"image": f"data:image/png;sha256={digest};bytes={len(data)}"}],
     }
     assert encoded[:40] not in json.dumps(row.request)
+
+
+def _claimed(job_id: str):
+    at = utcnow()
+    with resources.get().transaction() as ex:
+        assert lifecycle.claim_for_submit(ex, job_id, {"prompt": "x"}, None, at) == 1
+    return at
+
+
+def _carrying(fact) -> submission.Outcome:
+    kwargs = {"request": {"prompt": "x"}, "job_id": fact.job_id, submission.CARRIED: fact.to_json()}
+    return submission.handle(resources.get(), (), kwargs, "message-2", retries=1)
+
+
+def test_a_carried_answer_is_written_and_followed_without_sending_again(service):
+    at = _claimed("carried")
+    out = _carrying(Submitted("carried", at, task_id="task-1", answer={"status": "pending"}, first_poll=2.0))
+    assert out.status is JobStatus.submitted and isinstance(out.next_step, submission.Follow)
+    assert out.next_step.first_poll.seq == 0 and 0 < out.next_step.first_poll.delay <= 2.0
+    row = job("carried")
+    assert row.status == "submitted" and row.modellix_task_id == "task-1"
+    assert service.stats()["requests"] == 0  # the answer came with the message: nothing is sent again
+
+
+def test_a_carried_refusal_ends_the_job_without_sending_again(service):
+    at = _claimed("refused")
+    out = _carrying(SubmitFailed("refused", at, error_code="400", error_message="bad prompt"))
+    assert out.status is JobStatus.failed and out.next_step == submission.Finished()
+    row = job("refused")
+    assert row.status == "failed" and row.error_code == "400" and row.error_message == "bad prompt"
+    assert service.stats()["requests"] == 0
+
+
+def test_a_carried_claim_is_released_and_the_job_sent_by_this_delivery(service):
+    at = _claimed("released")
+    out = _carrying(Claimed("released", at))
+    assert out.status is JobStatus.submitted and service.stats()["submits"] == 1
+    assert job("released").status == "submitted"
