@@ -131,7 +131,7 @@ def wait(res: Resources, seconds: float, reason: str, deadline: float) -> None:
     for anything else whose end is known (a request slot further off): a pause for the balance may be
     lifted at any moment, anything else ends when it says."""
     balance = kind_of(reason) is PauseKind.no_balance
-    if balance and time.monotonic() - res.balance_asked.at >= BALANCE_EVERY:
+    if balance:
         # The waiting submit asks for the balance itself rather than count on the sweep: when every
         # thread of every worker waits here, no thread is left to run the sweep, and the fleet would
         # sleep through a top-up until MAX_HOLD gave the messages back (seen in tests/e2e).
@@ -154,9 +154,13 @@ def watch_balance(res: Resources) -> str | None:
     it is positive, else renew it for KLING_ACCOUNT_RETRY, so that no job spends a paid submit to learn
     the same. What happened: "resumed", "renewed", "unknown" (the API did not say), or None (not asked).
 
-    Called by the sweep. The question takes no request slot: one GET every few seconds while nothing
-    else is sent.
+    Called by the sweep and by the submits waiting in place for credit. The question takes no request
+    slot: one GET every few seconds while nothing else is sent. Asked a moment ago, it does nothing,
+    not even read the row.
     """
+    asked = res.balance_asked
+    if time.monotonic() - asked.at < BALANCE_EVERY:
+        return None
     try:
         with res.statement() as ex:
             row = budget.read(ex)
@@ -164,9 +168,6 @@ def watch_balance(res: Resources) -> str | None:
         res.put_off(exc, "balance checks")
         return None
     if row is None or row.paused_until <= time.time() or kind_of(row.pause_reason) is not PauseKind.no_balance:
-        return None
-    asked = res.balance_asked
-    if time.monotonic() - asked.at < BALANCE_EVERY:
         return None
     asked.at = time.monotonic()
     try:
