@@ -64,7 +64,7 @@ from bench.run import (  # noqa: E402
     wait_ready,
     worker_env,
 )
-from models import budget, outbox, store  # noqa: E402
+from models import budget, lifecycle, outbox, store, tenants  # noqa: E402
 from models.job import JobStatus, utcnow  # noqa: E402
 from worker.dev.processes import Worker  # noqa: E402
 
@@ -141,7 +141,10 @@ def hot_statements() -> dict[str, Callable[[Session], Any]]:
     now = utcnow()
     return {
         "poll claim": lambda s: store.claim_poll(s, "pre-1", 3, now, 45.0),
-        "submit claim": lambda s: store.claim_for_submit(s, f"new-{uuid.uuid4().hex}", {"prompt": "p"}, None, now),
+        "queue a job": lambda s: lifecycle.create(
+            s, f"new-{uuid.uuid4().hex}", JobStatus.queued, {"prompt": "p"}, None, now
+        ),
+        "line read": lambda s: tenants.waiting(s, now),
         "sweep overdue": lambda s: store.claim_overdue_polls(s, now, 45.0, 500),
         "outbox due": lambda s: outbox.claim_due(s, now, 120.0, 200),
         "in flight": lambda s: budget.count_in_flight(s, up_to=1000),

@@ -4,5 +4,17 @@ from models.budget import ApiBudget
 from models.job import ACTIVE, IN_FLIGHT, TERMINAL, Base, Job, JobStatus
 from models.outbox import Delivery
 from models.poll_shapes import PollShape
+from models.tenants import Tenant
 
-__all__ = ["ACTIVE", "IN_FLIGHT", "TERMINAL", "ApiBudget", "Base", "Delivery", "Job", "JobStatus", "PollShape"]
+__all__ = [
+    "ACTIVE",
+    "IN_FLIGHT",
+    "TERMINAL",
+    "ApiBudget",
+    "Base",
+    "Delivery",
+    "Job",
+    "JobStatus",
+    "PollShape",
+    "Tenant",
+]

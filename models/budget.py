@@ -22,6 +22,8 @@ class ApiBudget(Base):
     # After a 429 (or 401/402), nobody in the fleet calls the API before this.
     paused_until: Mapped[float] = mapped_column(Float, default=0.0)
     pause_reason: Mapped[str | None] = mapped_column(Text)
+    # The fair-share clock: the virtual time of the last turn a tenant was given (worker.fleet.share).
+    fair_clock: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 # -- its SQL (the rules that use it live in worker.fleet) ---------------------------
@@ -41,6 +43,11 @@ def lock(ex: Executor) -> Row[Any]:
 def book_slot(ex: Executor, next_slot: float) -> None:
     """Move the next free request slot on (the row must be locked)."""
     ex.execute(update(_budget).where(_budget.c.name == NAME).values(next_slot=next_slot))
+
+
+def set_fair_clock(ex: Executor, value: float) -> None:
+    """Move the fair-share clock (the row must be locked)."""
+    ex.execute(update(_budget).where(_budget.c.name == NAME).values(fair_clock=value))
 
 
 def pause_until(ex: Executor, until: float, reason: str) -> None:

@@ -6,7 +6,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, TypeDecorator, text
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text, TypeDecorator, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -47,6 +47,10 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 _ACTIVE_SQL = text("status IN ('submitted', 'processing')")
+_QUEUED_SQL = text("status = 'queued'")
+# A message's tenant and priority when it names none (worker.schemas.MessageSchema).
+DEFAULT_TENANT = "default"
+DEFAULT_PRIORITY = 5
 JSONDoc = JSON().with_variant(JSONB(), "postgresql")
 # For optional documents: Python None is SQL NULL, not JSON null, so `IS NULL` finds it (models.outbox).
 OptionalJSONDoc = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
@@ -92,6 +96,17 @@ class Job(Base):
     files: Mapped[list[dict[str, Any]] | None] = mapped_column(OptionalJSONDoc)
     # The job this one retries (`kling-worker jobs retry`): a new job, with a new id, linked to the failed one.
     retry_of: Mapped[str | None] = mapped_column(String(64))
+    # Whose job this is: tenants share the fleet's budget by weight (worker.fleet.share).
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT)
+    priority: Mapped[int] = mapped_column(Integer, default=DEFAULT_PRIORITY, server_default=str(DEFAULT_PRIORITY))
+    # A queued job's place in its tenant's line (lower goes first): the epoch second it was queued,
+    # less KLING_PRIORITY_AGING seconds per step of priority (worker.queue.line_of).
+    line: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # A queued job is not taken before this (a retry's delay after a refused or rate-limited try).
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The request as it will be sent, kept only while the job waits and only when it differs from
+    # `request` (inline images, which `request` keeps as digests): cleared when the job leaves the line.
+    payload: Mapped[dict[str, Any] | None] = mapped_column(OptionalJSONDoc)
 
     __table_args__ = (
         Index("ix_jobs_status_updated", "status", "updated_at"),
@@ -100,6 +115,9 @@ class Job(Base):
         Index("ix_jobs_next_poll", "next_poll_at", postgresql_where=_ACTIVE_SQL, sqlite_where=_ACTIVE_SQL),
         # A job's retries: found before retrying it again, shown by `jobs show`.
         Index("ix_jobs_retry_of", "retry_of"),
+        # The line: each tenant's queued jobs in order (worker.queue), and the count of each tenant's.
+        Index("ix_jobs_line", "tenant", "line", postgresql_where=_QUEUED_SQL, sqlite_where=_QUEUED_SQL),
+        Index("ix_jobs_tenant_status", "tenant", "status"),
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +125,8 @@ class Job(Base):
             "id": self.id,
             "status": self.status,
             "retry_of": self.retry_of,
+            "tenant": self.tenant,
+            "priority": self.priority,
             "modellix_task_id": self.modellix_task_id,
             "request": self.request,
             "metadata": self.meta,
@@ -121,6 +141,7 @@ class Job(Base):
             "updated_at": _iso(self.updated_at),
             "submitted_at": _iso(self.submitted_at),
             "finished_at": _iso(self.finished_at),
+            "due_at": _iso(self.due_at),
             "webhook": self.webhook,
             "callback": self.callback,
             "files": self.files,

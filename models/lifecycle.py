@@ -75,6 +75,7 @@ def move(
         _require_transaction(ex)
         values.setdefault("finished_at", now)
         values["next_poll_at"] = None
+        values["payload"] = None
     moved = store.update_if(ex, job_id, allowed, now, {"status": to.value, **values}, unchanged_since)
     if moved and to in TERMINAL:
         outbox.add_for(ex, job_id, to, now, archived)
@@ -111,14 +112,10 @@ def create(
 # -- the verbs ---------------------------------------------------------------
 
 
-def claim_for_submit(
-    ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, now: datetime, **values: Any
-) -> int | None:
-    """New or `queued` -> `submitting`, counting the attempt; None if another delivery owns the job.
-
-    One statement does both the create and the take-over, and is the duplicate-submission guard.
-    """
-    return store.claim_for_submit(ex, job_id, request, meta, now, **values)
+def take(ex: Executor, job_id: str, now: datetime) -> store.Taken | None:
+    """`queued` -> `submitting`, counting the attempt: the job is taken from its line to be sent; None if
+    it is no longer queued. One conditional UPDATE: the duplicate-submission guard."""
+    return store.take(ex, job_id, SOURCES[S.submitting] & {S.queued}, S.submitting, now)
 
 
 def requeue(
@@ -129,9 +126,12 @@ def requeue(
     refund: bool,
     error_code: str | None = None,
     error_message: str | None = None,
+    due_at: datetime | None = None,
 ) -> bool:
-    """`submitting` -> `queued`, to be tried again; `refund`: the attempt does not count."""
+    """`submitting` -> `queued`, back in its place in line, to be taken again from `due_at` (None: at once);
+    `refund`: the attempt does not count."""
     values: dict[str, Any] = {"attempts": store.jobs.c.attempts - 1} if refund else {}
+    values["due_at"] = due_at
     if error_code is not None:
         values.update(error_code=error_code, error_message=error_message)
     return move(ex, job_id, S.queued, now, **values)
@@ -158,6 +158,7 @@ def mark_submitted(
         only_from={S.submitting},
         modellix_task_id=task_id,
         submitted_at=now,
+        payload=None,
         next_poll_at=next_poll_at,
         last_response=answer,
         error_code=None,

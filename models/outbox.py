@@ -331,6 +331,7 @@ _WITH_JOB = (
         deliveries.c.created_at.label("row_created_at"),
         jobs.c.id,
         jobs.c.status,
+        jobs.c.tenant,
         jobs.c.modellix_task_id,
         jobs.c.result_urls,
         jobs.c.files,

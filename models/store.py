@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models.db import Executor
-from models.job import ACTIVE, Job, JobStatus
+from models.job import ACTIVE, DEFAULT_PRIORITY, DEFAULT_TENANT, Job, JobStatus
 
 jobs = cast(Table, Job.__table__)
 
@@ -32,9 +32,14 @@ def _dialect(ex: Executor) -> str:
     return (ex.dialect if isinstance(ex, Connection) else ex.get_bind().dialect).name
 
 
-def _insert_for(dialect: str) -> Any:
+def _insert_for(dialect: str, table: Table = jobs) -> Any:
     """The dialect's INSERT, which knows ON CONFLICT (both PostgreSQL and SQLite do)."""
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(jobs)
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def dialect_insert(ex: Executor, table: Table) -> Any:
+    """An INSERT into `table` that knows ON CONFLICT, for the executor's database."""
+    return _insert_for(_dialect(ex), table)
 
 
 _NEW_ROW = (
@@ -49,6 +54,10 @@ _NEW_ROW = (
     "webhook",
     "callback",
     "retry_of",
+    "tenant",
+    "priority",
+    "line",
+    "payload",
 )
 
 
@@ -67,36 +76,12 @@ def _new_row(
         "webhook": None,
         "callback": None,
         "retry_of": None,
+        "tenant": DEFAULT_TENANT,
+        "priority": DEFAULT_PRIORITY,
+        "line": now.timestamp(),
+        "payload": None,
         **extra,
     }
-
-
-@lru_cache(maxsize=4)
-def _claim_stmt(dialect: str) -> Any:
-    stmt = _insert_for(dialect).values({name: bindparam(name) for name in _NEW_ROW})
-    return stmt.on_conflict_do_update(
-        index_elements=[jobs.c.id],
-        set_={
-            "status": JobStatus.submitting.value,
-            "attempts": jobs.c.attempts + 1,
-            "updated_at": bindparam("created_at"),
-        },
-        where=jobs.c.status == JobStatus.queued.value,
-    ).returning(jobs.c.attempts)
-
-
-def claim_for_submit(
-    ex: Executor, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, now: datetime, **extra: Any
-) -> int | None:
-    """Create the job as `submitting`, or take over a `queued` one, in one round trip.
-
-    Returns the attempt number. None means another delivery owns it or already
-    submitted it: the caller must not submit (this is the duplicate-submission guard).
-    `extra`: the caller's webhook and callback, for a job seen for the first time.
-    """
-    row = _new_row(job_id, JobStatus.submitting, request, meta, now, attempts=1, **extra)
-    found = ex.execute(_claim_stmt(_dialect(ex)), row).first()
-    return found[0] if found else None
 
 
 def add_job(
@@ -161,6 +146,54 @@ _CLAIM_POLL = (
         func.coalesce(jobs.c.webhook, jobs.c.callback.cast(Text)).is_not(None).label("notify"),
     )
 )
+
+
+class Taken(NamedTuple):
+    """A queued job taken from its tenant's line for a submit (now `submitting`)."""
+
+    job_id: str
+    attempt: int
+    request: dict[str, Any]  # what to send: the payload if the job has one, else its request
+    tenant: str
+
+
+def first_in_line(ex: Executor, tenant: str, now: datetime) -> str | None:
+    """The first due job in `tenant`'s line, locked for the caller's transaction.
+
+    SKIP LOCKED (PostgreSQL) passes over a row another transaction holds; SQLite has one writer at
+    a time (BEGIN IMMEDIATE), so needs none.
+    """
+    due = (jobs.c.due_at.is_(None)) | (jobs.c.due_at <= now)
+    first = (
+        select(jobs.c.id)
+        .where(jobs.c.status == JobStatus.queued.value, jobs.c.tenant == tenant, due)
+        .order_by(jobs.c.line)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    return ex.execute(first).scalar_one_or_none()
+
+
+def take(ex: Executor, job_id: str, allowed: Iterable[JobStatus], to: JobStatus, now: datetime) -> Taken | None:
+    """Move a job to `to` (counting an attempt) while its status is one of `allowed`; what to send."""
+    stmt = (
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.status.in_(_values(allowed)))
+        .values(status=to.value, attempts=jobs.c.attempts + 1, due_at=None, updated_at=now)
+        .returning(jobs.c.id, jobs.c.attempts, jobs.c.request, jobs.c.payload, jobs.c.tenant)
+    )
+    row = ex.execute(stmt).first()
+    if row is None:
+        return None
+    return Taken(row.id, row.attempts, row.payload if row.payload is not None else row.request, row.tenant)
+
+
+def place_in_line(ex: Executor, tenant: str, line: float) -> int:
+    """The place (1 = next) in its tenant's line of a queued job at `line`: due or not, as it stands."""
+    ahead = select(func.count()).where(
+        jobs.c.status == JobStatus.queued.value, jobs.c.tenant == tenant, jobs.c.line < line
+    )
+    return int(ex.execute(ahead).scalar_one()) + 1
 
 
 class PollClaim(NamedTuple):
@@ -231,6 +264,15 @@ _SET_FILES = (
 
 def count_by_status(ex: Executor) -> dict[str, int]:
     return {status: count for status, count in ex.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status))}
+
+
+def count_by_tenant(ex: Executor) -> dict[str, dict[str, int]]:
+    """Jobs per tenant and status, tenants by name."""
+    counts: dict[str, dict[str, int]] = {}
+    query = select(jobs.c.tenant, jobs.c.status, func.count()).group_by(jobs.c.tenant, jobs.c.status)
+    for tenant, status, n in ex.execute(query.order_by(jobs.c.tenant)):
+        counts.setdefault(tenant, {})[status] = n
+    return counts
 
 
 def get_job(s: Session, job_id: str) -> Job | None:

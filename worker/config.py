@@ -174,7 +174,11 @@ class Settings(BaseSettings):
     # Fleet-wide API budget (unset = unlimited).
     max_rps: Annotated[float, Field(gt=0)] | None = _env("MODELLIX_MAX_RPS", None)
     max_in_flight: Annotated[int, Field(ge=1)] | None = _env("MODELLIX_MAX_IN_FLIGHT", None)
-    # HTTP and DB pools are sized to the worker's thread concurrency.
+    # Within a tenant's line, each step of priority counts as this many seconds of waiting
+    # (worker.fleet.share.line_of): a job waiting longer than that goes ahead of jobs of one step more.
+    priority_aging: float = _env("KLING_PRIORITY_AGING", 60.0, gt=0)
+    # HTTP and DB pools are sized to the worker's thread concurrency; each process takes jobs from
+    # the line with as many submit threads (worker.wiring.dispatcher).
     concurrency: int = _env("KLING_CONCURRENCY", 32, ge=1)
     # Database connections per worker process (default: an eighth of the threads, at least 4).
     db_pool: Annotated[int, Field(ge=1)] | None = _env("KLING_DB_POOL", None)

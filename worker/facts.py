@@ -89,20 +89,24 @@ class Submitted(_Fact):
 
 @dataclass(frozen=True)
 class Requeued(_Fact):
-    """A submit refused in a way worth another try: the job is queued again (`refund`: the attempt
-    does not count), with the error that made it wait, if any."""
+    """A submit refused in a way worth another try: the job goes back to its place in line (`refund`:
+    the attempt does not count), with the error that made it wait, if any, to be taken again `after`
+    seconds from `at`."""
 
     kind: ClassVar[str] = "requeued"
 
     refund: bool
     error_code: str | None = None
     error_message: str | None = None
+    after: float = 0.0
 
     def _values(self) -> dict[str, Any]:
         # As every version has written it: the error only when there is one.
         values: dict[str, Any] = {"refund": self.refund}
         if self.error_code is not None:
             values.update(error_code=self.error_code, error_message=self.error_message)
+        if self.after:
+            values["after"] = self.after
         return values
 
 
@@ -237,8 +241,11 @@ def write(ex: db.Executor, fact: Fact) -> bool:
         case Submitted(job_id, at, task_id, answer, first_poll):
             next_poll_at = at + timedelta(seconds=first_poll)
             return lifecycle.mark_submitted(ex, job_id, at, task_id=task_id, answer=answer, next_poll_at=next_poll_at)
-        case Requeued(job_id, at, refund, code, message):
-            return lifecycle.requeue(ex, job_id, at, refund=refund, error_code=code, error_message=message)
+        case Requeued(job_id, at, refund, code, message, after):
+            due_at = at + timedelta(seconds=after) if after else None
+            return lifecycle.requeue(
+                ex, job_id, at, refund=refund, error_code=code, error_message=message, due_at=due_at
+            )
         case SubmitFailed(job_id, at, code, message):
             return lifecycle.fail_submit(ex, job_id, at, code, message)
         case Succeeded(job_id, at, urls, answer, files, archived):

@@ -26,6 +26,8 @@ from marshmallow import (
     validates_schema,
 )
 
+from models.job import DEFAULT_PRIORITY, DEFAULT_TENANT
+
 MAX_PROMPT_CHARS = 2500
 MAX_ITEMS = 10
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
@@ -34,6 +36,7 @@ RESOLUTIONS = ("1k", "2k")
 ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3", "21:9", "auto")
 # \Z, not $: "$" also matches before a trailing newline, and validate.Regexp uses match().
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 
 _DATA_URI = re.compile(r"^data:image/(jpeg|jpg|png);base64,(.*)$", re.DOTALL)
 _REFERENCE = re.compile(r"<<<image_(\d+)>>>")
@@ -227,6 +230,16 @@ class MessageSchema(Schema):
         validate=validate.Length(max=2048),
     )
     callback = fields.Nested(CallbackSchema, load_default=None, allow_none=True)
+    # Whose job it is, and its priority within that tenant's line (worker.fleet.share).
+    tenant = fields.String(
+        load_default=DEFAULT_TENANT,
+        validate=validate.Regexp(TENANT_PATTERN, error="must be 1-64 characters of [A-Za-z0-9._-]"),
+    )
+    priority = fields.Integer(
+        load_default=DEFAULT_PRIORITY,
+        strict=True,
+        validate=validate.Range(min=0, max=9, error="must be a whole number from 0 (last) to 9 (first)"),
+    )
     # The job this one retries (set by `kling-worker jobs retry`), recorded in the job's retry_of column.
     retry_of = fields.String(
         load_default=None,

@@ -1,12 +1,15 @@
-"""One `kling.generate` message: validate → claim → send → record. No Celery here.
+"""A job from its message to its task: validate → queue (`handle`), then take → send → record
+(`take_next`, `send`). No Celery here.
 
-Each step calls only downward (the schemas, the lifecycle, the fleet limits,
-the client, the API-error policy). `handle` returns an Outcome: the status the
-message gave its job, and what the Celery task does next (`next_step`, one of Finished,
-Retry, Follow, HandOn): nothing, send the message again after a delay, start
-polling the submitted task, or hand on a fact the database has not taken.
-Once a job is claimed, everything Modellix answers is written as a Fact
-(worker.facts), which a database outage cannot make the worker drop.
+A `kling.generate` message is validated and its job recorded `queued` in its tenant's line, and the
+message is done. A submit thread (worker.wiring.dispatcher) takes the next job from the line when the
+fleet's budget lets one go (worker.fleet.share orders the line), sends it, and records the answer.
+Each step calls only downward (the schemas, the lifecycle, the fleet limits, the client, the
+API-error policy). Each returns an Outcome: the status it gave the job, and what comes next
+(`next_step`, one of Finished, Retry, Follow, HandOn): nothing, send the message again after a
+delay (the database is away), start polling the submitted task, or hand on a fact the database has
+not taken. Once a job is taken, everything Modellix answers is written as a Fact (worker.facts),
+which a database outage cannot make the worker drop.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from typing import Any, TypeAlias
 from marshmallow import ValidationError
 
 from models import JobStatus, db, lifecycle, store
-from models.job import utcnow
+from models.job import DEFAULT_TENANT, utcnow
 from worker import facts, modellix
 from worker.facts import Claimed, Fact, Kept, Requeued, SubmitFailed, Submitted
-from worker.fleet import places
+from worker.fleet import places, share
 from worker.fleet.pause import pause_fleet
 from worker.fleet.waiting import OverBudget
-from worker.modellix.policy import Action, judge_submit, retry_delay
+from worker.modellix.policy import Action, judge_submit
 from worker.ops import cpu, logs, metrics, outages
 from worker.polling import learning, schedule
 from worker.resources import Resources
@@ -40,8 +43,6 @@ _message_schema = MessageSchema()
 _request_schema = GenerationRequestSchema()
 # An invalid request larger than this (inline images) is kept as its size and digest only.
 _MAX_STORED_REQUEST = 64 * 1024
-# A job waiting for the fleet's budget is looked at again at least this often.
-BUDGET_RECHECK = 10.0
 # The message keyword that carries a fact handed on by a stopping worker (not part of the public contract).
 CARRIED = "_kling_fact"
 
@@ -56,7 +57,7 @@ class Finished:
 
 @dataclass(frozen=True)
 class Retry:
-    """Send the message again after `after` seconds (the job waits `queued`, or the database is away)."""
+    """Send the message again after `after` seconds (the database is away)."""
 
     after: float
 
@@ -71,10 +72,9 @@ class Follow:
 @dataclass(frozen=True)
 class HandOn:
     """A fact the database has not taken before this process had to let go (an answer, a claim):
-    send the message again after `after` seconds, carrying the fact (CARRIED) for the next delivery to write."""
+    send it on in a message (CARRIED) for the next worker to write."""
 
     fact: Fact
-    after: float
 
 
 NextStep: TypeAlias = Finished | Retry | Follow | HandOn
@@ -82,7 +82,7 @@ NextStep: TypeAlias = Finished | Retry | Follow | HandOn
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one delivery of a message did to its job, and what the Celery task does next."""
+    """What one step (a message, a submit) did to its job, and what comes next."""
 
     job_id: str
     status: JobStatus | None  # the status this delivery gave the job; None: it changed nothing
@@ -90,7 +90,7 @@ class Outcome:
 
     @property
     def duplicate(self) -> bool:
-        """Another delivery owns (or owned) the job, so this one did nothing."""
+        """Another delivery recorded the job before, so this one did nothing."""
         return self.status is None
 
 
@@ -101,19 +101,16 @@ def handle(res: Resources, args: tuple[Any, ...], kwargs: dict[str, Any], messag
     # What no nested phase claims (the message's and the request's schemas, the webhook check) is `validate`.
     with logs.bound(job_id=job_id), cpu.phase("validate"):
         try:
-            return _handle(res, args, kwargs, message_id, retries)
+            return _handle(res, args, kwargs, message_id)
         except Exception as exc:
             # Nothing was sent (answers are held, never raised): the message waits on the broker.
             res.put_off(exc, "messages")
             return Outcome(job_id, None, Retry(outages.backoff(retries)))
 
 
-def _handle(res: Resources, args: tuple[Any, ...], kwargs: dict[str, Any], message_id: str, retries: int) -> Outcome:
+def _handle(res: Resources, args: tuple[Any, ...], kwargs: dict[str, Any], message_id: str) -> Outcome:
     if CARRIED in kwargs:
-        kwargs = dict(kwargs)
-        carried = _write_carried(res, facts.from_json(kwargs.pop(CARRIED)))
-        if carried is not None:
-            return carried
+        return _write_carried(res, facts.from_json(kwargs[CARRIED]))
     if args:
         errors = {"_message": ["kling.generate takes keyword arguments only: request, job_id, metadata"]}
         return _reject(res, message_id, kwargs.get("request"), kwargs.get("metadata"), errors)
@@ -126,19 +123,20 @@ def _handle(res: Resources, args: tuple[Any, ...], kwargs: dict[str, Any], messa
         if "job_id" in errors or not isinstance(job_id, str):
             job_id = message_id
         meta = kwargs.get("metadata") if "metadata" not in errors else None
-        return _reject(res, job_id, kwargs.get("request"), meta, errors)
+        tenant = kwargs.get("tenant", DEFAULT_TENANT) if "tenant" not in errors else DEFAULT_TENANT
+        return _reject(res, job_id, kwargs.get("request"), meta, errors, {"tenant": tenant})
 
     job_id = message["job_id"] or message_id
     refused = _webhook_refused(res, message["webhook"])
     if refused:
         # Without the webhook: a job rejected for it must not try to send its event there.
-        link = {"retry_of": message["retry_of"]}
-        return _reject(res, job_id, message["request"], message["metadata"], {"webhook": [refused]}, link)
+        columns = {**_columns(message), "webhook": None, "callback": None}
+        return _reject(res, job_id, message["request"], message["metadata"], {"webhook": [refused]}, columns)
     try:
         request = _request_schema.load(message["request"])
     except ValidationError as exc:
-        return _reject(res, job_id, message["request"], message["metadata"], _as_dict(exc), _contact(message))
-    return _submit(res, job_id, request, message["metadata"], _contact(message), retries)
+        return _reject(res, job_id, message["request"], message["metadata"], _as_dict(exc), _columns(message))
+    return _enqueue(res, job_id, request, message["metadata"], _columns(message))
 
 
 def _webhook_refused(res: Resources, url: str | None) -> str | None:
@@ -149,94 +147,92 @@ def _webhook_refused(res: Resources, url: str | None) -> str | None:
     return webhooks.refused(url, cfg.webhook_secret, cfg.webhook_hosts)
 
 
-def _contact(message: dict[str, Any]) -> dict[str, Any]:
-    """The job's webhook and callback columns (where the caller hears of its end), and the job it retries."""
-    return {"webhook": message["webhook"], "callback": message["callback"], "retry_of": message["retry_of"]}
+def _columns(message: dict[str, Any]) -> dict[str, Any]:
+    """The job's columns a valid message sets besides its request and metadata: where the caller hears
+    of its end (webhook, callback), the job it retries, its tenant and its priority."""
+    return {key: message[key] for key in ("webhook", "callback", "retry_of", "tenant", "priority")}
 
 
-def _submit(
-    res: Resources,
-    job_id: str,
-    request: dict[str, Any],
-    meta: dict[str, Any] | None,
-    contact: dict[str, Any],
-    retries: int,
+def _enqueue(
+    res: Resources, job_id: str, request: dict[str, Any], meta: dict[str, Any] | None, columns: dict[str, Any]
 ) -> Outcome:
-    stored = redact_request(request)
-    try:
-        attempt = _claim(res, job_id, stored, meta, contact)
-    except ClaimUnknown as unknown:
-        # The claim may have committed unseen: the next delivery releases it if so (nothing was sent).
-        res.outage.defer("messages", unknown.cause)
-        return Outcome(job_id, None, HandOn(Claimed(job_id, unknown.claimed_at), outages.backoff(retries)))
-    except OverBudget as over:
-        with res.statement() as ex:
-            lifecycle.create(ex, job_id, JobStatus.queued, stored, meta, utcnow(), **contact)
-        # The wait in place ran out (or the worker is stopping): the message goes back. When the
-        # budget's next turn is unknown (a full fleet), back off, but look again at least every
-        # BUDGET_RECHECK seconds.
-        retry_in = over.retry_in or min(retry_delay(retries + 1, res.settings), BUDGET_RECHECK)
-        return Outcome(job_id, JobStatus.queued, Retry(retry_in))
-    if attempt is None:
-        with res.transaction() as s:
-            found = store.get_job(s, job_id)
-            status = found.status if found else "gone"
-        if status == JobStatus.cancelled.value:
-            log.info(
-                "job %s was cancelled before it was submitted; its message is dropped",
-                job_id,
-                extra={"event": "cancelled_before_submit"},
-            )
-        else:
-            log.info(
-                "job %s: already %s (another delivery took it); not submitting again",
-                job_id,
-                status,
-                extra={"event": "duplicate_delivery"},
-            )
-        return Outcome(job_id, None)
-    return _send(res, job_id, request, attempt)
+    """Record a valid job as `queued`, in its tenant's line (worker.fleet.share): the message is done.
 
-
-@cpu.timed("claim")
-def _claim(
-    res: Resources, job_id: str, stored: dict[str, Any], meta: dict[str, Any] | None, contact: dict[str, Any]
-) -> int | None:
-    """Take the job for this delivery (`submitting`, committed right before the POST); its attempt number.
-
-    If this process dies before the answer is recorded, the row says so and the
-    sweep resolves it (tracking.resolve_interrupted) instead of silently
-    submitting again. The fleet's limits (worker.fleet.places.claim_turn) decide when:
-    this thread waits in place, holding its message, until the budget lets it go.
+    The job waits in the table, not on the broker: a submit thread of any worker takes it when its
+    turn comes (`take_next`). Inline images wait in `payload` until then (`request` keeps digests).
     """
-    # When the last claim was made: an outage may hide its commit (ClaimUnknown). Before any claim
-    # (the budget being read, the connection being opened) nothing matches it, and releasing it is a no-op.
-    tried = [utcnow()]
+    stored = redact_request(request)
+    now = utcnow()
+    tenant, priority = columns["tenant"], columns["priority"]
+    logs.bind(tenant=tenant)
+    line = share.line_of(now.timestamp(), priority, res.settings.priority_aging)
+    payload = request if stored != request else None
+    with cpu.phase("record"), res.statement() as ex:
+        created = lifecycle.create(
+            ex, job_id, JobStatus.queued, stored, meta, now, line=line, payload=payload, **columns
+        )
+    if not created:
+        _duplicate(res, job_id)
+        return Outcome(job_id, None)
+    log.info("job %s queued (tenant %s, priority %d)", job_id, tenant, priority, extra={"event": "job_queued"})
+    return Outcome(job_id, JobStatus.queued)
 
-    def claim(ex: db.Executor) -> int | None:
+
+def _duplicate(res: Resources, job_id: str) -> None:
+    with res.transaction() as s:
+        found = store.get_job(s, job_id)
+        status = found.status if found else "gone"
+    if status == JobStatus.cancelled.value:
+        log.info(
+            "job %s was cancelled before a worker took its message; the message is dropped",
+            job_id,
+            extra={"event": "cancelled_before_submit"},
+        )
+    else:
+        log.info(
+            "job %s: already %s (another delivery recorded it); not queued again",
+            job_id,
+            status,
+            extra={"event": "duplicate_delivery"},
+        )
+
+
+def take_next(res: Resources) -> store.Taken | Outcome | None:
+    """Wait for the fleet's budget to let one more submit go, then take the next job from the line
+    (worker.fleet.share; the job is now `submitting`): the caller sends it at once (`send`).
+
+    None: no job may go now (the line is empty, or its tenants are at their caps). An Outcome: the
+    database went away during the claim, so its commit is unknown; the claim is released (held through
+    the outage, or handed on). Raises OverBudget when the wait ends first (MAX_HOLD, the worker stops).
+    """
+    chosen: list[str] = []
+    tried: list[datetime] = []
+
+    def claim(ex: db.Executor) -> store.Taken | None:
         tried.append(utcnow())
-        return lifecycle.claim_for_submit(ex, job_id, stored, meta, tried[-1], **contact)
+        chosen.clear()
+        return share.take_next(ex, tried[-1], chosen)
 
     try:
-        return places.claim_turn(res, claim)
+        with cpu.phase("claim"):
+            return places.claim_turn(res, claim)
     except OverBudget:
         raise
     except Exception as exc:
-        raise ClaimUnknown.after(exc, tried[-1]) from exc
+        if not (chosen and db.unreachable(exc)):
+            raise
+        # The claim may have committed unseen: released once the database answers (nothing was sent).
+        res.outage.defer("submits", exc)
+        return _settle(res, Claimed(chosen[-1], tried[-1]), Outcome(chosen[-1], JobStatus.queued))
 
 
-class ClaimUnknown(Exception):
-    """The database became unreachable during a claim: it may have committed without the worker seeing it."""
-
-    def __init__(self, cause: Exception, claimed_at: datetime):
-        super().__init__(str(cause))
-        self.cause = cause
-        self.claimed_at = claimed_at
-
-    @classmethod
-    def after(cls, exc: Exception, claimed_at: datetime) -> Exception:
-        """The exception to raise for `exc`: a ClaimUnknown for an outage, `exc` itself for anything else."""
-        return cls(exc, claimed_at) if db.unreachable(exc) else exc
+def send(res: Resources, taken: store.Taken) -> Outcome:
+    """Send a job taken from the line, and record what Modellix answered."""
+    with logs.bound(job_id=taken.job_id, tenant=taken.tenant):
+        outcome = _send(res, taken.job_id, taken.request, taken.attempt)
+    if outcome.status is JobStatus.submitted:
+        metrics.job_submitted(taken.tenant)
+    return outcome
 
 
 def _send(res: Resources, job_id: str, request: dict[str, Any], attempt: int) -> Outcome:
@@ -272,8 +268,10 @@ def _after_error(res: Resources, job_id: str, exc: modellix.ModellixError, attem
             "job %s failed after %d attempt(s): %s %s", job_id, attempt, code, message, extra={"event": "submit_failed"}
         )
     else:
-        requeued = Requeued(job_id, utcnow(), refund=not verdict.counts, error_code=code, error_message=message)
-        outcome = _settle(res, requeued, Outcome(job_id, JobStatus.queued, Retry(verdict.delay)))
+        requeued = Requeued(
+            job_id, utcnow(), refund=not verdict.counts, error_code=code, error_message=message, after=verdict.delay
+        )
+        outcome = _settle(res, requeued, Outcome(job_id, JobStatus.queued))
         if not verdict.account:
             log.info(
                 "job %s: attempt %d failed (%s), retrying in %.1fs",
@@ -299,20 +297,15 @@ def _after_error(res: Resources, job_id: str, exc: modellix.ModellixError, attem
 
 def _settle(res: Resources, fact: Fact, outcome: Outcome) -> Outcome:
     """Write what the API said (holding it through an outage): `outcome` once written; if the process
-    had to let go first, the same outcome with the fact handed on (after the retry's delay, if any)."""
+    had to let go first, the same outcome with the fact handed on."""
     if facts.keep(res, fact) is Kept.written:
         return outcome
-    after = outcome.next_step.after if isinstance(outcome.next_step, Retry) else 0.0
-    return replace(outcome, next_step=HandOn(fact, after))
+    return replace(outcome, next_step=HandOn(fact))
 
 
-def _write_carried(res: Resources, fact: Fact) -> Outcome | None:
-    """A fact an earlier delivery could not write (it had to let go during an outage): write it,
-    then go on as the job's new status says.
-
-    None when the job is queued again (a refused or rate-limited try, a claim
-    released): this delivery then takes it like any other message.
-    """
+def _write_carried(res: Resources, fact: Fact) -> Outcome:
+    """A fact a worker could not write (it had to let go during an outage): write it, then go on as
+    the job's new status says (a job queued again waits in its line; the message is done)."""
     match fact:
         case Submitted():
             due = fact.at + timedelta(seconds=fact.first_poll)
@@ -322,8 +315,7 @@ def _write_carried(res: Resources, fact: Fact) -> Outcome | None:
             return _settle(res, fact, Outcome(fact.job_id, JobStatus.failed))
         case _:
             # Claimed, Requeued (a poll's results are handed on in kling.poll messages, never here).
-            outcome = _settle(res, fact, Outcome(fact.job_id, JobStatus.queued))
-            return outcome if isinstance(outcome.next_step, HandOn) else None
+            return _settle(res, fact, Outcome(fact.job_id, JobStatus.queued))
 
 
 @cpu.timed("record")
@@ -333,7 +325,7 @@ def _reject(
     raw_request: Any,
     meta: Any,
     errors: dict[str, Any],
-    contact: dict[str, Any] | None = None,
+    columns: dict[str, Any] | None = None,
 ) -> Outcome:
     logs.bind(job_id=job_id)  # the message id when the message's own job id is invalid
     message = json.dumps(errors, ensure_ascii=False)
@@ -346,7 +338,7 @@ def _reject(
             meta if isinstance(meta, dict) else None,
             utcnow(),
             message,
-            **(contact or {}),
+            **(columns or {}),
         )
     if not created:
         # The id is taken by an earlier job: that row stays as it is.

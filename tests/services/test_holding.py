@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
-from models import lifecycle
+from models import JobStatus, lifecycle
 from models.job import Job, utcnow
 from tests.support.jobs import handle, job, submitted, wait_for
 from tests.unit.test_lifecycle import refuse_outbox_rows
@@ -44,7 +44,8 @@ def proxy(pg_url, sandbox, configure):
 
 def claimed(job_id: str) -> Job:
     with resources.get().statement() as ex:
-        assert lifecycle.claim_for_submit(ex, job_id, {"prompt": "x"}, None, utcnow()) == 1
+        assert lifecycle.create(ex, job_id, JobStatus.queued, {"prompt": "x"}, None, utcnow())
+        assert lifecycle.take(ex, job_id, utcnow()).attempt == 1
     return job(job_id)
 
 

@@ -55,13 +55,37 @@ def job(job_id: str) -> Job:
 
 
 def handle(**kwargs: Any) -> submission.Outcome:
-    return submission.handle(resources.get(), (), kwargs, "message-1")
+    """A `kling.generate` message as a worker takes it: its job queued, then (if it was) one turn of
+    this process's submit thread: the next job taken from the line and sent. The line is expected to
+    hold only this job; the outcome is the send's, or the message's if nothing was queued."""
+    out = submission.handle(resources.get(), (), kwargs, "message-1")
+    if out.status is not JobStatus.queued:
+        return out
+    sent = take_and_send()
+    assert sent is not None, "the job was queued, but no job could be taken from the line"
+    return sent
 
 
-def retry_in(out: submission.Outcome) -> float:
-    """After how long the message is sent again: the outcome must be a plain Retry."""
-    assert isinstance(out.next_step, submission.Retry), out.next_step
-    return out.next_step.after
+def take_and_send() -> submission.Outcome | None:
+    """One turn of this process's submit thread: the next job taken from the line and sent (None: none)."""
+    res = resources.get()
+    taken = submission.take_next(res)
+    if taken is None or isinstance(taken, submission.Outcome):
+        return taken
+    return submission.send(res, taken)
+
+
+def due_in(job_id: str) -> float:
+    """How long after it was sent back a queued job may be taken again (its retry's delay)."""
+    row = job(job_id)
+    assert row.due_at is not None, f"{job_id}: not waiting for a retry"
+    return (row.due_at - row.updated_at).total_seconds()
+
+
+def make_due(job_id: str) -> None:
+    """Let a job sent back for a retry be taken now, as if its delay had run out."""
+    with resources.get().transaction() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(due_at=utcnow()))
 
 
 def submitted(job_id: str) -> Job:

@@ -87,21 +87,31 @@ def test_pending_after_running_keeps_the_job_processing(engine):
     assert status_of(engine, "j") == "processing"
 
 
-def test_claim_takes_a_new_or_queued_job_once(engine):
+def test_a_queued_job_is_taken_once_and_nothing_else_is(engine):
     put(engine, "waiting", JobStatus.queued)
-    put(engine, "done", JobStatus.succeeded)
+    for status in JobStatus:
+        if status is not JobStatus.queued:
+            put(engine, status.value, status)
     with transaction(engine) as ex:
-        assert lifecycle.claim_for_submit(ex, "fresh", {"prompt": "x"}, None, utcnow()) == 1
-        assert lifecycle.claim_for_submit(ex, "fresh", {"prompt": "x"}, None, utcnow()) is None
-        assert lifecycle.claim_for_submit(ex, "waiting", {"prompt": "x"}, None, utcnow()) == 1
-        assert lifecycle.claim_for_submit(ex, "done", {"prompt": "x"}, None, utcnow()) is None
-    assert status_of(engine, "fresh") == status_of(engine, "waiting") == "submitting"
+        taken = lifecycle.take(ex, "waiting", utcnow())
+        assert taken == store.Taken("waiting", 1, {"prompt": "x"}, "default")
+        assert lifecycle.take(ex, "waiting", utcnow()) is None
+        assert lifecycle.take(ex, "nobody", utcnow()) is None
+        for status in JobStatus:
+            if status is not JobStatus.queued:
+                assert lifecycle.take(ex, status.value, utcnow()) is None, status
+    assert status_of(engine, "waiting") == "submitting"
+    for status in JobStatus:
+        if status is not JobStatus.queued:
+            assert status_of(engine, status.value) == status.value
 
 
 def test_a_refunded_requeue_touches_only_its_own_job(engine):
+    for job_id in ("a", "b"):
+        put(engine, job_id, JobStatus.queued)
     with transaction(engine) as ex:
         for job_id in ("a", "b"):
-            assert lifecycle.claim_for_submit(ex, job_id, {"prompt": "x"}, None, utcnow()) == 1
+            assert lifecycle.take(ex, job_id, utcnow()).attempt == 1
         assert lifecycle.requeue(ex, "a", utcnow(), refund=True, error_code="402", error_message="balance")
     with transaction(engine) as s:
         a, b = store.get_job(s, "a"), store.get_job(s, "b")
@@ -109,14 +119,15 @@ def test_a_refunded_requeue_touches_only_its_own_job(engine):
         assert (b.status, b.attempts, b.error_code) == ("submitting", 1, None)
 
 
-def test_a_claim_is_released_only_by_the_delivery_that_made_it(engine):
+def test_a_claim_is_released_only_by_the_thread_that_made_it(engine):
     first = utcnow()
+    put(engine, "c", JobStatus.queued)
     with transaction(engine) as ex:
-        assert lifecycle.claim_for_submit(ex, "c", {"prompt": "x"}, None, first) == 1
+        assert lifecycle.take(ex, "c", first).attempt == 1
         assert not lifecycle.release_claim(ex, "c", first + timedelta(microseconds=1), utcnow())
         assert lifecycle.release_claim(ex, "c", first, utcnow())
         assert not lifecycle.release_claim(ex, "c", first, utcnow())  # released once
-        assert lifecycle.claim_for_submit(ex, "c", {"prompt": "x"}, None, utcnow()) == 1  # the attempt was refunded
+        assert lifecycle.take(ex, "c", utcnow()).attempt == 1  # the attempt was refunded
     assert status_of(engine, "c") == "submitting"
 
 

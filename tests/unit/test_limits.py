@@ -14,22 +14,37 @@ from models import JobStatus, lifecycle
 from models.budget import lift_pause
 from models.budget import read as budget_row
 from models.job import utcnow
-from tests.support.jobs import budget, handle, job, retry_in, seconds_until, set_budget, submitted
+from tests.support.jobs import budget, due_in, handle, job, seconds_until, set_budget, submitted, take_and_send
 from worker import resources, submission
 from worker.dev.sandbox import Step
 from worker.fleet import pause, places, slots
+from worker.fleet.waiting import OverBudget
 from worker.polling import tracking
 
 
+def queue(job_id: str, **kwargs) -> None:
+    """A message for `job_id`: its job recorded `queued` in the line (nothing sent yet)."""
+    message = {"request": {"prompt": job_id}, "job_id": job_id, **kwargs}
+    assert submission.handle(resources.get(), (), message, "m").status is JobStatus.queued
+
+
+def turn_held_back() -> float:
+    """This process's next turn ends without a job taken (its wait outlasts MAX_HOLD): after how long
+    the taker looks again."""
+    with pytest.raises(OverBudget) as over:
+        take_and_send()
+    return over.value.retry_in
+
+
 def test_a_429_on_submit_pauses_the_fleet_and_holds_back_other_jobs(service, monkeypatch):
-    monkeypatch.setattr(places, "MAX_HOLD", 5.0)  # shorter than the pause: the message goes back at once
+    monkeypatch.setattr(places, "MAX_HOLD", 5.0)  # shorter than the pause: the turn ends at once
     service.script(Step(429, on="submit", retry_after=8))
     first = handle(request={"prompt": "x"}, job_id="hit")
-    assert first.status is JobStatus.queued and retry_in(first) >= 8
+    assert first.status is JobStatus.queued and due_in("hit") >= 8
     paused = budget()
     assert 6 < paused["paused_for"] <= 8 and "429" in paused["pause_reason"]
-    other = handle(request={"prompt": "y"}, job_id="held")
-    assert other.status is JobStatus.queued and retry_in(other) > 5
+    queue("held")
+    assert turn_held_back() > 5
     assert service.stats()["requests"] == 1  # the second job never reached the API
     row = job("held")
     assert row.status == "queued" and row.attempts == 0  # waiting for the pause costs no attempt
@@ -41,9 +56,9 @@ def test_a_pause_set_by_another_worker_holds_this_one_back(service, configure, m
     if max_rps:
         configure(MODELLIX_MAX_RPS=max_rps)
     set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")  # another worker's write
-    out = handle(request={"prompt": "x"}, job_id="held")
-    assert out.status is JobStatus.queued and retry_in(out) >= 25
-    assert service.stats()["requests"] == 0
+    queue("held")
+    assert turn_held_back() >= 25
+    assert job("held").status == "queued" and service.stats()["requests"] == 0
 
 
 def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(service, monkeypatch):
@@ -51,35 +66,34 @@ def test_a_pause_written_after_this_worker_looked_is_seen_within_a_second(servic
     submitted("before")  # this process has read the budget row and cached "no pause"
     set_budget(paused_until=time.time() + 30, pause_reason="429 from Modellix")
     time.sleep(pause.PAUSE_REFRESH + 0.1)
-    assert handle(request={"prompt": "y"}, job_id="after").status is JobStatus.queued
+    queue("after")
+    assert turn_held_back() >= 25
     assert service.stats()["submits"] == 1
 
 
-def test_a_submit_over_the_rate_budget_waits_in_the_queue_without_an_attempt(service, configure, monkeypatch):
-    monkeypatch.setattr(places, "MAX_HOLD", 5.0)  # the slot is further off than a wait in place may last
+def test_a_submit_over_the_rate_budget_waits_in_the_line_without_an_attempt(service, configure, monkeypatch):
+    monkeypatch.setattr(places, "MAX_HOLD", 5.0)  # the slot is further off than one wait may last
     configure(MODELLIX_MAX_RPS="1")
     set_budget(next_slot=time.time() + 100)  # the fleet has booked the next 100 s of requests
-    out = handle(request={"prompt": "x"}, job_id="later")
-    assert out.status is JobStatus.queued and 95 <= retry_in(out) <= 102
+    queue("later")
+    assert 95 <= turn_held_back() <= 102
     row = job("later")
     assert row.status == "queued" and row.attempts == 0
     assert service.stats()["requests"] == 0
 
 
-def test_a_full_fleet_sends_the_job_back_within_ten_seconds(service, configure, monkeypatch):
-    monkeypatch.setattr(places, "MAX_HOLD", 0.5)  # then the wait in place runs out
+def test_a_full_fleet_keeps_the_job_waiting_in_the_line_unclaimed(service, configure, monkeypatch):
+    monkeypatch.setattr(places, "MAX_HOLD", 0.5)  # then one wait for a place runs out
     configure(MODELLIX_MAX_IN_FLIGHT="1")
     assert handle(request={"prompt": "r"}, job_id="running", metadata={"m": 1}).status is JobStatus.submitted
     assert job("running").meta == {"m": 1}
-    # A redelivery that has backed off many times: the backoff would say 60 s, the budget recheck says 10.
-    message = {"request": {"prompt": "x"}, "job_id": "waiting", "metadata": {"m": 2}}
-    out = submission.handle(resources.get(), (), message, "d", retries=10)
-    assert out.status is JobStatus.queued and 5 <= retry_in(out) <= 10
+    queue("waiting", metadata={"m": 2})
+    started = time.monotonic()
+    turn_held_back()
+    assert 0.5 <= time.monotonic() - started < 2.0  # it waited for a place, then the taker looks again
     row = job("waiting")
     assert row.status == "queued" and row.attempts == 0 and row.meta == {"m": 2}
     assert service.stats()["submits"] == 1
-    # A first wait backs off briefly (KLING_BACKOFF_BASE 0.1 s here), so a freed place is soon used.
-    assert 0.05 <= retry_in(submission.handle(resources.get(), (), message, "d", retries=0)) <= 0.1
 
 
 def test_a_poll_over_the_rate_budget_is_given_back_and_rescheduled(service, configure):
@@ -139,14 +153,14 @@ def test_a_pause_for_credit_is_renewed_while_the_balance_is_empty_and_lifted_onc
     service.balance = 0
     out = handle(request={"prompt": "x"}, job_id="broke")
     # Held back for a recheck, not for the whole KLING_ACCOUNT_RETRY (30 s here).
-    assert out.status is JobStatus.queued and 15 <= retry_in(out) < 20
+    assert out.status is JobStatus.queued and 15 <= due_in("broke") < 20
     first = budget()
     assert first["paused_for"] > 20 and first["pause_reason"].startswith("402 ")
     until = _paused_until()
-    monkeypatch.setattr(places, "MAX_HOLD", 1.0)  # the wait in place for the top-up runs out
-    held = handle(request={"prompt": "y"}, job_id="held")
-    assert held.status is JobStatus.queued and 15 <= retry_in(held) < 17  # the pause has ~30 s left
-    # Waiting in place, the held submit asked for the balance itself (no paid submit to find out):
+    monkeypatch.setattr(places, "MAX_HOLD", 1.0)  # one wait for the top-up runs out
+    queue("held")
+    assert 15 <= turn_held_back() < 17  # the pause has ~30 s left
+    # Waiting for its turn, the taker asked for the balance itself (no paid submit to find out):
     # still no credit, so it renewed the pause, KLING_ACCOUNT_RETRY from then.
     assert [r["kind"] for r in service.requests_log()] == ["submit", "other"]
     renewed = _paused_until()
@@ -163,7 +177,8 @@ def test_a_pause_for_credit_is_renewed_while_the_balance_is_empty_and_lifted_onc
     service.balance = 12.5
     assert pause.watch_balance(resources.get()) == "resumed"
     assert budget()["paused_for"] == 0
-    assert handle(request={"prompt": "y"}, job_id="held").status is JobStatus.submitted
+    sent = take_and_send()  # "broke" is not due yet: "held" goes
+    assert sent.job_id == "held" and sent.status is JobStatus.submitted
 
 
 def _paused_until() -> float:
@@ -253,13 +268,14 @@ def test_a_submit_waiting_for_budget_is_not_claimed_meanwhile(service, configure
     waiter = threading.Thread(target=handle, kwargs={"request": {"prompt": "x"}, "job_id": "waiting"})
     waiter.start()
     time.sleep(1.5)
-    assert job("waiting") is None  # no row left `submitting` while it waits (the slot comes before the claim)
+    # No row left `submitting` while it waits (the slot comes before the claim).
+    assert (job("waiting").status, job("waiting").attempts) == ("queued", 0)
     waiter.join(10)
     assert job("waiting").status == "submitted"
 
 
 @pytest.mark.parametrize("limit", [{"MODELLIX_MAX_RPS": "1"}, {"MODELLIX_MAX_IN_FLIGHT": "1"}, {}])
-def test_submits_waiting_in_place_give_their_messages_back_at_once_when_the_worker_stops(service, configure, limit):
+def test_turns_waiting_for_the_budget_end_at_once_when_the_worker_stops(service, configure, limit):
     configure(**limit)
     if limit.get("MODELLIX_MAX_IN_FLIGHT"):
         submitted("running")  # the fleet is full
@@ -267,11 +283,17 @@ def test_submits_waiting_in_place_give_their_messages_back_at_once_when_the_work
         set_budget(next_slot=time.time() + 100)  # well within MAX_HOLD: the submits would wait in place
     else:
         set_budget(paused_until=time.time() + 100, pause_reason="429 from Modellix")
-    outcomes: list[submission.Outcome] = []
-    threads = [
-        threading.Thread(target=lambda i=i: outcomes.append(handle(request={"prompt": f"{i}"}, job_id=f"w{i}")))
-        for i in range(3)
-    ]
+    outcomes: list[OverBudget] = []
+
+    def turn() -> None:
+        try:
+            take_and_send()
+        except OverBudget as over:
+            outcomes.append(over)
+
+    for i in range(3):
+        queue(f"w{i}")
+    threads = [threading.Thread(target=turn) for _ in range(3)]
     for t in threads:
         t.start()
     time.sleep(1.0)
@@ -282,6 +304,6 @@ def test_submits_waiting_in_place_give_their_messages_back_at_once_when_the_work
     for t in threads:
         t.join(5)
     assert time.monotonic() - stopped < 0.5
-    assert len(outcomes) == 3 and all(o.status is JobStatus.queued and retry_in(o) >= 0 for o in outcomes)
-    assert {job(f"w{i}").status for i in range(3)} == {"queued"}  # recorded, and its message sent back
+    assert len(outcomes) == 3 and all(o.reason == "the worker is stopping" for o in outcomes)
+    assert {(job(f"w{i}").status, job(f"w{i}").attempts) for i in range(3)} == {("queued", 0)}
     assert service.stats()["submits"] == (1 if limit.get("MODELLIX_MAX_IN_FLIGHT") else 0)

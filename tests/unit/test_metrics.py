@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from models import lifecycle, outbox
+from models import JobStatus, lifecycle, outbox
 from models.job import Job, utcnow
 from tests.support.jobs import job, submitted
 from tests.support.metrics import by, sample, scrape, value
@@ -129,7 +129,8 @@ def ended_jobs_with_deliveries() -> None:
     now = utcnow()
     callback = {"task": "orders.done", "queue": "orders"}
     with resources.get().transaction() as s:
-        lifecycle.claim_for_submit(s, "ok", {}, None, now, webhook="https://hooks.example/x")
+        lifecycle.create(s, "ok", JobStatus.queued, {}, None, now, webhook="https://hooks.example/x")
+        lifecycle.take(s, "ok", now)
         lifecycle.mark_submitted(s, "ok", now, task_id="t-ok", answer={}, next_poll_at=now)
         lifecycle.succeed(s, "ok", now, result_urls=["https://img.example/0.png"], answer={})
         lifecycle.reject(s, "bad-1", {}, None, now - timedelta(seconds=30), "invalid", callback=callback)

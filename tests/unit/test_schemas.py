@@ -392,7 +392,56 @@ def test_message_defaults():
         "webhook": None,
         "callback": None,
         "retry_of": None,
+        "tenant": "default",
+        "priority": 5,
     }
+
+
+@pytest.mark.parametrize(
+    "tenant, error",
+    [
+        ("web-shop.eu_1", None),
+        ("x" * 64, None),
+        ("x" * 65, "must be 1-64 characters of [A-Za-z0-9._-]"),
+        ("", "must be 1-64 characters of [A-Za-z0-9._-]"),
+        ("a b", "must be 1-64 characters of [A-Za-z0-9._-]"),
+        ("a:b", "must be 1-64 characters of [A-Za-z0-9._-]"),
+        ("web\n", "must be 1-64 characters of [A-Za-z0-9._-]"),
+        (7, "Not a valid string."),
+        (None, "Field may not be null."),
+    ],
+)
+def test_a_tenant_is_a_short_plain_name(tenant, error):
+    message = {"request": {"prompt": "x"}, "tenant": tenant}
+    if error is None:
+        assert MessageSchema().load(message)["tenant"] == tenant
+    else:
+        with pytest.raises(ValidationError) as caught:
+            MessageSchema().load(message)
+        assert caught.value.messages == {"tenant": [error]}
+
+
+@pytest.mark.parametrize(
+    "priority, error",
+    [
+        (0, None),
+        (9, None),
+        (10, "must be a whole number from 0 (last) to 9 (first)"),
+        (-1, "must be a whole number from 0 (last) to 9 (first)"),
+        ("9", "Not a valid integer."),
+        (4.5, "Not a valid integer."),
+        (True, "Not a valid integer."),
+        (None, "Field may not be null."),
+    ],
+)
+def test_a_priority_is_a_whole_number_from_0_to_9(priority, error):
+    message = {"request": {"prompt": "x"}, "priority": priority}
+    if error is None:
+        assert MessageSchema().load(message)["priority"] == priority
+    else:
+        with pytest.raises(ValidationError) as caught:
+            MessageSchema().load(message)
+        assert caught.value.messages == {"priority": [error]}
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,9 @@ def test_the_job_row_as_json_has_the_documented_columns():
         "callback",
         "files",
         "retry_of",
+        "tenant",
+        "priority",
+        "due_at",
     }
     assert set(Job(id="j", status="queued", request={}).to_dict()) == documented
 

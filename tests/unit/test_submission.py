@@ -14,11 +14,23 @@ import pytest
 
 from models import JobStatus, lifecycle
 from models.job import utcnow
-from tests.support.jobs import budget, handle, job, retry_in, seconds_until, set_budget, submitted
+from tests.support.jobs import (
+    budget,
+    due_in,
+    handle,
+    job,
+    make_due,
+    seconds_until,
+    set_budget,
+    submitted,
+    take_and_send,
+)
+from tests.support.metrics import sample
 from worker import cli, resources, submission
 from worker.dev.sandbox import Step, png
 from worker.facts import Claimed, SubmitFailed, Submitted
 from worker.fleet import places
+from worker.fleet.waiting import OverBudget
 from worker.polling.schedule import NextPoll
 
 
@@ -53,7 +65,9 @@ def test_invalid_request_is_rejected_with_reasons_and_never_sent(service):
         ((), {"request": "a string", "job_id": "str-request"}, "str-request", "request"),
         ((), {"request": {"prompt": "x"}, "job_id": "x" * 65}, "message-1", "job_id"),
         ((), {"request": {"prompt": "x"}, "job_id": 42}, "message-1", "job_id"),
-        ((), {"request": {"prompt": "x"}, "priority": 1}, "message-1", "priority"),
+        ((), {"request": {"prompt": "x"}, "priority": "high"}, "message-1", "priority"),
+        ((), {"request": {"prompt": "x"}, "tenant": "web shop"}, "message-1", "tenant"),
+        ((), {"request": {"prompt": "x"}, "colour": "red"}, "message-1", "colour"),
         (({"prompt": "x"},), {}, "message-1", "keyword arguments"),
     ],
 )
@@ -105,14 +119,16 @@ def test_transient_errors_back_off_then_fail_with_the_last_error(service, config
     configure(KLING_SUBMIT_5XX="retry")
     service.set_faults(rate_503=1.0)
     delays = []
+    out = handle(request={"prompt": "x"}, job_id="flaky")
     for _ in range(2):
-        out = handle(request={"prompt": "x"}, job_id="flaky")
         row = job("flaky")
         assert out.status is JobStatus.queued and row.status == "queued"
         assert row.error_code == "503" and "Service Unavailable" in row.error_message  # why it waits
-        delays.append(retry_in(out))
+        delays.append(due_in("flaky"))
+        assert take_and_send() is None  # not due yet: it keeps its place, and nothing is sent
+        make_due("flaky")
+        out = take_and_send()
     assert 0.05 <= delays[0] <= 0.1 and 0.1 <= delays[1] <= 0.2  # exponential, jittered
-    out = handle(request={"prompt": "x"}, job_id="flaky")
     row = job("flaky")
     assert out.status is JobStatus.failed and row.status == "failed" and row.attempts == 3
     assert row.error_code == "503" and "Service Unavailable" in row.error_message
@@ -123,16 +139,19 @@ def test_transient_errors_back_off_then_fail_with_the_last_error(service, config
 def test_retry_after_is_honoured(service):
     service.set_faults(rate_429=1.0, retry_after=7)
     out = handle(request={"prompt": "x"}, job_id="limited")
-    assert retry_in(out) >= 7 and job("limited").error_code == "429"
+    assert out.status is JobStatus.queued and due_in("limited") >= 7 and job("limited").error_code == "429"
 
 
 def test_account_errors_keep_jobs_waiting_and_pause_the_fleet(service, caplog, monkeypatch):
     caplog.set_level("ERROR")
-    monkeypatch.setattr(places, "MAX_HOLD", 0.2)  # the later tries give their message back after a short wait
+    monkeypatch.setattr(places, "MAX_HOLD", 0.2)  # the later turns end after a short wait
     service.set_faults(no_balance=True)
-    for _ in range(5):  # more tries than KLING_MAX_ATTEMPTS: account trouble never fails a job
-        out = handle(request={"prompt": "x"}, job_id="broke")
-        assert out.status is JobStatus.queued and retry_in(out) >= 15
+    out = handle(request={"prompt": "x"}, job_id="broke")
+    assert out.status is JobStatus.queued and due_in("broke") >= 15
+    for _ in range(5):  # more turns than KLING_MAX_ATTEMPTS: account trouble never fails a job
+        make_due("broke")
+        with pytest.raises(OverBudget):
+            take_and_send()
     row = job("broke")
     assert row.status == "queued" and row.error_code == "402" and row.attempts == 0
     # The pause held back the other four tries: no paid submit, only (waiting) a question for the balance.
@@ -145,14 +164,16 @@ def test_account_errors_keep_jobs_waiting_and_pause_the_fleet(service, caplog, m
 
     set_budget(paused_until=0)  # as if the pause had run out; the balance is still empty
     resources.reset()
-    assert handle(request={"prompt": "x"}, job_id="broke").status is JobStatus.queued
+    make_due("broke")
+    assert take_and_send().status is JobStatus.queued
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 2 and "402" in errors[1].getMessage()  # each try that reaches the API says so
 
     service.set_faults(no_balance=False)
     set_budget(paused_until=0)
     resources.reset()
-    assert handle(request={"prompt": "x"}, job_id="broke").status is JobStatus.submitted
+    make_due("broke")
+    assert take_and_send().status is JobStatus.submitted
 
 
 def test_a_400_from_the_api_fails_the_job_with_its_message(service):
@@ -201,7 +222,9 @@ def test_cancel_keeps_a_waiting_job_from_being_submitted(service, configure):
     assert handle(request={"prompt": "x"}, job_id="c1").status is JobStatus.queued
     assert cli.main(["jobs", "cancel", "c1"]) == 0
     service.set_faults(rate_503=0.0)
-    assert handle(request={"prompt": "x"}, job_id="c1").status is None  # the retried message
+    make_due("c1")
+    assert take_and_send() is None  # nothing left in the line
+    assert handle(request={"prompt": "x"}, job_id="c1").status is None  # a redelivered message
     row = job("c1")
     assert row.status == "cancelled" and row.error_code == "cancelled" and row.finished_at
     assert service.stats()["submits"] == 0
@@ -217,7 +240,7 @@ def test_metadata_that_is_not_an_object_is_not_stored(service):
 @pytest.mark.parametrize(
     "args, kwargs",
     [
-        ((), {"request": {"prompt": "x"}, "priority": 1, "metadata": {"k": 1}}),
+        ((), {"request": {"prompt": "x"}, "priority": "high", "metadata": {"k": 1}}),
         (({"prompt": "y"},), {"request": {"prompt": "x"}, "metadata": {"k": 1}}),
     ],
 )
@@ -237,7 +260,7 @@ def test_a_job_cancelled_before_any_worker_saw_it_is_never_submitted(service, ca
     row = job("early")
     assert out.duplicate and row.status == "cancelled" and row.finished_at and "before a worker" in row.error_message
     assert service.stats()["submits"] == 0
-    assert "cancelled before it was submitted" in caplog.text
+    assert "early was cancelled before a worker took its message; the message is dropped" in caplog.text
     assert cli.main(["jobs", "cancel", "early"]) == 1
     assert "cancelled, not queued" in capsys.readouterr().err
 
@@ -261,13 +284,15 @@ def test_a_valid_jobs_inline_image_is_stored_as_its_digest_not_its_bytes(service
 def _claimed(job_id: str):
     at = utcnow()
     with resources.get().transaction() as ex:
-        assert lifecycle.claim_for_submit(ex, job_id, {"prompt": "x"}, None, at) == 1
+        assert lifecycle.create(ex, job_id, JobStatus.queued, {"prompt": "x"}, None, at)
+        assert lifecycle.take(ex, job_id, at).attempt == 1
     return at
 
 
 def _carrying(fact) -> submission.Outcome:
-    kwargs = {"request": {"prompt": "x"}, "job_id": fact.job_id, submission.CARRIED: fact.to_json()}
-    return submission.handle(resources.get(), (), kwargs, "message-2", retries=1)
+    """The message a worker that had to let go sends with the fact (worker.wiring.tasks.carry_on)."""
+    kwargs = {"job_id": fact.job_id, submission.CARRIED: fact.to_json()}
+    return submission.handle(resources.get(), (), kwargs, "message-2")
 
 
 def test_a_carried_answer_is_written_and_followed_without_sending_again(service):
@@ -289,8 +314,59 @@ def test_a_carried_refusal_ends_the_job_without_sending_again(service):
     assert service.stats()["requests"] == 0
 
 
-def test_a_carried_claim_is_released_and_the_job_sent_by_this_delivery(service):
+def test_a_carried_claim_is_released_and_the_job_goes_back_to_its_place_in_line(service):
     at = _claimed("released")
     out = _carrying(Claimed("released", at))
-    assert out.status is JobStatus.submitted and service.stats()["submits"] == 1
-    assert job("released").status == "submitted"
+    assert out == submission.Outcome("released", JobStatus.queued)
+    row = job("released")
+    assert (row.status, row.attempts) == ("queued", 0) and service.stats()["requests"] == 0
+    assert take_and_send().status is JobStatus.submitted and service.stats()["submits"] == 1
+
+
+def test_a_valid_message_queues_its_job_in_its_tenants_line_and_sends_nothing(service):
+    kwargs = {"request": {"prompt": "x"}, "job_id": "t1", "tenant": "web", "priority": 8}
+    out = submission.handle(resources.get(), (), kwargs, "m")
+    assert out == submission.Outcome("t1", JobStatus.queued)
+    row = job("t1")
+    assert (row.status, row.tenant, row.priority, row.attempts, row.payload) == ("queued", "web", 8, 0, None)
+    assert row.line == pytest.approx(row.created_at.timestamp() - 8 * 60.0)
+    assert service.stats()["requests"] == 0
+    before = sample("kling_jobs_submitted_total", tenant="web")
+    assert take_and_send().status is JobStatus.submitted
+    assert sample("kling_jobs_submitted_total", tenant="web") == before + 1
+
+
+def test_a_message_without_tenant_or_priority_is_the_default_tenants_at_priority_5(service):
+    assert (
+        submission.handle(resources.get(), (), {"request": {"prompt": "x"}, "job_id": "d"}, "m").status
+        is JobStatus.queued
+    )
+    row = job("d")
+    assert (row.tenant, row.priority) == ("default", 5)
+
+
+def test_an_inline_image_waits_whole_in_the_payload_and_only_until_it_is_sent(service):
+    encoded = base64.b64encode(png(8, 8)).decode()
+    request = {"prompt": "like <<<image_1>>>", "image_list": [{"image": "data:image/png;base64," + encoded}]}
+    submission.handle(resources.get(), (), {"request": request, "job_id": "inline"}, "m")
+    row = job("inline")
+    assert row.payload == request and encoded[:40] not in json.dumps(row.request)
+    taken = submission.take_next(resources.get())
+    assert taken.request == request  # what is sent is the image itself, not its digest
+    assert submission.send(resources.get(), taken).status is JobStatus.submitted
+    row = job("inline")
+    assert row.payload is None and encoded[:40] not in json.dumps(row.request)
+
+
+@pytest.mark.parametrize(
+    "kwargs, tenant",
+    [
+        ({"request": {"prompt": "x", "n": 0}, "tenant": "web"}, "web"),
+        ({"request": {"prompt": "x"}, "tenant": "web", "priority": 11}, "web"),
+        ({"request": {"prompt": "x"}, "tenant": "web shop"}, "default"),
+    ],
+)
+def test_a_rejected_job_keeps_its_tenant_if_that_was_valid(service, kwargs, tenant):
+    out = submission.handle(resources.get(), (), {**kwargs, "job_id": "r"}, "m")
+    row = job("r")
+    assert out.status is JobStatus.rejected and (row.status, row.tenant) == ("rejected", tenant)

@@ -24,6 +24,7 @@ from worker.cli import printing
 from worker.cli.enqueue import PartlySent, build_request, enqueue
 from worker.cli.jobs import jobs, results
 from worker.cli.params import UsageError
+from worker.cli.tenants import tenants_
 from worker.config import ConfigError, home
 from worker.ops import outages
 from worker.schemas import errors_line
@@ -44,6 +45,7 @@ def cli() -> None:
 cli.add_command(enqueue)
 cli.add_command(jobs)
 cli.add_command(results)
+cli.add_command(tenants_)
 
 
 def main(argv: list[str] | None = None) -> int:

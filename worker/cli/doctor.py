@@ -142,6 +142,30 @@ def check_pause(res: resources.Resources, database: Check) -> Check:
     return Check(name, True, "no fleet pause")
 
 
+def check_line(res: resources.Resources, database: Check) -> Check:
+    """What waits in the line, per tenant (queued, in flight, caps): informative, never a failure."""
+    from worker.cli.tenants import listing
+
+    name = "line"
+    if not database.ok:
+        return _skipped(name, "the database is not ready")
+    try:
+        with res.transaction() as s:
+            rows = listing(s)
+    except Exception as exc:
+        return Check(name, False, f"could not read the line: {_short(exc)}")
+    busy = [r for r in rows if r["queued"] or r["in_flight"]]
+    if not busy:
+        return Check(name, True, "no job waiting or in flight")
+    parts = []
+    for r in busy:
+        caps = [f"max {r['max_in_flight']} in flight"] if r["max_in_flight"] else []
+        caps += [f"max {r['max_rps']:g}/s"] if r["max_rps"] else []
+        shown = f"{r['tenant']}: {r['queued']} queued, {r['in_flight']} in flight, weight {r['weight']:g}"
+        parts.append(shown + (f" ({', '.join(caps)})" if caps else ""))
+    return Check(name, True, "; ".join(parts))
+
+
 # -- the API ------------------------------------------------------------------
 
 
@@ -208,9 +232,10 @@ def run() -> list[Check]:
     broker, consumers = check_queue(cfg)
     database = check_database(res)
     pause = check_pause(res, database)
+    line = check_line(res, database)
     client = res.client
     answer = ask_key(client)
     api = check_api(client.base_url, answer)
     key = check_key(cfg, api, answer)
     balance = check_balance(client, key)
-    return [broker, consumers, database, api, key, balance, pause, check_base_url(cfg)]
+    return [broker, consumers, database, api, key, balance, pause, line, check_base_url(cfg)]

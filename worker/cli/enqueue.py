@@ -20,7 +20,18 @@ from worker.cli.watch import watch, why_queued
 from worker.schemas import ASPECT_RATIOS, RESOLUTIONS
 
 # The options that describe the one job a PROMPT makes; a --batch file says all that per line.
-_SINGLE = ("image", "element", "resolution", "aspect_ratio", "n", "job_id", "metadata", "no_check")
+_SINGLE = (
+    "image",
+    "element",
+    "resolution",
+    "aspect_ratio",
+    "n",
+    "job_id",
+    "metadata",
+    "tenant",
+    "priority",
+    "no_check",
+)
 
 
 @click.command()
@@ -32,6 +43,8 @@ _SINGLE = ("image", "element", "resolution", "aspect_ratio", "n", "job_id", "met
 @click.option("-n", "n", type=int, help="Images to generate (1-9).")
 @click.option("--job-id", help="Your idempotency key (default: the Celery task id).")
 @click.option("--metadata", type=JSON_OBJECT, help="A JSON object stored with the job.")
+@click.option("--tenant", help="Whose job it is: 1-64 characters of [A-Za-z0-9._-] (default: default).")
+@click.option("--priority", type=int, help="0 (last) to 9 (first) within the tenant's line (default: 5).")
 @click.option("--no-check", is_flag=True, help="Skip the local validation (the worker still validates).")
 @click.option(
     "--batch",
@@ -54,6 +67,8 @@ def enqueue(
     n: int | None,
     job_id: str | None,
     metadata: dict[str, Any] | None,
+    tenant: str | None,
+    priority: int | None,
     no_check: bool,
     batch_file: IO[str] | None,
     wait: bool,
@@ -82,6 +97,10 @@ def enqueue(
         kwargs["job_id"] = job_id
     if metadata is not None:
         kwargs["metadata"] = metadata
+    if tenant is not None:
+        kwargs["tenant"] = tenant
+    if priority is not None:
+        kwargs["priority"] = priority
     if not no_check:
         from worker.schemas import GenerationRequestSchema, MessageSchema
 

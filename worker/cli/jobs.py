@@ -62,7 +62,9 @@ def show(job_id: str, as_json: bool) -> int:
     with resources.get().transaction() as s:
         job = store.get_job(s, job_id)
         row = job.to_dict() if job else None
-        if row is not None:
+        if job is not None and row is not None:
+            if job.status == JobStatus.queued.value:
+                row["place_in_line"] = store.place_in_line(s, job.tenant, job.line)
             row["deliveries"] = [d.to_dict() for d in outbox.for_job(s, job_id)] or None
             row["retried_as"] = store.retries_of(s, [job_id]).get(job_id)
     if row is None:
@@ -78,16 +80,21 @@ def show(job_id: str, as_json: bool) -> int:
 
 
 @jobs.command()
+@click.option("--by", type=click.Choice(["tenant"]), help="Count each tenant's jobs apart.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def stats(as_json: bool) -> int:
+def stats(by: str | None, as_json: bool) -> int:
     """Jobs by status, the fleet's limits, the tasks in flight and any fleet pause."""
     from worker.cli import fleet
 
     require_database()
     res = resources.get()
     with res.transaction() as s:
+        if by == "tenant":
+            per_tenant = store.count_by_tenant(s)
         counts = store.count_by_status(s)
         budget = fleet.status(res.settings, s)
+    if by == "tenant":
+        return _stats_by_tenant(per_tenant, as_json)
     if as_json:
         printing.as_json({"jobs": counts, "budget": budget})
         return 0
@@ -100,6 +107,19 @@ def stats(as_json: bool) -> int:
     if budget["paused_for"]:
         pairs.append(("paused", f"{budget['paused_for']}s more: {budget['pause_reason']}"))
     printing.fields(pairs, sep="  ")
+    return 0
+
+
+def _stats_by_tenant(counts: dict[str, dict[str, int]], as_json: bool) -> int:
+    if as_json:
+        printing.as_json(counts)
+        return 0
+    statuses = [s.value for s in JobStatus]
+    rows = [
+        [tenant, *(by_status.get(s, 0) for s in statuses), sum(by_status.values())]
+        for tenant, by_status in counts.items()
+    ]
+    printing.table(("tenant", *statuses, "total"), rows)
     return 0
 
 

@@ -1,17 +1,15 @@
 """Places in flight: `MODELLIX_MAX_IN_FLIGHT`, Modellix tasks submitted and not finished, for the whole
-fleet; and a submit's turn (`claim_turn`), which waits for the fleet's budget in place.
+fleet; and a submit's turn (`claim_turn`), which waits for the fleet's budget.
 
 A submit claim counts the active jobs under the budget row's lock (`check_in_flight`), so two workers
 cannot both take the last place.
 
-Submits wait in place (`claim_turn`): the thread keeps its unacked message
-(acks_late, prefetch 1) for up to MAX_HOLD rather than send it back to the
-broker to wait there, so a backlog under a limit is delivered about once per
-job. Per process one submit thread at a time contends for the row (the others
-queue at a process-local gate, worker.fleet.gate), and it books a slot only when
-the fleet's next free one is within HORIZON, so polls keep priority; a stopping
-worker gives the waiting messages back at once (`stop_waiting`). Polls have
-threads of their own (worker.polling.timer), so waiting submits never starve them.
+Each process's taker thread (worker.wiring.dispatcher) waits here for its next turn, for up to
+MAX_HOLD at a time; the jobs themselves wait in the table. Per process one thread at a time contends
+for the row (any other queues at a process-local gate, worker.fleet.gate), and it books a slot only
+when the fleet's next free one is within HORIZON, so polls keep priority; a stopping worker's wait
+ends at once (`stop_waiting`). Polls have threads of their own (worker.polling.timer), so submits
+waiting for their turn never starve them.
 """
 
 from __future__ import annotations
@@ -33,9 +31,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# How long a submit waits in place for the fleet's budget, holding its (unacked) message, before it
-# gives the message back to the broker: well under RabbitMQ's consumer_timeout (30 min), past which
-# the broker closes the channel.
+# How long one wait for a turn lasts before the taker looks at the line again (its jobs may have been
+# cancelled meanwhile).
 MAX_HOLD = 300.0
 # A submit books a request slot only when the fleet's next free one is at most this far ahead: submits
 # never fill the slot queue far ahead, so polls (which book up to MAX_SLEEP ahead) keep priority and
@@ -75,16 +72,15 @@ def check_in_flight(res: Resources, ex: Executor) -> None:
 
 
 def claim_turn(res: Resources, claim: Callable[[Executor], T]) -> T:
-    """Wait in place until the fleet's budget lets one more submit go, then `claim` the job (committed)
-    and return what `claim` returned: the caller sends the job right after.
+    """Wait until the fleet's budget lets one more submit go, then `claim` the job (committed) and
+    return what `claim` returned: the caller sends the job right after.
 
-    The wait holds the message (acks_late: unacked, one per thread) instead of sending it back to the
-    broker again and again. Raises OverBudget when the wait would outlast MAX_HOLD, or when the worker
-    is stopping (nothing claimed): the caller gives the message back.
+    Raises OverBudget when the wait would outlast MAX_HOLD, or when the worker is stopping (nothing
+    claimed).
 
     With a rate limit the request slot is booked before the claim, so a job waiting for budget is
     never left `submitting`; a slot booked for a duplicate delivery goes unused. With an in-flight
-    limit the claim counts the places under the row lock, as before; the count taken when booking is
+    limit the claim counts the places under the row lock; the count taken when booking is
     only a hint (it includes this process's booked, unclaimed submits) that keeps slots from being
     booked for a full fleet.
 
@@ -118,7 +114,7 @@ def claim_turn(res: Resources, claim: Callable[[Executor], T]) -> T:
 
 
 def stop_waiting(res: Resources) -> None:
-    """The worker is stopping: the submits waiting for this process's turn give their messages back now."""
+    """The worker is stopping: the waits for this process's turn end now."""
     gate = res.submit_gate_if_made
     if gate is not None:
         gate.interrupt()

@@ -37,7 +37,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
-from models import db, outbox
+from models import db, outbox, tenants
 from models.job import utcnow
 from worker.ops import metrics, outages
 
@@ -229,10 +229,12 @@ def start(res: Resources, consumer: Any) -> HealthServer | None:
     database = Cached(lambda: database_problem(engine))
     broker = Cached(lambda: broker_problem(consumer.app))
     backlog: Cached[Sequence[outbox.Backlog]] = Cached(lambda: read_backlog(engine))
+    lines: Cached[Sequence[tuple[str, str, int]]] = Cached(lambda: read_tenants(engine))
     snapshot = metrics.Snapshot(
         pause=lambda: (res.pause.until, res.pause.reason),
         poller_backlog=lambda: _poller_backlog(res),
         read_backlog=backlog.get,
+        read_tenants=lines.get,
     )
     try:
         server = HealthServer(
@@ -260,6 +262,11 @@ def stop() -> None:
 def read_backlog(engine: Engine) -> list[outbox.Backlog]:
     with engine.connect() as conn:
         return outbox.backlog(conn, utcnow())
+
+
+def read_tenants(engine: Engine) -> list[tuple[str, str, int]]:
+    with engine.connect() as conn:
+        return [(r.tenant, r.status, r.n) for r in tenants.in_line(conn)]
 
 
 def _poller_backlog(res: Resources) -> int:

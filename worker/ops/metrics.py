@@ -69,6 +69,12 @@ TASKS_IN_FLIGHT = Gauge(
     ["task"],
 )
 
+JOBS_SUBMITTED = Counter(
+    "kling_jobs_submitted",
+    "Jobs this process submitted to Modellix (the answer recorded), by tenant",
+    ["tenant"],
+)
+
 TASK_RUNS = Counter(
     "kling_task_runs",
     "Celery task executions started in this process, by task name: each one a delivery of a message from the "
@@ -84,6 +90,10 @@ def job_ended(status: str, error_code: str | None, count: int = 1) -> None:
     """`count` jobs reached the end state `status` in this process (counted once: after the move committed)."""
     if count:
         JOBS_ENDED.labels(status, error_code_label(error_code)).inc(count)
+
+
+def job_submitted(tenant: str) -> None:
+    JOBS_SUBMITTED.labels(tenant).inc()
 
 
 def tasks_known(names: Iterable[str]) -> None:
@@ -192,10 +202,12 @@ class Snapshot(Collector):
         pause: Callable[[], tuple[float, str]],
         poller_backlog: Callable[[], int],
         read_backlog: Callable[[], Sequence[Backlog]],
+        read_tenants: Callable[[], Sequence[tuple[str, str, int]]] | None = None,
     ):
         self.pause = pause
         self.poller_backlog = poller_backlog
         self.read_backlog = read_backlog
+        self.read_tenants = read_tenants
         self.errors = 0
         self._lock = threading.Lock()  # scrapes may run at once
 
@@ -204,6 +216,31 @@ class Snapshot(Collector):
         yield self._poller()
         yield self._phases()
         yield from self._backlog()
+        yield from self._tenants()
+
+    def _tenants(self) -> Iterator[Metric]:
+        if self.read_tenants is None:
+            return
+        try:
+            found = self.read_tenants()
+        except Exception:
+            with self._lock:
+                self.errors += 1
+            return
+        jobs = GaugeMetricFamily(
+            "kling_tenant_jobs",
+            "Jobs per tenant waiting in the line (queued) or holding a place at Modellix (in_flight: submitting, "
+            "submitted, processing); fleet-wide",
+            labels=["tenant", "state"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for tenant, status, n in found:
+            state = "queued" if status == "queued" else "in_flight"
+            counts[tenant, state] = counts.get((tenant, state), 0) + n
+        for tenant in sorted({tenant for tenant, _ in counts}):
+            for state in ("queued", "in_flight"):
+                jobs.add_metric([tenant, state], counts.get((tenant, state), 0))
+        yield jobs
 
     def _phases(self) -> Metric:
         spent = CounterMetricFamily(

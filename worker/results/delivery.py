@@ -144,6 +144,7 @@ def event_of(job: JobView) -> dict[str, Any]:
         "type": EVENT_TYPES[job.status],
         "job_id": job.id,
         "status": job.status,
+        "tenant": job.tenant,
         "modellix_task_id": job.modellix_task_id,
         "result_urls": job.result_urls or [],
         "files": job.files or [],

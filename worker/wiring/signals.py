@@ -37,6 +37,7 @@ def connect(log_format: str) -> None:
     signals.beat_init.connect(_beat_started, weak=False)
     signals.worker_ready.connect(_ready, weak=False)
     signals.worker_ready.connect(_serve_health, weak=False)
+    signals.worker_ready.connect(_start_submitting, weak=False)
     signals.task_prerun.connect(_task_started, weak=False)
     signals.task_postrun.connect(_task_ended, weak=False)
     signals.worker_shutting_down.connect(_stopping, weak=False)
@@ -60,6 +61,12 @@ def _ready(**_: Any) -> None:
     from worker.wiring.app import quiet_reconnection_warnings
 
     quiet_reconnection_warnings()
+
+
+def _start_submitting(**_: Any) -> None:
+    from worker.wiring import dispatcher, tasks
+
+    dispatcher.start(resources.get(), tasks.carry_on)
 
 
 def _serve_health(sender: Any, **_: Any) -> None:

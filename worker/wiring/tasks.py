@@ -1,9 +1,10 @@
-"""Celery tasks: orchestration only. The work lives in submission (a message) and tracking (a poll).
+"""Celery tasks: orchestration only. The work lives in submission (a message, a submit) and tracking
+(a poll); each process's submit threads in worker.wiring.dispatcher.
 
-A worker asked to stop (SIGTERM, a warm shutdown) finishes the submits it has
-started; threads holding an answer through a database outage hand it on in a
-message; then its scheduled polls go to the other workers through the broker,
-each due when it would have been here (`hand_over`).
+A worker asked to stop (SIGTERM, a warm shutdown) stops taking jobs from the line and finishes the
+submits it has started; threads holding an answer through a database outage hand it on in a
+message; then its scheduled polls go to the other workers through the broker, each due when it
+would have been here (`hand_over`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any, assert_never
 from celery import Task
 from kombu.exceptions import OperationalError
 
+from models import JobStatus
 from worker import facts, resources, submission
 from worker.fleet import pause
 from worker.ops import cpu
 from worker.polling import learning, schedule, tracking
 from worker.results import delivery
+from worker.wiring import dispatcher
 from worker.wiring.app import app
 
 log = logging.getLogger("kling_worker.tasks")
@@ -31,31 +34,38 @@ HAND_OVER_WAIT = 10.0
 def generate(self: Task, *args: Any, **kwargs: Any) -> str | None:
     res = resources.get()
     outcome = submission.handle(res, args, kwargs, self.request.id, self.request.retries)
+    if isinstance(outcome.next_step, submission.Retry):
+        # The database is away: a new message with the same id and arguments; this one is acked.
+        raise self.retry(countdown=outcome.next_step.after)
+    carry_on(res, outcome)
+    if outcome.status is JobStatus.queued:
+        dispatcher.nudge()
+    return outcome.status.value if outcome.status else None
+
+
+def carry_on(res: resources.Resources, outcome: submission.Outcome) -> None:
+    """What comes after a message or a submit (but a Retry, which only a message has): follow the
+    submitted task, or hand on a fact the database has not taken."""
     next_step = outcome.next_step
     match next_step:
-        case submission.HandOn(fact, after):
+        case submission.HandOn(fact):
             # The database has not taken a fact (an answer, a claim) before this process had to let go.
-            # A claim carried through an outage is routine (one per message); an answer is worth a line.
+            # A claim carried through an outage is routine; an answer is worth a line.
             level = logging.DEBUG if isinstance(fact, facts.Claimed) else logging.INFO
             log.log(
                 level,
-                "job %s: its %s fact travels on in the retried message",
+                "job %s: its %s fact travels on in a message",
                 outcome.job_id,
                 fact.kind,
                 extra={"event": "fact_carried", "job_id": outcome.job_id},
             )
-            carried = {**kwargs, submission.CARRIED: fact.to_json()}
-            raise self.retry(countdown=after, kwargs=carried)
-        case submission.Retry(after):
-            # A new message with the same id and arguments; this one is acked.
-            raise self.retry(countdown=after)
+            generate.apply_async(kwargs={"job_id": outcome.job_id, submission.CARRIED: fact.to_json()})
         case submission.Follow(first_poll):
             follow_later(res, outcome.job_id, first_poll)
-        case submission.Finished():
+        case submission.Finished() | submission.Retry():
             pass
         case _:
             assert_never(next_step)
-    return outcome.status.value if outcome.status else None
 
 
 @app.task(name="kling.poll", bind=True, max_retries=None)
@@ -146,10 +156,11 @@ def follow_later(res: resources.Resources, job_id: str, poll: schedule.NextPoll)
 def hand_over(res: resources.Resources) -> int:
     """Send the polls this process has scheduled to the other workers; how many were sent.
 
-    Runs at worker_shutdown (worker.wiring.signals), after the last task ended, so the submits in
-    flight have scheduled their first polls. Without it, another worker takes a job over only when
-    its poll is OVERDUE_SLACK late (tracking.sweep).
+    Runs at worker_shutdown (worker.wiring.signals), after the last task ended. The submit threads
+    stop first and finish the submits they started, so those have scheduled their first polls.
+    Without it, another worker takes a job over only when its poll is OVERDUE_SLACK late (tracking.sweep).
     """
+    dispatcher.stop(HAND_OVER_WAIT)
     poller = res.poller_if_started
     if poller is None:
         learning.flush(res)

@@ -1,0 +1,33 @@
+"""tests/unit/test_share.py's database tests again, on PostgreSQL; and two fleets' claims at once."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.unit.test_share import *  # noqa: F403
+from tests.unit.test_share import queue, take
+
+
+@pytest.mark.services
+def test_claims_racing_on_postgresql_take_each_job_once(any_db_url):
+    from models.db import make_engine
+
+    engine = make_engine(any_db_url)
+    for i in range(40):
+        queue(engine, f"j{i:02}", "ab"[i % 2], ago=100 - i)
+    taken: list[list[str]] = [[], [], [], []]
+
+    def claim(mine: list[str]) -> None:
+        while (job_id := take(engine)) is not None:
+            mine.append(job_id)
+
+    threads = [threading.Thread(target=claim, args=(mine,)) for mine in taken]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    every = [job_id for mine in taken for job_id in mine]
+    assert sorted(every) == [f"j{i:02}" for i in range(40)]
+    engine.dispose()
