@@ -31,3 +31,32 @@ def test_claims_racing_on_postgresql_take_each_job_once(any_db_url):
     every = [job_id for mine in taken for job_id in mine]
     assert sorted(every) == [f"j{i:02}" for i in range(40)]
     engine.dispose()
+
+
+@pytest.mark.services
+def test_a_tenants_cap_holds_when_claims_race_on_postgresql(any_db_url):
+    from models import tenants
+    from models.db import make_engine, transaction
+    from models.job import utcnow
+
+    engine = make_engine(any_db_url)
+    with transaction(engine) as s:
+        tenants.set_policy(s, "capped", utcnow(), max_in_flight=3)
+    for i in range(20):
+        queue(engine, f"c{i:02}", "capped", ago=100 - i)
+    taken: list[list[str]] = [[] for _ in range(6)]
+    barrier = threading.Barrier(len(taken))
+
+    def claim(mine: list[str]) -> None:
+        barrier.wait()
+        while (job_id := take(engine)) is not None:
+            mine.append(job_id)
+
+    threads = [threading.Thread(target=claim, args=(mine,)) for mine in taken]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    every = sorted(job_id for mine in taken for job_id in mine)
+    assert every == ["c00", "c01", "c02"]  # three places, taken in line order, whoever raced
+    engine.dispose()

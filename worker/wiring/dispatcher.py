@@ -68,11 +68,13 @@ class Dispatcher:
     def _take_all(self) -> None:
         res = self._res
         failures = 0
+        taken: Taken | submission.Outcome | None = None
         while not res.stopping.is_set():
             if not self._free.acquire(timeout=1.0):
                 continue
             try:
-                taken = self._take_one()
+                # After a job was taken, more are likely waiting: the turn itself finds out.
+                taken = self._take_one(look_first=not isinstance(taken, Taken))
                 failures = 0
             except Exception as exc:
                 self._free.release()
@@ -88,13 +90,15 @@ class Dispatcher:
             else:
                 self._after(res, taken)
 
-    def _take_one(self) -> Taken | submission.Outcome | None:
-        """A job taken from the line; None if no job may go now; an Outcome for a claim whose commit was unseen."""
+    def _take_one(self, look_first: bool) -> Taken | submission.Outcome | None:
+        """A job taken from the line; None if no job may go now; an Outcome for a claim whose commit was
+        unseen. `look_first`: see whether any job may go before waiting for a turn (which books a slot)."""
         res = self._res
         self._work.clear()
-        with res.statement() as ex:
-            if not share.ready(ex, utcnow()):
-                return None
+        if look_first:
+            with res.statement() as ex:
+                if not share.ready(ex, utcnow()):
+                    return None
         try:
             return submission.take_next(res)
         except OverBudget:
