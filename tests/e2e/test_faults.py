@@ -183,7 +183,7 @@ def test_a_worker_stopped_during_a_database_outage_hands_its_answers_on(rabbit_u
             w.stop()
         proxy.close()
     assert answered_between(sandbox, cut_at, cut_at + 1.5, client=mine) >= 1, "no answer reached it in the outage"
-    assert "fact travels on in the retried message" in leaving.output(10**7)
+    assert "fact travels on in a message" in leaving.output(10**7)
     result = audit(sandbox, messages, found)
     assert result | CLEAN == result and result["outcomes"] == [("succeeded", None)], result
 

@@ -109,9 +109,9 @@ def test_a_fleet_waiting_for_credit_sends_no_submit_and_resumes_soon_after_a_top
 
 
 @pytest.mark.timing
-def test_a_backlog_under_max_rps_is_delivered_about_once_per_job(rabbit_url, pg_url, sandbox, tmp_path):
-    """64 threads hold messages while MAX_SLEEP (5 s) of slots at 10 rps holds only 41 requests: the
-    submits wait in place for their turn instead of going back to the broker to wait there."""
+def test_a_backlog_under_max_rps_is_delivered_once_per_job(rabbit_url, pg_url, sandbox, tmp_path):
+    """60 jobs where MAX_SLEEP (5 s) of slots at 10 rps holds only 41 requests: each message is
+    acknowledged once its job is in the line, where the jobs wait for their turns."""
     jobs = 60
     env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, MODELLIX_MAX_RPS=10, KLING_METRICS_PORT=0)
     workers = [Worker(env, tmp_path, concurrency=32) for _ in range(2)]
@@ -128,10 +128,12 @@ def test_a_backlog_under_max_rps_is_delivered_about_once_per_job(rabbit_url, pg_
     assert stats["submits"] == jobs and stats["duplicate_prompts"] == 0
     assert stats["max_requests_per_second"] <= 10, stats
     print(f"\n{runs / jobs:.2f} deliveries of kling.generate per job")
-    assert runs / jobs <= 1.2
+    assert runs == jobs
 
 
-def test_a_warm_shutdown_gives_back_the_messages_waiting_for_budget_at_once(rabbit_url, pg_url, sandbox, tmp_path):
+def test_a_warm_shutdown_ends_the_wait_for_budget_at_once_and_the_jobs_wait_for_the_next_worker(
+    rabbit_url, pg_url, sandbox, tmp_path
+):
     env = worker_env(rabbit_url, pg_url, sandbox, tmp_path, MODELLIX_MAX_RPS=1, KLING_METRICS_PORT=0)
     budget_row = create_engine(pg_url)
     with budget_row.begin() as conn:  # the fleet has booked the next two minutes of requests
@@ -141,8 +143,8 @@ def test_a_warm_shutdown_gives_back_the_messages_waiting_for_budget_at_once(rabb
         port = served_port(first.wait_ready())
         tag = uuid.uuid4().hex[:6]
         produce(rabbit_url, env["KLING_QUEUE"], [valid(tag, i) for i in range(3)])
-        running = lambda: value(scrape(port), "kling_tasks_in_flight", task="kling.generate") == 3  # noqa: E731
-        wait_for(running, 30, "three submits waiting in place", [first])
+        queued = lambda: value(scrape(port), "kling_tenant_jobs", tenant="default", state="queued") == 3  # noqa: E731
+        wait_for(queued, 30, "three jobs waiting in the line", [first])
         time.sleep(1)
         stopping = time.monotonic()
         first.stop()

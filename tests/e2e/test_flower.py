@@ -93,7 +93,7 @@ def test_flower_shows_the_worker_online_and_the_generate_task(rabbit_url, pg_url
     assert found[message["job_id"]].status == "succeeded"
     (task,) = tasks
     assert task["name"] == "kling.generate" and task["worker"] == hostname
-    assert task["result"] == "'submitted'"  # the task ends at submission; the job ended later, in the poller
+    assert task["result"] == "'queued'"  # the task ends once its job is in the line; it was sent and ended later
     assert task["received"] and task["started"] and task["runtime"] is not None
     assert hostname in workers and workers[hostname]["stats"]["pool"]["max-concurrency"] == 4
 

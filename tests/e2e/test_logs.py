@@ -64,10 +64,11 @@ def test_a_json_worker_logs_one_object_per_line_with_the_job_it_is_about(rabbit_
     for job, its_lines in about.items():
         assert its_lines and all(line["job_id"] == job and line["event"] for line in its_lines)
     by_event = {line["event"]: line for line in about[ok.id]}
-    assert {"job_submitted", "job_succeeded"} <= by_event.keys()
+    assert {"job_queued", "job_submitted", "job_succeeded"} <= by_event.keys()
     assert {by_event[e]["modellix_task_id"] for e in ("job_submitted", "job_succeeded")} == {ok.modellix_task_id}
-    assert [line["event"] for line in about[bad.id]] == ["submit_failed"]
-    assert "Bearer ***" in about[bad.id][0]["message"]  # the echoed headers were logged...
+    assert {by_event[e]["tenant"] for e in ("job_queued", "job_submitted")} == {"default"}
+    assert [line["event"] for line in about[bad.id]] == ["job_queued", "submit_failed"]
+    assert "Bearer ***" in about[bad.id][1]["message"]  # the echoed headers were logged...
     assert sandbox.api_key not in text  # ...without the key
     assert good["request"]["prompt"] not in text  # a task's arguments stay out of the lines
 

@@ -42,7 +42,8 @@ def test_healthy_setup_is_all_ok(pg_url, rabbit_url, sandbox, configure, capsys)
             declared(conn.channel()).delete()
     assert code == 0, text
     assert all(row.startswith("ok ") for row in text.splitlines()), text
-    assert len(text.splitlines()) == len(checks) == 8
+    assert len(text.splitlines()) == len(checks) == 9
+    assert checks["line"] == (True, "no job waiting or in flight")
     assert sandbox.api_key not in text
     assert "guest:guest" not in text  # the broker's password is masked
     assert checks["consumers"] == (True, f"queue {queue!r}: 1 consumer(s), 0 message(s) waiting")

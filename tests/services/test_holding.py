@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
-from models import JobStatus, lifecycle
+from models import JobStatus, db, lifecycle
 from models.job import Job, utcnow
-from tests.support.jobs import handle, job, submitted, wait_for
+from tests.support.jobs import handle, job, submitted, take_and_send, wait_for
 from tests.unit.test_lifecycle import refuse_outbox_rows
 from worker import facts, resources, submission
 from worker.dev.proxy import TcpProxy
@@ -86,27 +86,34 @@ def test_a_stopping_process_gives_a_held_answer_back_to_hand_on(proxy):
     assert job("stop").status == "submitting"  # nothing was written: the fact travels on
 
 
-def test_an_outage_during_the_claim_sends_nothing_and_carries_the_claim_on(proxy, sandbox):
+def test_an_outage_at_the_turn_sends_nothing_and_the_job_keeps_its_place(proxy, sandbox):
+    message = {"request": {"prompt": "x"}, "job_id": "cut"}
+    assert submission.handle(resources.get(), (), message, "m").status is JobStatus.queued
     proxy.cut()
-    out = handle(request={"prompt": "x"}, job_id="cut")
-    assert out.status is None and isinstance(out.next_step, submission.HandOn) and out.next_step.after > 0
-    carried = out.next_step.fact
-    assert isinstance(carried, Claimed) and carried.job_id == "cut"
+    with pytest.raises(DBAPIError) as caught:
+        take_and_send()
+    assert db.unreachable(caught.value)  # the taker backs off and looks again (worker.wiring.dispatcher)
     proxy.restore()
-    again = handle(request={"prompt": "x"}, job_id="cut", **{submission.CARRIED: carried.to_json()})
-    assert again.status.value == "submitted" and job("cut").attempts == 1
+    row = job("cut")
+    assert (row.status, row.attempts) == ("queued", 0) and sandbox.stats()["requests"] == 0
+    assert take_and_send().status is JobStatus.submitted and job("cut").attempts == 1
     assert sandbox.stats()["submits"] == 1
 
 
-def test_a_claim_committed_unseen_is_released_by_the_next_delivery(proxy, sandbox):
+def carrying(fact: Fact) -> submission.Outcome:
+    """The message a worker that had to let go sends with the fact (worker.wiring.tasks.carry_on)."""
+    return submission.handle(resources.get(), (), {"job_id": fact.job_id, submission.CARRIED: fact.to_json()}, "m")
+
+
+def test_a_claim_committed_unseen_is_released_by_the_fact_carried_on_and_only_that_claim(proxy, sandbox):
     row = claimed("unseen")  # as if the commit's answer was lost with the connection
-    other = Claimed("unseen", row.updated_at - timedelta(microseconds=1)).to_json()
-    assert handle(request={"prompt": "x"}, job_id="unseen", **{submission.CARRIED: other}).duplicate
-    assert job("unseen").status == "submitting"  # another delivery's claim is never released
-    mine = Claimed("unseen", row.updated_at).to_json()
-    out = handle(request={"prompt": "x"}, job_id="unseen", **{submission.CARRIED: mine})
+    carrying(Claimed("unseen", row.updated_at - timedelta(microseconds=1)))
+    assert job("unseen").status == "submitting"  # another thread's claim is never released
+    out = carrying(Claimed("unseen", row.updated_at))
     row = job("unseen")
-    assert out.status.value == "submitted" and row.status == "submitted" and row.attempts == 1
+    assert out == submission.Outcome("unseen", JobStatus.queued)
+    assert (row.status, row.attempts) == ("queued", 0)  # back in its place, the attempt refunded
+    assert take_and_send().status is JobStatus.submitted and job("unseen").attempts == 1
     assert sandbox.stats()["submits"] == 1
 
 

@@ -140,3 +140,29 @@ def test_real_api_is_named(local):
 
     found = doctor.check_base_url(Settings(base_url=DEFAULT_BASE_URL + "/"))
     assert found.ok and found.detail.startswith("the real Modellix API")
+
+
+def test_the_line_per_tenant(local, capsys):
+    from models import JobStatus, lifecycle, tenants
+    from models.job import utcnow
+    from worker import resources
+
+    local()
+    with resources.get().transaction() as s:
+        tenants.set_policy(s, "web", utcnow(), weight=3.0, max_in_flight=2, max_rps=1.5)
+        tenants.set_policy(s, "idle", utcnow(), weight=2.0)
+        for i, (tenant, status) in enumerate(
+            [("web", "queued"), ("web", "queued"), ("web", "submitted"), ("batch", "queued"), ("batch", "failed")]
+        ):
+            lifecycle.create(s, f"j{i}", JobStatus.queued, {"prompt": "x"}, None, utcnow(), tenant=tenant)
+            if status == "submitted":
+                lifecycle.take(s, f"j{i}", utcnow())
+                lifecycle.mark_submitted(s, f"j{i}", utcnow(), task_id="t", answer={}, next_poll_at=utcnow())
+            elif status == "failed":
+                lifecycle.cancel(s, f"j{i}", utcnow())
+    code, text, checks = run_doctor(capsys)
+    assert line(text, "line").startswith("ok")
+    assert checks["line"] == (
+        True,
+        "batch: 1 queued, 0 in flight, weight 1; web: 2 queued, 1 in flight, weight 3 (max 2 in flight, max 1.5/s)",
+    )

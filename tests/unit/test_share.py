@@ -178,16 +178,28 @@ def test_weights_set_by_an_operator_share_the_turns(engine):
     assert Counter(first_eight) == {"web": 6, "batch": 2}
 
 
-def test_the_fair_clock_and_each_tenants_virtual_time_are_kept(engine):
+def test_the_fair_clock_and_each_tenants_virtual_time_are_kept_while_tenants_compete(engine):
     with transaction(engine) as s:
         tenants.set_policy(s, "web", utcnow(), weight=2.0)
-    queue(engine, "w1", "web")
-    queue(engine, "w2", "web")
-    take_all(engine)
+    queue(engine, "w1", "web", ago=4)
+    queue(engine, "w2", "web", ago=3)
+    queue(engine, "b1", "batch", ago=2)
+    queue(engine, "b2", "batch", ago=1)
+    assert take_all(engine) == ["b1", "w1", "w2", "b2"]  # ties go by name
     with transaction(engine) as s:
+        # b1 at 0 (batch on to 1), w1 at 0 (web on to 0.5), w2 at 0.5 (web on to 1);
+        # then batch alone: b2 is not recorded.
         assert budget.read(s).fair_clock == 0.5
         rows = {row.name: row for row in tenants.policies(s)}
-    assert rows["web"].vtime == 1.0 and rows["web"].weight == 2.0
+    assert (rows["web"].vtime, rows["web"].weight) == (1.0, 2.0) and rows["batch"].vtime == 1.0
+
+
+def test_a_tenant_alone_takes_its_turns_without_bookkeeping(engine):
+    queue(engine, "a1", "a", ago=2)
+    queue(engine, "a2", "a", ago=1)
+    assert take_all(engine) == ["a1", "a2"]
+    with transaction(engine) as s:
+        assert budget.read(s).fair_clock == 0.0 and tenants.policies(s) == []
 
 
 def test_a_tenant_at_its_in_flight_cap_waits_and_the_others_go(engine):

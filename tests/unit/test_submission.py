@@ -370,3 +370,36 @@ def test_a_rejected_job_keeps_its_tenant_if_that_was_valid(service, kwargs, tena
     out = submission.handle(resources.get(), (), {**kwargs, "job_id": "r"}, "m")
     row = job("r")
     assert out.status is JobStatus.rejected and (row.status, row.tenant) == ("rejected", tenant)
+
+
+def test_a_turn_whose_claim_may_have_committed_unseen_releases_it_and_sends_nothing(service):
+    """The database goes away as the claim commits: the thread cannot know whether it did, so it
+    writes the release (held through the outage), and the job keeps its place in line."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    assert submission.handle(resources.get(), (), {"request": {"prompt": "x"}, "job_id": "lost"}, "m").status
+    engine = resources.get().engine
+    claimed: list[bool] = []
+    failed: list[bool] = []
+
+    def executed(conn, cursor, statement, *_) -> None:
+        if statement.startswith("UPDATE jobs SET status"):
+            claimed.append(True)
+
+    def commit(conn) -> None:
+        if claimed and not failed:  # the claim's commit, once
+            failed.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    event.listen(engine, "after_cursor_execute", executed)
+    event.listen(engine, "commit", commit)
+    try:
+        out = submission.take_next(resources.get())
+    finally:
+        event.remove(engine, "commit", commit)
+        event.remove(engine, "after_cursor_execute", executed)
+    assert failed and out == submission.Outcome("lost", JobStatus.queued)
+    row = job("lost")
+    assert (row.status, row.attempts) == ("queued", 0) and service.stats()["requests"] == 0
+    assert take_and_send().status is JobStatus.submitted and job("lost").attempts == 1

@@ -84,15 +84,15 @@ def claim_turn(res: Resources, claim: Callable[[Executor], T]) -> T:
     only a hint (it includes this process's booked, unclaimed submits) that keeps slots from being
     booked for a full fleet.
 
-    Without either limit nothing is locked per job: the pause is read from this process's cache (at
-    most once per PAUSE_REFRESH), as a request without a rate limit always did.
+    Without either limit the pause is read from this process's cache (at most once per PAUSE_REFRESH),
+    as a request without a rate limit always did, and `claim` runs in a transaction of its own.
     """
     cfg = res.settings
     deadline = time.monotonic() + MAX_HOLD
     if cfg.max_rps is None and cfg.max_in_flight is None:
         pause.wait_out(res, deadline)
-        with res.statement() as ex:
-            return claim(ex)
+        with res.transaction() as s:
+            return claim(s)
     gate = res.submit_gate
     while True:
         with gate.held(res.stopping, deadline) as entered:

@@ -77,7 +77,8 @@ def take_next(ex: Executor, at: datetime, chosen: list[str]) -> store.Taken | No
     that a caller who never sees the commit knows which claim to release."""
     row = budget.lock(ex)
     now = time.time()
-    turn = choose(tenants.waiting(ex, at), row.fair_clock, now)
+    waiting = tenants.waiting(ex, at)
+    turn = choose(waiting, row.fair_clock, now)
     if turn is None:
         return None
     job_id = store.first_in_line(ex, turn.tenant, at)
@@ -87,6 +88,9 @@ def take_next(ex: Executor, at: datetime, chosen: list[str]) -> store.Taken | No
     taken = lifecycle.take(ex, job_id, at)
     if taken is None:
         return None
-    tenants.took_turn(ex, turn.tenant, at, vtime=turn.vtime, next_slot=turn.next_slot)
-    budget.set_fair_clock(ex, turn.clock)
+    if len(waiting) > 1 or turn.next_slot is not None:
+        # A tenant alone with no rate of its own needs no bookkeeping: when another arrives, both
+        # start from the clock (max(vtime, clock)), as if its turns had been recorded.
+        tenants.took_turn(ex, turn.tenant, at, vtime=turn.vtime, next_slot=turn.next_slot)
+        budget.set_fair_clock(ex, turn.clock)
     return taken

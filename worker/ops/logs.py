@@ -3,7 +3,7 @@ one JSON object per line; which job a line is about; and the routine lines kept 
 
 Every record gets an `event` (a stable snake_case name for the kind of line: the project's own
 calls pass `extra={"event": ...}`; Celery's task lines are named from their templates, any other
-line by its logger) and, while a job is being handled, its `job_id` and `modellix_task_id`, bound
+line by its logger) and, while a job is being handled, its `job_id`, `tenant` and `modellix_task_id`, bound
 once where the job is taken up (`bound`) instead of passed to every call. Both formats carry them
 on the record; the JSON one prints them.
 
@@ -44,6 +44,7 @@ FIELDS = (
     "event",
     "message",
     "job_id",
+    "tenant",
     "modellix_task_id",
     "task_id",
     "task_name",

@@ -2,8 +2,8 @@
 one go, and send it.
 
 One taker thread per process waits for the fleet's budget (worker.fleet.places) and takes the next
-job in the fleet-wide order (worker.fleet.share), one at a time; a pool of KLING_CONCURRENCY sender
-threads sends each taken job and records the answer (worker.submission). The taker takes a job only
+job in the fleet-wide order (worker.fleet.share), one at a time; a pool of sender threads, as many as
+the worker's task threads (KLING_CONCURRENCY), sends each taken job and records the answer (worker.submission). The taker takes a job only
 when a sender is free, so a job is `submitting` only while it is being sent. With nothing to take it
 looks at the table again every IDLE seconds, or at once when this process queues a job (`nudge`).
 
@@ -132,12 +132,13 @@ _lock = threading.Lock()
 _pid = 0
 
 
-def start(res: Resources, after: AfterSend) -> Dispatcher:
-    """This process's dispatcher, started on the first call in the process."""
+def start(res: Resources, after: AfterSend, threads: int | None = None) -> Dispatcher:
+    """This process's dispatcher, started on the first call in the process, with `threads` senders
+    (default: KLING_CONCURRENCY)."""
     global _running, _pid
     with _lock:
         if _running is None or _pid != os.getpid():
-            _running, _pid = Dispatcher(res, res.settings.concurrency, after), os.getpid()
+            _running, _pid = Dispatcher(res, threads or res.settings.concurrency, after), os.getpid()
         return _running
 
 

@@ -63,10 +63,13 @@ def _ready(**_: Any) -> None:
     quiet_reconnection_warnings()
 
 
-def _start_submitting(**_: Any) -> None:
+def _start_submitting(sender: Any, **_: Any) -> None:
     from worker.wiring import dispatcher, tasks
 
-    dispatcher.start(resources.get(), tasks.carry_on)
+    # As many sender threads as the worker has task threads (`--concurrency` may override KLING_CONCURRENCY).
+    controller = getattr(sender, "controller", None)
+    threads = getattr(controller, "concurrency", None)
+    dispatcher.start(resources.get(), tasks.carry_on, threads if isinstance(threads, int) and threads > 0 else None)
 
 
 def _serve_health(sender: Any, **_: Any) -> None:
