@@ -17,7 +17,7 @@ from models.job import utcnow
 from tests.support.jobs import budget, handle, job, retry_in, seconds_until, set_budget, submitted
 from worker import resources, submission
 from worker.dev.sandbox import Step
-from worker.fleet import pause, places, slots
+from worker.fleet import pause, places, slots, waiting
 from worker.polling import tracking
 
 
@@ -285,3 +285,54 @@ def test_submits_waiting_in_place_give_their_messages_back_at_once_when_the_work
     assert len(outcomes) == 3 and all(o.status is JobStatus.queued and retry_in(o) >= 0 for o in outcomes)
     assert {job(f"w{i}").status for i in range(3)} == {"queued"}  # recorded, and its message sent back
     assert service.stats()["submits"] == (1 if limit.get("MODELLIX_MAX_IN_FLIGHT") else 0)
+
+
+# -- booking a request slot, at its edges (the clock stopped at T) ----------------------
+
+T = 1_900_000_000.0
+
+
+@pytest.fixture
+def stopped_clock(monkeypatch):
+    class Clock:
+        @staticmethod
+        def time() -> float:
+            return T
+
+    monkeypatch.setattr(slots, "time", Clock)
+
+
+def test_a_slot_exactly_the_horizon_away_is_booked(service, stopped_clock):
+    set_budget(next_slot=T + 4.0, paused_until=0.0, pause_reason=None)
+    assert slots._book(resources.get(), 10.0, 4.0) == T + 4.0
+    with resources.get().transaction() as s:
+        assert budget_row(s).next_slot == pytest.approx(T + 4.0 + slots.HEADROOM / 10.0)
+
+
+def test_a_slot_waits_for_the_end_of_a_pause_within_the_horizon(service, stopped_clock):
+    set_budget(next_slot=T - 5, paused_until=T + 2.0, pause_reason="429 from Modellix")
+    assert slots._book(resources.get(), 10.0, 4.0) == T + 2.0
+    assert resources.get().pause.reason == "429 from Modellix"  # this process's copy of the pause
+
+
+def test_no_pause_reason_is_an_empty_one(service, stopped_clock):
+    set_budget(next_slot=0.0, paused_until=0.0, pause_reason=None)
+    assert slots._book(resources.get(), 10.0, 4.0) == T
+    assert resources.get().pause.reason == ""
+
+
+@pytest.mark.parametrize(
+    "paused_until, reason",
+    [
+        (T + 60.0, "429 from Modellix"),  # the pause holds the slot back: its reason
+        (T, "rate limit"),  # a pause that ends now is over: the queue of slots holds it back
+        (0.0, "rate limit"),
+    ],
+)
+def test_a_slot_beyond_the_horizon_says_why(service, stopped_clock, paused_until, reason):
+    set_budget(next_slot=T + 30.0, paused_until=paused_until, pause_reason="429 from Modellix")
+    with pytest.raises(waiting.OverBudget) as caught:
+        slots._book(resources.get(), 10.0, 4.0)
+    assert caught.value.reason == reason
+    with resources.get().transaction() as s:
+        assert budget_row(s).next_slot == T + 30.0  # nothing booked
