@@ -1,6 +1,6 @@
 """This process's resources: settings, the database engine, the Modellix client, the poller, the pause,
 the database's outage state, whether the process is stopping, and what else one process keeps (the
-submit gate, the archive, the webhook session and secret, the learned poll schedule).
+archive, the webhook session and secret, the learned poll schedule).
 
 One object per process, made on first use in that process (never inherited
 across a fork: neither a requests Session nor a database pool survives one),
@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session
 from models import db
 from worker.config import Settings, load
 from worker.fleet.pause import BalanceAsked, PauseSeen
-from worker.fleet.places import SubmitGate
 from worker.modellix import ModellixClient
 from worker.ops import metrics, outages
 from worker.polling.learning import Learner
@@ -99,8 +98,6 @@ class Resources:
     engine = _Made(lambda res: db.make_engine(res.settings.database_url, res.db_pool_size), Engine.dispose)
     # This process's poll timer, started on first use, with as many threads as the worker.
     poller = _Made(lambda res: Poller(res.settings.concurrency), Poller.stop)
-    # Submit threads queue here for the budget row (worker.fleet.places).
-    submit_gate = _Made(lambda res: SubmitGate())
     # When this process last asked for the balance during a pause for credit (worker.fleet.pause).
     balance_asked = _Made(lambda res: BalanceAsked())
     # Where result images are kept (KLING_ARCHIVE; None: off). One per process: an S3 client is costly.
@@ -128,10 +125,6 @@ class Resources:
     @property
     def learner_if_made(self) -> Learner | None:
         return Resources.learner.made_in(self)
-
-    @property
-    def submit_gate_if_made(self) -> SubmitGate | None:
-        return Resources.submit_gate.made_in(self)
 
     def put_off(self, exc: Exception, what: str) -> None:
         """Count `what` (some work) as put off by a database outage, if `exc` is one; re-raise

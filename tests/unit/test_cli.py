@@ -6,11 +6,12 @@ import base64
 import json
 from datetime import UTC, datetime, timedelta
 
+import click
 import pytest
 
 from models.job import Job
 from worker import cli, resources
-from worker.cli import enqueue
+from worker.cli import enqueue, params
 from worker.cli.params import when
 from worker.dev.sandbox import png
 
@@ -127,6 +128,29 @@ def test_ages_are_counted_back_from_now(value, ago):
 
 def test_iso_times_without_a_zone_are_utc():
     assert when("2026-11-24T12:00") == datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+def test_iso_times_keep_the_zone_they_name():
+    assert when("2026-11-24T12:00+02:00") == datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "kind, value, said",
+    [
+        (params.WHEN, "soon", "'soon' is not an ISO time or an age such as 30m, 2h, 1d"),
+        (params.JSON_OBJECT, "{bad", "not JSON: "),
+        (params.JSON_OBJECT, "[1, 2]", "must be a JSON object, such as '{\"order\": 7}'"),
+    ],
+)
+def test_a_value_an_option_refuses_names_the_option(kind, value, said):
+    option = click.Option(["--since"])
+    ctx = click.Context(click.Command("list", params=[option]))
+    with pytest.raises(click.BadParameter) as caught:
+        kind.convert(value, option, ctx)
+    assert (caught.value.param, caught.value.ctx) == (option, ctx)
+    message = caught.value.format_message()
+    assert message.startswith(f"Invalid value for '--since': {said}")
+    assert message == f"Invalid value for '--since': {caught.value.message}"
 
 
 def test_list_shows_fifty_by_default_with_since_inclusive_and_until_exclusive(sqlite_url, configure, capsys):

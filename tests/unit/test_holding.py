@@ -39,6 +39,22 @@ WIRE = [
         },
         Succeeded("j", AT, ["https://r/1.png"], {"status": "success"}, FILES, Archived(State.done)),
     ),
+    (  # an archive to try again later: when, and why
+        {
+            "result_urls": ["https://r/1.png"],
+            "answer": {"status": "success"},
+            "files": FILES,
+            "archived": {"state": "pending", "due_at": AT.isoformat(), "error": "download timed out"},
+        },
+        Succeeded(
+            "j",
+            AT,
+            ["https://r/1.png"],
+            {"status": "success"},
+            FILES,
+            Archived(State.pending, AT, "download timed out"),
+        ),
+    ),
     (
         {"error_code": "task_failed", "error_message": "Generation failed", "answer": {"status": "failed"}},
         TaskFailed("j", AT, "task_failed", "Generation failed", {"status": "failed"}),

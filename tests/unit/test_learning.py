@@ -198,3 +198,31 @@ def test_a_stopping_worker_merges_what_it_counted(service):
 
 
 # -- real workers -------------------------------------------------------------------
+
+
+def test_a_failing_table_warns_once_then_at_debug_until_it_works_again(service, caplog):
+    caplog.set_level(logging.DEBUG, logger=learning.log.name)
+    learner = resources.get().learner
+
+    def hide(old: str, new: str) -> None:
+        with resources.get().statement() as ex:
+            ex.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+    hide("poll_shapes", "poll_shapes_away")
+    learner.sync()
+    learner.sync()
+    hide("poll_shapes_away", "poll_shapes")
+    learner.sync()  # read again: the next failure is news
+    hide("poll_shapes", "poll_shapes_away")
+    learner.sync()
+    hide("poll_shapes_away", "poll_shapes")
+    records = [r for r in caplog.records if r.name == learning.log.name]
+    found = [(r.levelname, r.getMessage(), r.__dict__.get("event")) for r in records]
+    error = records[0].args[0]  # the driver's: SQLite's or PostgreSQL's
+    assert error in ("OperationalError", "ProgrammingError")
+    line = f"the learned poll schedule could not be read or written ({error}); polling as configured meanwhile"
+    assert found == [
+        ("WARNING", line, "poll_learning_failed"),
+        ("DEBUG", line, "poll_learning_failed"),
+        ("WARNING", line, "poll_learning_failed"),
+    ]

@@ -206,3 +206,23 @@ def test_a_jobs_end_rolls_back_when_its_outbox_rows_cannot_be_written(engine):
     assert status_of(engine, "sent") == "submitting"
     with transaction(engine) as s:
         assert list(s.scalars(select(Delivery))) == []
+
+
+def test_a_cancelled_job_says_who_cancelled_it_and_when(engine):
+    put(engine, "queued", JobStatus.queued)
+    with transaction(engine) as ex:
+        assert lifecycle.cancel(ex, "queued", utcnow())
+        assert lifecycle.cancel_unseen(ex, "unseen", utcnow())
+        assert not lifecycle.cancel_unseen(ex, "queued", utcnow())  # it exists: not made again
+    with transaction(engine) as s:
+        seen, unseen = store.get_job(s, "queued"), store.get_job(s, "unseen")
+        assert (seen.status, seen.error_code, seen.error_message) == (
+            "cancelled",
+            "cancelled",
+            "cancelled by an operator",
+        )
+        assert (unseen.status, unseen.error_code, unseen.error_message) == (
+            "cancelled",
+            "cancelled",
+            "cancelled by an operator before a worker took its message",
+        )

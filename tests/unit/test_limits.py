@@ -17,7 +17,7 @@ from models.job import utcnow
 from tests.support.jobs import budget, due_in, handle, job, seconds_until, set_budget, submitted, take_and_send
 from worker import resources, submission
 from worker.dev.sandbox import Step
-from worker.fleet import pause, places, slots
+from worker.fleet import pause, places, slots, waiting
 from worker.fleet.waiting import OverBudget
 from worker.polling import tracking
 
@@ -297,13 +297,63 @@ def test_turns_waiting_for_the_budget_end_at_once_when_the_worker_stops(service,
     for t in threads:
         t.start()
     time.sleep(1.0)
-    assert not outcomes  # all three wait (one at the budget row, two at this process's gate)
+    assert not outcomes  # all three wait for their turn
     stopped = time.monotonic()
-    resources.get().stopping.set()
-    places.stop_waiting(resources.get())
+    resources.get().stopping.set()  # what the worker_shutting_down hook does
     for t in threads:
         t.join(5)
     assert time.monotonic() - stopped < 0.5
     assert len(outcomes) == 3 and all(o.reason == "the worker is stopping" for o in outcomes)
     assert {(job(f"w{i}").status, job(f"w{i}").attempts) for i in range(3)} == {("queued", 0)}
     assert service.stats()["submits"] == (1 if limit.get("MODELLIX_MAX_IN_FLIGHT") else 0)
+
+
+# -- booking a request slot, at its edges (the clock stopped at T) ----------------------
+
+T = 1_900_000_000.0
+
+
+@pytest.fixture
+def stopped_clock(monkeypatch):
+    class Clock:
+        @staticmethod
+        def time() -> float:
+            return T
+
+    monkeypatch.setattr(slots, "time", Clock)
+
+
+def test_a_slot_exactly_the_horizon_away_is_booked(service, stopped_clock):
+    set_budget(next_slot=T + 4.0, paused_until=0.0, pause_reason=None)
+    assert slots._book(resources.get(), 10.0, 4.0) == T + 4.0
+    with resources.get().transaction() as s:
+        assert budget_row(s).next_slot == pytest.approx(T + 4.0 + slots.HEADROOM / 10.0)
+
+
+def test_a_slot_waits_for_the_end_of_a_pause_within_the_horizon(service, stopped_clock):
+    set_budget(next_slot=T - 5, paused_until=T + 2.0, pause_reason="429 from Modellix")
+    assert slots._book(resources.get(), 10.0, 4.0) == T + 2.0
+    assert resources.get().pause.reason == "429 from Modellix"  # this process's copy of the pause
+
+
+def test_no_pause_reason_is_an_empty_one(service, stopped_clock):
+    set_budget(next_slot=0.0, paused_until=0.0, pause_reason=None)
+    assert slots._book(resources.get(), 10.0, 4.0) == T
+    assert resources.get().pause.reason == ""
+
+
+@pytest.mark.parametrize(
+    "paused_until, reason",
+    [
+        (T + 60.0, "429 from Modellix"),  # the pause holds the slot back: its reason
+        (T, "rate limit"),  # a pause that ends now is over: the queue of slots holds it back
+        (0.0, "rate limit"),
+    ],
+)
+def test_a_slot_beyond_the_horizon_says_why(service, stopped_clock, paused_until, reason):
+    set_budget(next_slot=T + 30.0, paused_until=paused_until, pause_reason="429 from Modellix")
+    with pytest.raises(waiting.OverBudget) as caught:
+        slots._book(resources.get(), 10.0, 4.0)
+    assert caught.value.reason == reason
+    with resources.get().transaction() as s:
+        assert budget_row(s).next_slot == T + 30.0  # nothing booked

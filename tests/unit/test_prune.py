@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from models import Delivery
+from models import Delivery, JobStatus, retention
 from models.job import Job
 from worker import cli, resources
 
@@ -116,3 +116,77 @@ def test_mistakes_are_one_line_and_exit_2(table, capsys, argv, said):
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1 and "Traceback" not in err
     assert left() == before
+
+
+# -- models.retention directly ---------------------------------------------------------------
+
+
+@pytest.fixture
+def db(any_db_url, configure, tmp_path):
+    configure(DATABASE_URL=any_db_url, KLING_ARCHIVE=(tmp_path / "results").as_uri())
+
+
+def test_pruned_adds_up_every_count():
+    total = retention.Pruned(jobs={"failed": 1}, deliveries=2, kept=3)
+    total.add(retention.Pruned(jobs={"failed": 2, "succeeded": 1}, deliveries=4, kept=5))
+    assert total == retention.Pruned(jobs={"failed": 3, "succeeded": 1}, deliveries=6, kept=8)
+    assert total.total == 4
+
+
+def test_only_ended_statuses_may_be_chosen(db):
+    with resources.get().transaction() as s, pytest.raises(ValueError) as caught:
+        retention.count(s, NOW, [JobStatus.failed, JobStatus.queued, JobStatus.processing])
+    assert str(caught.value) == "only ended jobs can be pruned, not processing, queued"
+
+
+def test_a_job_last_changed_at_the_cutoff_itself_stays(db):
+    add("at-cutoff", "failed", OLD)
+    add("before-cutoff", "failed", OLD - timedelta(seconds=1))
+    with resources.get().transaction() as s:
+        assert retention.count(s, OLD).jobs == {"failed": 1}
+        assert retention.prune_batch(s, OLD).jobs == {"failed": 1}
+    assert left()[0] == {"at-cutoff"}
+
+
+def test_kept_counts_only_old_ended_jobs_with_deliveries_due(db):
+    add("old-delivering", "failed", OLD, (("webhook", "pending"),))
+    add("new-delivering", "failed", NOW - timedelta(days=1), (("webhook", "pending"),))
+    add("old-active", "processing", OLD, (("webhook", "waiting"),))
+    with resources.get().transaction() as s:
+        assert retention.kept(s, NOW - timedelta(days=30)) == 1
+        assert retention.count(s, NOW - timedelta(days=30)).kept == 1
+
+
+def test_a_batch_takes_the_oldest_jobs_up_to_its_limit(db):
+    # Added newest first, and the newest with the status that sorts first: neither order is the batch's.
+    for job_id, status, age in (("newest", "cancelled", 31), ("oldest", "succeeded", 50), ("middle", "failed", 40)):
+        add(job_id, status, NOW - timedelta(days=age), (("callback", "done"),))
+    with resources.get().transaction() as s:
+        first = retention.prune_batch(s, NOW - timedelta(days=30), limit=2)
+    assert (first.jobs, first.deliveries) == ({"succeeded": 1, "failed": 1}, 2)
+    assert left() == ({"newest"}, {"newest": {"callback"}})
+
+
+class DeliveryMadeDueMeanwhile:
+    """The caller's session, with a delivery of `job_id` made due again (`jobs redeliver` in another
+    transaction) right after prune_batch chose its jobs."""
+
+    def __init__(self, session, job_id: str):
+        self.session, self.job_id = session, job_id
+
+    def scalars(self, statement):
+        chosen = list(self.session.scalars(statement))
+        self.session.execute(update(Delivery).where(Delivery.job_id == self.job_id).values(state="pending"))
+        return chosen
+
+    def execute(self, statement, *args):
+        return self.session.execute(statement, *args)
+
+
+def test_a_job_whose_delivery_is_made_due_after_it_was_chosen_stays(db):
+    add("redelivered", "succeeded", OLD, (("webhook", "failed"),))
+    add("gone", "succeeded", OLD, (("webhook", "failed"),))
+    with resources.get().transaction() as s:
+        pruned = retention.prune_batch(DeliveryMadeDueMeanwhile(s, "redelivered"), NOW)
+    assert (pruned.jobs, pruned.deliveries) == ({"succeeded": 1}, 1)
+    assert left() == ({"redelivered"}, {"redelivered": {"webhook"}})

@@ -11,6 +11,8 @@ import pytest
 from models.job import Job
 from tests.support.jobs import handle, job
 from worker import cli, resources
+from worker.cli import jobs
+from worker.cli.enqueue import PartlySent
 from worker.cli.retry_plan import retry_id
 from worker.schemas import is_valid_job_id
 
@@ -141,3 +143,28 @@ def test_the_worker_records_the_link_whatever_becomes_of_the_job(service, config
     handle(request={"prompt": "a cat"}, job_id="d", retry_of="not a job id")
     bad = job("d")  # a bad retry_of is a bad message: rejected, the link not kept
     assert (bad.status, bad.retry_of) == ("rejected", None) and "retry_of" in bad.error_message
+
+
+def test_the_retries_the_broker_took_are_retried_and_the_rest_not_sent(table, capsys, monkeypatch):
+    sent: list[list[str]] = []
+
+    def broker_refuses_the_second(messages: list[dict[str, Any]]) -> None:
+        sent.append([m["job_id"] for m in messages])
+        raise PartlySent(sent[-1][:1], ConnectionError("connection refused"))
+
+    monkeypatch.setattr(jobs, "send", broker_refuses_the_second)
+    code, report, err = retry(capsys, "--since", "1h")
+    ((first, *rest),) = sent
+    actions = {row["new_job_id"]: (row["action"], row["reason"]) for row in report.values() if row["new_job_id"]}
+    assert actions.pop(first) == ("retried", None)
+    assert actions and set(actions) == set(rest)
+    assert set(actions.values()) == {("not sent", "not sent: the broker refused it (connection refused)")}
+    assert code == 1 and "1 retried, 5 skipped, 2 not sent" in err
+
+
+def test_retries_the_broker_took_are_all_retried(table, capsys, monkeypatch):
+    monkeypatch.setattr(jobs, "send", lambda messages: None)
+    code, report, err = retry(capsys, "--since", "1h")
+    actions = {row["job_id"]: row["action"] for row in report.values() if row["new_job_id"]}
+    assert actions == {"rate-limited": "retried", "task-failed": "retried", "task-gone": "retried"}
+    assert code == 0 and "3 retried, 5 skipped" in err

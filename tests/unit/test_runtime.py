@@ -19,16 +19,17 @@ def test_resources_are_made_once_however_many_threads_race_for_them(configure, m
         time.sleep(0.05)  # long enough for the other threads to arrive
         return object()
 
-    monkeypatch.setattr(resources, "SubmitGate", make)  # what Resources.submit_gate is made with
-    assert res.submit_gate_if_made is None and not made  # asking whether it was made makes nothing
+    monkeypatch.setattr(resources, "BalanceAsked", make)  # what Resources.balance_asked is made with
+    made_in = resources.Resources.balance_asked.made_in
+    assert made_in(res) is None and not made  # asking whether it was made makes nothing
     found: list[object] = []
-    threads = [threading.Thread(target=lambda: found.append(res.submit_gate)) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: found.append(res.balance_asked)) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(made) == 1 and len({id(f) for f in found}) == 1
-    assert res.submit_gate_if_made is found[0]
+    assert made_in(res) is found[0]
 
 
 def test_a_forked_process_makes_its_own(configure):

@@ -15,6 +15,7 @@ from worker.schemas import (
     JOB_ID_PATTERN,
     GenerationRequestSchema,
     MessageSchema,
+    errors_line,
     is_valid_job_id,
     redact_request,
 )
@@ -537,3 +538,57 @@ def test_redaction_without_images_and_of_malformed_base64():
     assert redact_request({"prompt": "x"}) == {"prompt": "x"}
     blob = "data:image/png;base64,@@" + "A" * 1000
     assert "A" * 100 not in redact_request({"prompt": "x", "image_list": [{"image": blob}]})["image_list"][0]["image"]
+
+
+def image_error(image: str) -> list[str]:
+    return errors({"prompt": "x", "image_list": [{"image": image}]})["image_list"][0]["image"]
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        # 3/4 of the length, rounded down, is exactly the limit: not refused for its size
+        ("A" * 13_981_014, "inline image is not valid base64"),
+        # the padding that is counted is the last two characters' only
+        ("A" * 13_981_015 + "===", "inline image is larger than 10 MB"),
+        ("=" * 13_981_020, "inline image is larger than 10 MB"),
+    ],
+)
+def test_inline_image_size_is_reckoned_from_the_base64_length(payload, message):
+    assert image_error("data:image/png;base64," + payload) == [message]
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        ("data:image/gif;base64,R0lG", "inline images must be data:image/jpeg;base64,... or data:image/png;base64,..."),
+        ("data:image/png;base64,@@", "inline image is not valid base64"),
+        ("ftp://img.example/a.png", "must be an http(s) URL or a base64 data URI of a JPEG or PNG"),
+        ("http://[::1", "must be an http(s) URL or a base64 data URI of a JPEG or PNG"),
+    ],
+)
+def test_image_messages_exactly(image, message):
+    assert image_error(image) == [message]
+
+
+@pytest.mark.parametrize(
+    "messages, path, line",
+    [
+        ({"_schema": ["must be an object"]}, "", "must be an object"),
+        ({"_schema": ["too many images"]}, "request", "request: too many images"),
+        (
+            {"n": ["must be 1 to 9"], "prompt": ["required", "a string"]},
+            "",
+            "n: must be 1 to 9; prompt: required a string",
+        ),
+        ({"image_list": {0: {"image": ["bad"]}}}, "request", "request.image_list.0.image: bad"),
+        (["first", "second"], "", "first second"),
+        (["first"], "job_id", "job_id: first"),
+        ([{"n": ["too big"]}, ["plain"]], "request", "request.n: too big; request: plain"),
+        ("oops", "", "oops"),
+        ("oops", "metadata", "metadata: oops"),
+        (5, "", "5"),
+    ],
+)
+def test_errors_line(messages, path, line):
+    assert errors_line(messages, path) == line

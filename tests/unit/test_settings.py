@@ -7,10 +7,12 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
+import worker
 from worker import config, resources
 from worker.config import Settings
 from worker.dev.processes import ROOT
@@ -291,3 +293,93 @@ def test_a_celery_worker_with_a_bad_setting_stops_at_import_in_one_line_per_vari
         "kling-worker: KLING_SUBMIT_5XX must be one of unknown, retry, not 'always'\n"
         "KLING_CONCURRENCY='abc' is not a whole number\n"
     )
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"max_attempts": 1.5}, "KLING_MAX_ATTEMPTS=1.5 is not a whole number"),  # int_from_float
+        ({"max_attempts": [1]}, "KLING_MAX_ATTEMPTS=[1] is not a whole number"),  # int_type
+        ({"connect_timeout": [1]}, "MODELLIX_CONNECT_TIMEOUT=[1] is not a number"),  # float_type
+        ({"webhook_hosts": 5}, "KLING_WEBHOOK_HOSTS: Input should be a valid frozenset"),  # pydantic's own words
+        ({"api_key": 5}, "MODELLIX_API_KEY: Input should be a valid string"),
+    ],
+)
+def test_values_set_in_python_are_described_like_variables(clean, values, message):
+    with pytest.raises(config.ConfigError) as caught:
+        Settings(**values)
+    assert str(caught.value) == message
+
+
+# _describe on errors no field of today produces, so a field added later still gets its line right.
+SECRET = "mx-secret-value"
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        # a secret's value stays out of the line, whatever the check that failed
+        (
+            {"type": "int_parsing", "loc": ("MODELLIX_API_KEY",), "input": SECRET},
+            "MODELLIX_API_KEY is not a whole number",
+        ),
+        (
+            {"type": "greater_than", "loc": ("api_key",), "ctx": {"gt": 3}, "input": SECRET},
+            "MODELLIX_API_KEY must be more than 3",
+        ),
+        (
+            {"type": "string_too_short", "loc": ("KLING_WEBHOOK_SECRET",), "ctx": {}, "input": SECRET},
+            "KLING_WEBHOOK_SECRET must be a name, not blank",
+        ),
+        (
+            {"type": "less_than", "loc": ("KLING_METRICS_PORT",), "ctx": {"lt": 10}, "input": 12},
+            "KLING_METRICS_PORT must be less than 10, not 12",
+        ),
+        ({"type": "missing", "loc": ("NOT_OURS",), "msg": "Field required"}, "NOT_OURS: Field required"),
+        ({"type": "missing", "loc": ("queue",), "msg": "Field required"}, "KLING_QUEUE: Field required"),
+        # our own checks: the message as written, without pydantic's prefix
+        ({"type": "value_error", "loc": (), "msg": "Value error, X must be Y"}, "X must be Y"),
+        (
+            {
+                "type": "value_error",
+                "loc": ("KLING_ARCHIVE",),
+                "msg": "Value error, pydantic's copy",
+                "ctx": {"error": ValueError("KLING_ARCHIVE: the check's own words")},
+            },
+            "KLING_ARCHIVE: the check's own words",
+        ),
+    ],
+)
+def test_each_error_becomes_one_line(error, line):
+    assert config._describe(error) == line
+
+
+def test_a_secret_with_a_choice_shows_the_choices_not_its_value():
+    line = config._describe({"type": "literal_error", "loc": ("MODELLIX_API_KEY",), "input": SECRET})
+    assert line.rstrip() == "MODELLIX_API_KEY must be one of"  # str has no choices; the value is not shown
+
+
+# -- `celery -A worker` in this process: worker.__getattr__ ------------------------------
+
+
+def test_the_package_hands_celery_its_app_under_both_names():
+    from worker.wiring.app import app  # imported here, as celery -A worker does: building the app
+
+    assert worker.app is app and worker.celery is app
+    with pytest.raises(AttributeError) as caught:
+        worker.nothing_here  # noqa: B018
+    assert caught.value.args == ("nothing_here",)
+
+
+def test_the_package_says_a_bad_setting_in_one_line_and_exits_2(monkeypatch, capsys):
+    broken = types.ModuleType("worker.wiring.app")
+
+    def refuse(name: str):
+        raise config.ConfigError("KLING_CONCURRENCY='abc' is not a whole number")
+
+    broken.__getattr__ = refuse  # the app's module failing at its settings, as on import
+    monkeypatch.setitem(sys.modules, "worker.wiring.app", broken)
+    with pytest.raises(SystemExit) as caught:
+        worker.app  # noqa: B018
+    assert caught.value.code == 2 and caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert capsys.readouterr() == ("", "kling-worker: KLING_CONCURRENCY='abc' is not a whole number\n")

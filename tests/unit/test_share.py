@@ -20,7 +20,7 @@ from worker.fleet.slots import HEADROOM
 
 def waiting(name: str, **values) -> Waiting:
     fields = {"weight": 1.0, "max_in_flight": None, "max_rps": None, "vtime": 0.0, "next_slot": 0.0}
-    fields.update(in_flight=0, queued=1)
+    fields.update(in_flight=0)
     fields.update(values)
     return Waiting(name=name, **fields)
 

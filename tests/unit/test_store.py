@@ -74,3 +74,32 @@ def test_stale_claims_take_only_that_status_older_than_the_bound(engine):
             "older",
         ]
         assert len(store.claim_stale(s, JobStatus.submitting, utcnow() - timedelta(seconds=50), 1)) == 1
+
+
+def test_a_poll_due_now_is_overdue_and_its_lease_is_written(engine):
+    put(engine, "p", JobStatus.submitted)
+    now = utcnow()
+    with transaction(engine) as s:
+        s.get(Job, "p").next_poll_at = now
+    with transaction(engine) as s:
+        assert store.claim_overdue_polls(s, now, 45, 10) == [("p", 0)]
+    with transaction(engine) as s:
+        assert s.get(Job, "p").next_poll_at == now + timedelta(seconds=45)
+
+
+def test_a_claim_last_changed_at_the_bound_itself_is_not_stale(engine):
+    put(engine, "s", JobStatus.submitting)
+    with transaction(engine) as s:
+        changed = s.get(Job, "s").updated_at
+    with transaction(engine) as s:
+        assert store.claim_stale(s, JobStatus.submitting, changed, 10) == []
+        assert store.claim_stale(s, JobStatus.submitting, changed + timedelta(microseconds=1), 10) == ["s"]
+
+
+def test_a_list_holds_fifty_jobs_unless_asked_for_more(engine):
+    for i in range(51):
+        put(engine, f"j{i:02}", JobStatus.queued, age=i)
+    with transaction(engine) as s:
+        listed = store.list_jobs(s)
+        assert [j.id for j in listed] == [f"j{i:02}" for i in range(50)]  # the newest first
+        assert len(store.list_jobs(s, limit=51)) == 51

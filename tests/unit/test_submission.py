@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import logging
+from datetime import timedelta
 
 import pytest
 
@@ -28,7 +29,7 @@ from tests.support.jobs import (
 from tests.support.metrics import sample
 from worker import cli, resources, submission
 from worker.dev.sandbox import Step, png
-from worker.facts import Claimed, SubmitFailed, Submitted
+from worker.facts import Claimed, Kept, SubmitFailed, Submitted
 from worker.fleet import places
 from worker.fleet.waiting import OverBudget
 from worker.polling.schedule import NextPoll
@@ -403,3 +404,49 @@ def test_a_turn_whose_claim_may_have_committed_unseen_releases_it_and_sends_noth
     row = job("lost")
     assert (row.status, row.attempts) == ("queued", 0) and service.stats()["requests"] == 0
     assert take_and_send().status is JobStatus.submitted and job("lost").attempts == 1
+
+
+def test_a_carried_answer_whose_first_poll_is_past_due_is_polled_at_once(service):
+    at = _claimed("late")
+    fact = Submitted("late", at - timedelta(seconds=10), task_id="task-1", answer={"status": "pending"}, first_poll=2.0)
+    out = _carrying(fact)
+    assert out == submission.Outcome("late", JobStatus.submitted, submission.Follow(NextPoll(0, 0.0)))
+
+
+def test_a_carried_claim_the_database_still_cannot_take_is_handed_on_again(service, monkeypatch):
+    at = _claimed("held")
+    fact = Claimed("held", at)
+    monkeypatch.setattr(submission.facts, "keep", lambda res, f: Kept.to_hand_on)
+    out = _carrying(fact)
+    assert out == submission.Outcome("held", JobStatus.queued, submission.HandOn(fact))
+    assert service.stats()["requests"] == 0  # not sent by this delivery either
+
+
+@pytest.mark.parametrize(
+    "raw, kept",
+    [
+        ({"prompt": "a" * (64 * 1024 - len('{"prompt": ""}'))}, True),  # exactly the limit, as JSON
+        ({"prompt": "a" * (64 * 1024 - len('{"prompt": ""}') + 1)}, False),
+        ({"prompt": "é" * 30_000}, True),  # counted in characters, not as \\u00e9 escapes
+        (["a list"], False),
+    ],
+)
+def test_an_invalid_request_is_kept_whole_unless_it_is_large(raw, kept):
+    stored = submission._storable(raw)
+    if kept:
+        assert stored is raw
+    else:
+        text = json.dumps(raw, ensure_ascii=False, sort_keys=True)
+        assert stored == {"_omitted": True, "bytes": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def test_an_invalid_request_json_cannot_hold_is_measured_by_its_repr():
+    raw = {"tags": {"x" * 70_000}}  # a set: not JSON
+    text = repr(raw)
+    assert submission._storable(raw) == {
+        "_omitted": True,
+        "bytes": len(text),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+    }
+    small = {"tags": {1, 2}}
+    assert submission._storable(small) is small

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from models.job import Job, utcnow
 from tests.support.jobs import budget, handle, job, seconds_until, submitted
@@ -204,3 +206,122 @@ def test_known_running_statuses_are_followed_quietly(service, caplog, word):
     service.script(Step(f"status:{word}"))
     assert isinstance(check("p", 0), PollAgain)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+# -- what each outcome says in the log, and the sweep's edges --------------------------
+
+
+def tracking_lines(caplog) -> list[tuple[str, str, str | None]]:
+    return [
+        (r.levelname, r.getMessage(), getattr(r, "event", None))
+        for r in caplog.records
+        if r.name == "kling_worker.tracking"
+    ]
+
+
+def test_a_poll_that_ends_the_job_logs_the_code_and_message_as_job_failed(service, caplog):
+    submitted("p")
+    service.script(Step(404, on="poll"))
+    assert check("p", 0) == Ended("p", notify=False)
+    assert tracking_lines(caplog) == [("WARNING", "job p failed: 404 Not Found: scripted", "job_failed")]
+
+
+def test_an_account_error_while_polling_is_logged_as_fleet_paused(service, caplog):
+    submitted("p")
+    service.script(Step(401, on="poll"))
+    assert isinstance(check("p", 0), PollAgain)
+    assert tracking_lines(caplog) == [
+        (
+            "ERROR",
+            "job p: Modellix rejects the account while polling (Unauthorized: scripted); polling slowly",
+            "fleet_paused",
+        )
+    ]
+
+
+def test_a_failed_poll_is_logged_with_its_next_gap_as_poll_failed(service, caplog):
+    caplog.set_level(logging.INFO)
+    submitted("p")
+    service.script(Step(503, on="poll"))
+    following = check("p", 0)
+    assert isinstance(following, PollAgain)
+    assert tracking_lines(caplog) == [
+        (
+            "INFO",
+            f"job p: poll failed (Service Unavailable: scripted); next poll in {following.poll.delay:.1f}s",
+            "poll_failed",
+        )
+    ]
+
+
+def test_the_sweep_logs_the_polls_it_redispatches(service, caplog):
+    for job_id in ("a", "b"):
+        submitted(job_id)
+    with resources.get().transaction() as s:
+        s.execute(update(Job).values(next_poll_at=utcnow() - timedelta(seconds=60)))
+    assert sorted(tracking.sweep(resources.get())) == [("a", 0), ("b", 0)]
+    assert tracking_lines(caplog) == [("WARNING", "re-dispatching 2 overdue polls", "polls_redispatched")]
+
+
+def test_a_sweep_the_database_refuses_is_counted_as_put_off_sweeps(service, monkeypatch, caplog):
+    def refused(*args, **kwargs):
+        raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(tracking.store, "claim_overdue_polls", refused)
+    res = resources.get()
+    assert tracking.sweep(res) == []
+    assert res.outage.down
+    res.outage.ok(time.monotonic())  # its end line tallies what was put off
+    ended = [r.getMessage() for r in caplog.records if r.name == "kling_worker.outages"][-1]
+    assert "put off meanwhile: 1 sweeps;" in ended
+
+
+@pytest.mark.parametrize("quiet, resolved", [(tracking.AFTER_OUTAGE, True), (tracking.AFTER_OUTAGE - 0.5, False)])
+def test_the_sweep_fails_stale_submits_once_the_database_has_been_back_long_enough(
+    service, configure, monkeypatch, quiet, resolved
+):
+    configure(KLING_SUBMIT_GRACE=50)
+    past = utcnow() - timedelta(seconds=60)
+    with resources.get().transaction() as s:
+        s.add(
+            Job(id="stuck", status="submitting", request={"prompt": "x"}, attempts=1, created_at=past, updated_at=past)
+        )
+    res = resources.get()
+    monkeypatch.setattr(res.outage, "quiet_for", lambda: quiet)
+    tracking.sweep(res)
+    assert job("stuck").status == ("failed" if resolved else "submitting")
+
+
+def test_interrupted_submits_get_the_documented_message_and_one_log_line_naming_twenty(service, caplog):
+    past = utcnow() - timedelta(seconds=600)
+    ids = [f"stuck-{i:02}" for i in range(21)]
+    with resources.get().transaction() as s:
+        for job_id in ids:
+            s.add(
+                Job(
+                    id=job_id,
+                    status="submitting",
+                    request={"prompt": "x"},
+                    attempts=1,
+                    created_at=past,
+                    updated_at=past,
+                )
+            )
+    assert tracking.resolve_interrupted(resources.get(), utcnow()) == 21
+    row = job("stuck-00")
+    assert (row.status, row.error_code) == ("failed", "submit_interrupted")
+    assert row.error_message == (
+        "the worker stopped while submitting; the Modellix task may exist "
+        "but its id is unknown, so the job is not submitted again"
+    )
+    ((level, message, event),) = tracking_lines(caplog)
+    assert (level, event) == ("WARNING", "submits_interrupted")
+    head, listed = message.split(": ", 1)
+    assert head == "21 jobs interrupted during submission marked failed"
+    named = listed.split(", ")
+    assert len(named) == 20 and set(named) < set(ids)
+
+
+def test_no_interrupted_submit_no_log_line(service, caplog):
+    assert tracking.resolve_interrupted(resources.get(), utcnow()) == 0
+    assert tracking_lines(caplog) == []

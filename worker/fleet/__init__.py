@@ -5,9 +5,8 @@
 - `pause`: the fleet pause after a 429, 401 or 402: written, read, cached per process, waited out, and the
   balance watched during a pause for credit;
 - `waiting`: what a request does when the budget has no room now (`OverBudget`, the wait in place);
-- `gate`: the per-process queue of submit threads at the budget row;
 - `share`: the line's order: which tenant's job goes next (weights, caps) and a job's place in its
   tenant's line (priority, aging), and the claim of the next job.
 """
 
-__all__ = ["gate", "pause", "places", "share", "slots", "waiting"]
+__all__ = ["pause", "places", "share", "slots", "waiting"]

@@ -4,12 +4,11 @@ fleet; and a submit's turn (`claim_turn`), which waits for the fleet's budget.
 A submit claim counts the active jobs under the budget row's lock (`check_in_flight`), so two workers
 cannot both take the last place.
 
-Each process's taker thread (worker.wiring.dispatcher) waits here for its next turn, for up to
-MAX_HOLD at a time; the jobs themselves wait in the table. Per process one thread at a time contends
-for the row (any other queues at a process-local gate, worker.fleet.gate), and it books a slot only
-when the fleet's next free one is within HORIZON, so polls keep priority; a stopping worker's wait
-ends at once (`stop_waiting`). Polls have threads of their own (worker.polling.timer), so submits
-waiting for their turn never starve them.
+Each process's one taker thread (worker.wiring.dispatcher) waits here for its next turn, for up to
+MAX_HOLD at a time; the jobs themselves wait in the table. It books a slot only when the fleet's next
+free one is within HORIZON, so polls keep priority; a stopping worker's wait ends at once (every wait
+is on `res.stopping`). Polls have threads of their own (worker.polling.timer), so submits waiting for
+their turn never starve them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING, TypeVar
 from models import budget
 from models.db import Executor
 from worker.fleet import pause, slots, waiting
-from worker.fleet.gate import Gate
 from worker.fleet.waiting import OverBudget
 
 if TYPE_CHECKING:
@@ -41,20 +39,6 @@ HORIZON = 0.5
 # How often the thread at the head of a process's queue looks again for a free place in flight.
 PLACE_RECHECK = (0.1, 0.3)
 FULL = "no place in flight"
-
-
-class SubmitGate(Gate):
-    """This process's submit threads' queue at the budget row, and its booked, unclaimed submits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._booked = 0
-        self._count = threading.Lock()
-
-    def booked(self, change: int = 0) -> int:
-        with self._count:
-            self._booked += change
-            return self._booked
 
 
 def check_in_flight(res: Resources, ex: Executor) -> None:
@@ -79,10 +63,9 @@ def claim_turn(res: Resources, claim: Callable[[Executor], T]) -> T:
     claimed).
 
     With a rate limit the request slot is booked before the claim, so a job waiting for budget is
-    never left `submitting`; a slot booked for a duplicate delivery goes unused. With an in-flight
-    limit the claim counts the places under the row lock; the count taken when booking is
-    only a hint (it includes this process's booked, unclaimed submits) that keeps slots from being
-    booked for a full fleet.
+    never left `submitting`; a slot booked when another process took the last job goes unused. With
+    an in-flight limit the claim counts the places under the row lock; the count taken when booking
+    is only a hint that keeps slots from being booked for a full fleet.
 
     Without either limit the pause is read from this process's cache (at most once per PAUSE_REFRESH),
     as a request without a rate limit always did, and `claim` runs in a transaction of its own.
@@ -93,39 +76,22 @@ def claim_turn(res: Resources, claim: Callable[[Executor], T]) -> T:
         pause.wait_out(res, deadline)
         with res.transaction() as s:
             return claim(s)
-    gate = res.submit_gate
+    if cfg.max_rps is None:
+        return _claim_in_place(res, claim, deadline)
     while True:
-        with gate.held(res.stopping, deadline) as entered:
-            if not entered:
-                raise _given_back(res, "the fleet's budget")
-            if cfg.max_rps is None:
-                return _claim_in_place(res, claim, deadline)
-            slot = _book_submit(res, cfg.max_rps, gate, deadline)
-        # Out of the gate, so the next thread in this process can book the slot after this one.
+        if res.stopping.is_set() or time.monotonic() >= deadline:
+            raise _given_back(res, "the fleet's budget")
+        slot = _book_submit(res, cfg.max_rps, deadline)
+        if not slots.on_time(slot):
+            continue
         try:
-            if not slots.on_time(slot):
-                continue
-            try:
-                return _claim_counted(res, claim)
-            except OverBudget:
-                continue  # another process took the last place since the booking: the slot goes unused
-        finally:
-            gate.booked(-1)
+            return _claim_counted(res, claim)
+        except OverBudget:
+            continue  # another process took the last place since the booking: the slot goes unused
 
 
-def stop_waiting(res: Resources) -> None:
-    """The worker is stopping: the waits for this process's turn end now."""
-    gate = res.submit_gate_if_made
-    if gate is not None:
-        gate.interrupt()
-
-
-def _book_submit(res: Resources, max_rps: float, gate: SubmitGate, deadline: float) -> float:
-    """Book a request slot for a submit once the fleet's next free one is within HORIZON; its time.
-
-    Only the thread holding this process's gate gets here, so each process has at most one submit
-    at the row lock at a time.
-    """
+def _book_submit(res: Resources, max_rps: float, deadline: float) -> float:
+    """Book a request slot for a submit once the fleet's next free one is within HORIZON; its time."""
     limit = res.settings.max_in_flight
     while True:
         with res.transaction() as s:
@@ -134,20 +100,19 @@ def _book_submit(res: Resources, max_rps: float, gate: SubmitGate, deadline: flo
             pause.saw(res, row.paused_until, row.pause_reason or "")
             if row.paused_until > now:
                 wait, reason = row.paused_until - now, row.pause_reason or "paused"
-            elif limit is not None and budget.count_in_flight(s, up_to=limit) + gate.booked() >= limit:
+            elif limit is not None and budget.count_in_flight(s, up_to=limit) >= limit:
                 wait, reason = random.uniform(*PLACE_RECHECK), FULL
             else:
                 slot = max(row.next_slot, now)
                 if slot - now <= HORIZON:
                     budget.book_slot(s, slot + slots.HEADROOM / max_rps)
-                    gate.booked(+1)
                     return float(slot)
                 wait, reason = slot - now - HORIZON, "rate limit"
         _wait(res, wait, reason, deadline)
 
 
 def _claim_in_place(res: Resources, claim: Callable[[Executor], T], deadline: float) -> T:
-    """An in-flight limit without a rate limit: claim as soon as a place is free (holding the gate)."""
+    """An in-flight limit without a rate limit: claim as soon as a place is free."""
     while True:
         pause.wait_out(res, deadline)
         try:

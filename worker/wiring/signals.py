@@ -17,7 +17,6 @@ from typing import Any
 from celery import Task, signals
 
 from worker import resources
-from worker.fleet import places
 from worker.ops import health, logs, metrics
 
 
@@ -85,9 +84,8 @@ def _task_ended(task: Task, **_: Any) -> None:
 
 
 def _stopping(**_: Any) -> None:
-    res = resources.get()
-    res.stopping.set()
-    places.stop_waiting(res)
+    # Every wait for the budget is on this event: the taker's wait for its turn ends at once.
+    resources.get().stopping.set()
 
 
 def _stop_health(**_: Any) -> None:
