@@ -209,6 +209,8 @@ def test_wait_prints_the_job_in_full_when_it_succeeded(broker, capsys):
         "cat-1",
         "         id: cat-1",
         "     status: succeeded",
+        "     tenant: default",
+        "   priority: 5",
         '    request: {"prompt": "a cat"}',
         'result_urls: ["https://r/0.png"]',
         "   attempts: 1",
