@@ -34,12 +34,13 @@ lint: $(PY)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Every figure of the README's Benchmarks section, one after the other (about 20 minutes).
+# Every figure of the README's Benchmarks section, one after the other (about 45 minutes).
 bench: $(PY)
 	$(PY) bench/run.py
 	$(PY) bench/run.py --polling
 	$(PY) bench/run.py --deliveries
 	$(PY) bench/scale.py
+	$(PY) bench/fairness.py
 
 mutation: $(VENV)/bin/mutmut
 	VENV=$(VENV) bash .ci/mutation
