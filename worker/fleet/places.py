@@ -14,7 +14,6 @@ their turn never starve them.
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
