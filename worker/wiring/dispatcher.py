@@ -2,10 +2,11 @@
 one go, and send it.
 
 One taker thread per process waits for the fleet's budget (worker.fleet.places) and takes the next
-job in the fleet-wide order (worker.fleet.share), one at a time; a pool of sender threads, as many as
-the worker's task threads (KLING_CONCURRENCY), sends each taken job and records the answer (worker.submission). The taker takes a job only
-when a sender is free, so a job is `submitting` only while it is being sent. With nothing to take it
-looks at the table again every IDLE seconds, or at once when this process queues a job (`nudge`).
+job in the fleet-wide order (worker.fleet.share), one at a time. A pool of sender threads, as many as
+the worker's task threads (KLING_CONCURRENCY), sends each taken job and records the answer
+(worker.submission). The taker takes a job only when a sender is free, so a job is `submitting` only
+while it is being sent. With nothing to take it looks at the table again every IDLE seconds, or at
+once when this process queues a job (`nudge`).
 
 Nothing waits on the broker: a message is acked once its job is queued, and a job waiting for its
 turn is a row, which `jobs cancel` can end and `jobs show` places in its line. A stopping worker's
