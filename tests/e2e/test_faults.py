@@ -97,6 +97,9 @@ def test_a_broker_outage_mid_batch_orphans_nothing(rabbit_url, pg_url, sandbox, 
             time.sleep(5)  # RabbitMQ unreachable for 5 s, as in a restart
             proxy.restore()
             found = wait_terminal(pg_url, len(messages), 240, workers)
+            # The jobs wait in the table, not on the broker: they may all end before Celery reconnects.
+            for w in workers:
+                wait_for(lambda w=w: "broker reachable again" in w.output(10**7), 60, "the reconnection", [w])
     finally:
         proxy.close()
     result = audit(sandbox, messages, found)
