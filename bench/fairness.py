@@ -168,8 +168,8 @@ def report(label: str, share: dict, weighted: dict | None, args: argparse.Namesp
         )
     else:
         lines.append(f"  b's {args.late} jobs: none submitted within {GIVE_UP:.0f} s (behind a's backlog)")
-    urgent = f"{share['urgent']:.1f} s" if share["urgent"] is not None else f"not within {GIVE_UP:.0f} s"
-    lines.append(f"  a's priority-9 job, sent after its backlog: submitted after {urgent}")
+    urgent = f"after {share['urgent']:.1f} s" if share["urgent"] is not None else f"not within {GIVE_UP:.0f} s"
+    lines.append(f"  a's priority-9 job, sent after its backlog: submitted {urgent}")
     lines.append(f"  a's jobs submitted meanwhile: {share['a_submitted']}")
     if weighted is None:
         lines.append("weights: not supported by this code")
