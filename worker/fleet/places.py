@@ -73,8 +73,8 @@ def claim_turn(res: Resources, claim: Callable[[Executor], T]) -> T:
     deadline = time.monotonic() + MAX_HOLD
     if cfg.max_rps is None and cfg.max_in_flight is None:
         pause.wait_out(res, deadline)
-        with res.transaction() as s:
-            return claim(s)
+        with res.atomic() as conn:
+            return claim(conn)
     if cfg.max_rps is None:
         return _claim_in_place(res, claim, deadline)
     while True:
@@ -131,9 +131,9 @@ def _wait(res: Resources, seconds: float, reason: str, deadline: float) -> None:
 
 def _claim_counted(res: Resources, claim: Callable[[Executor], T]) -> T:
     """`claim` in the transaction that counts the places in flight (OverBudget if none is free)."""
-    with res.transaction() as s:
-        check_in_flight(res, s)
-        return claim(s)
+    with res.atomic() as conn:
+        check_in_flight(res, conn)
+        return claim(conn)
 
 
 def _given_back(res: Resources, waiting_for: str) -> OverBudget:
