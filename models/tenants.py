@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Float, Integer, String, Table, bindparam, case, func, select
 from sqlalchemy.orm import Mapped, mapped_column
@@ -135,13 +135,25 @@ def took_turn(ex: Executor, name: str, now: datetime, *, vtime: float, next_slot
     ex.execute(insert.on_conflict_do_update(index_elements=[tenants.c.name], set_=values))
 
 
-def in_line(ex: Executor) -> list[Any]:
-    """Per tenant: its queued jobs (due or not) and its jobs in flight, for `doctor` and the metrics."""
-    statuses = [JobStatus.queued.value, *(s.value for s in IN_FLIGHT)]
+class InLine(NamedTuple):
+    """A tenant's jobs in the line (queued, due or not) and holding a place at Modellix (in flight)."""
+
+    tenant: str
+    queued: int
+    in_flight: int
+
+
+def in_line(ex: Executor) -> list[InLine]:
+    """Per tenant with any, by name: its queued jobs and its jobs in flight (`tenants list`, doctor, the metrics)."""
+    queued = jobs.c.status == JobStatus.queued.value
     stmt = (
-        select(jobs.c.tenant, jobs.c.status, func.count().label("n"))
-        .where(jobs.c.status.in_(statuses))
-        .group_by(jobs.c.tenant, jobs.c.status)
+        select(
+            jobs.c.tenant,
+            func.sum(case((queued, 1), else_=0)),
+            func.sum(case((queued, 0), else_=1)),
+        )
+        .where(jobs.c.status.in_([JobStatus.queued.value, *(s.value for s in IN_FLIGHT)]))
+        .group_by(jobs.c.tenant)
         .order_by(jobs.c.tenant)
     )
-    return list(ex.execute(stmt))
+    return [InLine(tenant, int(q), int(f)) for tenant, q, f in ex.execute(stmt)]

@@ -206,3 +206,21 @@ def test_a_cached_answer_is_read_once_per_period_however_many_ask():
 
 
 # -- a real worker process ---------------------------------------------------------------------
+
+
+def test_the_snapshot_shows_each_tenants_queued_and_in_flight_jobs():
+    from models.tenants import InLine
+
+    snapshot = metrics.Snapshot(
+        pause=lambda: (0.0, ""),
+        poller_backlog=lambda: 0,
+        read_backlog=list,
+        read_tenants=lambda: [InLine("batch", 7, 0), InLine("web", 3, 1)],
+    )
+    found = {
+        (s.labels["tenant"], s.labels["state"]): s.value
+        for family in snapshot.collect()
+        if family.name == "kling_tenant_jobs"
+        for s in family.samples
+    }
+    assert found == {("batch", "queued"): 7, ("batch", "in_flight"): 0, ("web", "queued"): 3, ("web", "in_flight"): 1}

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from models import JobStatus, tenants
-from models.job import IN_FLIGHT, utcnow
+from models import tenants
+from models.job import utcnow
 from worker import resources
 from worker.cli import printing
 from worker.cli.params import UsageError, require_database
@@ -79,9 +79,6 @@ def listing(ex: Any) -> list[dict[str, Any]]:
 
     for policy in tenants.policies(ex):
         row(policy.name).update(weight=policy.weight, max_in_flight=policy.max_in_flight, max_rps=policy.max_rps)
-    busy = {s.value for s in IN_FLIGHT}
-    for tenant, status, n in tenants.in_line(ex):
-        key = "queued" if status == JobStatus.queued.value else "in_flight" if status in busy else None
-        if key is not None:
-            row(tenant)[key] += n
+    for line in tenants.in_line(ex):
+        row(line.tenant).update(queued=line.queued, in_flight=line.in_flight)
     return [found[name] for name in sorted(found)]

@@ -229,7 +229,7 @@ def start(res: Resources, consumer: Any) -> HealthServer | None:
     database = Cached(lambda: database_problem(engine))
     broker = Cached(lambda: broker_problem(consumer.app))
     backlog: Cached[Sequence[outbox.Backlog]] = Cached(lambda: read_backlog(engine))
-    lines: Cached[Sequence[tuple[str, str, int]]] = Cached(lambda: read_tenants(engine))
+    lines: Cached[Sequence[tenants.InLine]] = Cached(lambda: read_tenants(engine))
     snapshot = metrics.Snapshot(
         pause=lambda: (res.pause.until, res.pause.reason),
         poller_backlog=lambda: _poller_backlog(res),
@@ -264,9 +264,9 @@ def read_backlog(engine: Engine) -> list[outbox.Backlog]:
         return outbox.backlog(conn, utcnow())
 
 
-def read_tenants(engine: Engine) -> list[tuple[str, str, int]]:
+def read_tenants(engine: Engine) -> list[tenants.InLine]:
     with engine.connect() as conn:
-        return [(r.tenant, r.status, r.n) for r in tenants.in_line(conn)]
+        return tenants.in_line(conn)
 
 
 def _poller_backlog(res: Resources) -> int:

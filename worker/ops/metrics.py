@@ -29,6 +29,7 @@ from requests.adapters import BaseAdapter
 
 from models.job import utcnow
 from models.outbox import Backlog, Channel, State
+from models.tenants import InLine
 from worker.fleet.pause import PauseKind, kind_of
 from worker.ops import cpu
 
@@ -202,7 +203,7 @@ class Snapshot(Collector):
         pause: Callable[[], tuple[float, str]],
         poller_backlog: Callable[[], int],
         read_backlog: Callable[[], Sequence[Backlog]],
-        read_tenants: Callable[[], Sequence[tuple[str, str, int]]] | None = None,
+        read_tenants: Callable[[], Sequence[InLine]] | None = None,
     ):
         self.pause = pause
         self.poller_backlog = poller_backlog
@@ -233,13 +234,9 @@ class Snapshot(Collector):
             "submitted, processing); fleet-wide",
             labels=["tenant", "state"],
         )
-        counts: dict[tuple[str, str], int] = {}
-        for tenant, status, n in found:
-            state = "queued" if status == "queued" else "in_flight"
-            counts[tenant, state] = counts.get((tenant, state), 0) + n
-        for tenant in sorted({tenant for tenant, _ in counts}):
-            for state in ("queued", "in_flight"):
-                jobs.add_metric([tenant, state], counts.get((tenant, state), 0))
+        for line in found:
+            jobs.add_metric([line.tenant, "queued"], line.queued)
+            jobs.add_metric([line.tenant, "in_flight"], line.in_flight)
         yield jobs
 
     def _phases(self) -> Metric:
